@@ -1,0 +1,1 @@
+"""A Python control plane for Envoy: Kubernetes in, xDS out."""

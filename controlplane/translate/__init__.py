@@ -1,0 +1,1 @@
+"""Pure translation to Envoy resources: no clock, no client, no randomness."""

@@ -1,0 +1,300 @@
+"""Immutable snapshots per node group, and the cache that hands them to xDS streams.
+
+A `Snapshot` is the whole configuration one group of Envoys should have: clusters, endpoints,
+listeners, routes and secrets. It is refused at construction when it is not self-consistent
+(go-control-plane's `Snapshot.Consistent()`): an endpoint set that no EDS cluster uses, or a
+listener that names a route configuration the snapshot lacks, would leave Envoy warming forever.
+
+Everything a stream sends is computed once per snapshot and shared: a `ResourceSet` memoises
+each `Selection` (the resources one subscription sees, with their content version and the
+pre-serialized State-of-the-World body), so a thousand Envoys with the same subscription cost
+one serialization. The cache also remembers, per group, what Envoy rejected and what it last
+accepted, so that new Envoys of a group are not handed a configuration its peers just NACKed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any as AnyType, Protocol
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.xds import resources as xr
+
+ResourceInput = AnyType
+"""A protobuf message from xds-protos, an envoy-data-plane message, or an `xr.Resource`."""
+
+
+class SnapshotError(ValueError):
+    """A snapshot that would leave Envoy inconsistent; `dangling` names what is missing."""
+
+    def __init__(self, message: str, dangling: Mapping[str, list[str]] | None = None):
+        super().__init__(message)
+        self.dangling = dict(dangling or {})
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The resources of one type that one subscription sees: a read-only name->Resource map."""
+
+    type_url: str
+    resources: Mapping[str, xr.Resource]
+
+    @cached_property
+    def key(self) -> frozenset[tuple[str, str]]:
+        return frozenset((name, resource.version) for name, resource in self.resources.items())
+
+    @cached_property
+    def version(self) -> str:
+        return xr.content_version(self.key)
+
+    @cached_property
+    def sotw_body(self) -> bytes:
+        """A DiscoveryResponse without its nonce; the stream appends one (fields merge)."""
+        header = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=self.type_url)
+        fragments = [self.resources[name].sotw_fragment for name in sorted(self.resources)]
+        return header.SerializeToString() + b"".join(fragments)
+
+
+class ResourceSet:
+    """All resources of one type in one snapshot, with memoised selections by subscription."""
+
+    __slots__ = ("type_url", "resources", "_selections")
+
+    def __init__(self, type_url: str, resources: Mapping[str, xr.Resource]):
+        self.type_url = type_url
+        self.resources = dict(sorted(resources.items()))
+        self._selections: dict[frozenset[str] | None, Selection] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.resources
+
+    def __len__(self) -> int:
+        return len(self.resources)
+
+    def select(self, names: frozenset[str] | None) -> Selection:
+        """The selection for `names` (None: every resource, a wildcard subscription)."""
+        selection = self._selections.get(names)
+        if selection is None:
+            if names is None:
+                chosen = self.resources
+            else:
+                chosen = {name: self.resources[name] for name in sorted(names) if name in self.resources}
+            selection = Selection(self.type_url, chosen)
+            # Bounded: the subscriptions of a group's Envoys are few; odd ones are not memoised.
+            if len(self._selections) < 256:
+                self._selections[names] = selection
+        return selection
+
+
+class Snapshot:
+    """An immutable, consistent set of Envoy resources for one node group."""
+
+    def __init__(self, *, clusters: Iterable[ResourceInput] = (), endpoints: Iterable[ResourceInput] = (),
+                 listeners: Iterable[ResourceInput] = (), routes: Iterable[ResourceInput] = (),
+                 secrets: Iterable[ResourceInput] = ()):
+        given = {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners,
+                 xr.ROUTE: routes, xr.SECRET: secrets}
+        self._sets = {type_url: _resource_set(type_url, items) for type_url, items in given.items()}
+        _check_consistent(self._sets)
+
+    def replace(self, *, clusters: Iterable[ResourceInput] | None = None,
+                endpoints: Iterable[ResourceInput] | None = None,
+                listeners: Iterable[ResourceInput] | None = None,
+                routes: Iterable[ResourceInput] | None = None,
+                secrets: Iterable[ResourceInput] | None = None) -> Snapshot:
+        """A new snapshot with the given types replaced; the others are shared, not re-serialized."""
+        given = {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners,
+                 xr.ROUTE: routes, xr.SECRET: secrets}
+        new = object.__new__(Snapshot)
+        new._sets = {type_url: self._sets[type_url] if items is None else _resource_set(type_url, items)
+                     for type_url, items in given.items()}
+        _check_consistent(new._sets)
+        return new
+
+    def resources(self, type_url: str) -> ResourceSet:
+        return self._sets[type_url]
+
+    def names(self, type_url: str) -> list[str]:
+        return list(self._sets[type_url].resources)
+
+    @cached_property
+    def version(self) -> str:
+        return xr.content_version(frozenset(
+            (type_url, resource_set.select(None).version) for type_url, resource_set in self._sets.items()))
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{xr.SHORT_NAMES[t]}={len(s)}" for t, s in self._sets.items())
+        return f"Snapshot({counts}, version={self.version})"
+
+
+def _resource_set(type_url: str, items: Iterable[ResourceInput]) -> ResourceSet:
+    by_name: dict[str, xr.Resource] = {}
+    duplicates: list[str] = []
+    for item in items:
+        resource = item if isinstance(item, xr.Resource) else xr.Resource.from_message(type_url, item)
+        if resource.type_url != type_url:
+            raise SnapshotError(f"{resource.name!r} is a {resource.type_url}, given as {xr.SHORT_NAMES[type_url]}")
+        if resource.name in by_name:
+            duplicates.append(resource.name)
+        by_name[resource.name] = resource
+    if duplicates:
+        raise SnapshotError(f"duplicate {xr.SHORT_NAMES[type_url]} names: {', '.join(sorted(set(duplicates)))}; "
+                            "each name must be unique within its type",
+                            {type_url: sorted(set(duplicates))})
+    return ResourceSet(type_url, by_name)
+
+
+def _check_consistent(sets: Mapping[str, ResourceSet]) -> None:
+    eds_names = {name for cluster in sets[xr.CLUSTER].resources.values()
+                 for name in cluster.referenced(xr.ENDPOINT)}
+    orphan_endpoints = sorted(name for name in sets[xr.ENDPOINT].resources if name not in eds_names)
+    missing_routes = sorted({name for listener in sets[xr.LISTENER].resources.values()
+                             for name in listener.referenced(xr.ROUTE) if name not in sets[xr.ROUTE]})
+    problems, dangling = [], {}
+    if orphan_endpoints:
+        problems.append(f"endpoints {', '.join(orphan_endpoints)} are not the EDS name of any cluster "
+                        "(add an EDS cluster with that name or service_name, or drop the endpoints)")
+        dangling[xr.ENDPOINT] = orphan_endpoints
+    if missing_routes:
+        problems.append(f"listeners name route configurations {', '.join(missing_routes)} that the snapshot "
+                        "does not have (add them to routes, or fix the listener's rds.route_config_name)")
+        dangling[xr.ROUTE] = missing_routes
+    if problems:
+        raise SnapshotError("inconsistent snapshot: " + "; ".join(problems), dangling)
+
+
+NodeGroupFn = Callable[[base_pb2.Node], str]
+
+
+def by_node_cluster(node: base_pb2.Node) -> str:
+    """The default node group: Envoy's `--service-cluster` / `node.cluster`."""
+    return node.cluster
+
+
+@dataclass
+class NackRecord:
+    """An Envoy's rejection of one response: what, when, and Envoy's own words."""
+
+    type_url: str
+    version: str
+    resource_names: tuple[str, ...]
+    message: str
+    at: float
+
+
+@dataclass
+class TypeStatus:
+    version_sent: str = ""
+    version_acked: str = ""
+    last_nack: NackRecord | None = None
+
+
+@dataclass
+class EnvoyStatus:
+    """What one connected Envoy was sent and has accepted, per resource type."""
+
+    node_id: str
+    node_group: str
+    connected_since: float
+    transport: str
+    types: dict[str, TypeStatus] = field(default_factory=dict)
+
+
+class StatusSource(Protocol):
+    """A live stream that can report its status on demand (read only when status is asked for)."""
+
+    def status(self) -> EnvoyStatus: ...
+
+
+class ConfigWatcher(Protocol):
+    """What an xDS stream needs from a cache: where the cache and the server meet."""
+
+    def node_group(self, node: base_pb2.Node) -> str: ...
+
+    def group(self, name: str) -> GroupState: ...
+
+    def watch(self, group: str, on_change: Callable[[], None]) -> Callable[[], None]: ...
+
+    def connect(self, stream: StatusSource) -> Callable[[], None]: ...
+
+
+class GroupState:
+    """One node group: its snapshot, what its Envoys rejected, and what they last accepted."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.snapshot: Snapshot | None = None
+        self._rejected: dict[str, set[tuple[str, str]]] = {}
+        self._last_acked: dict[str, Selection] = {}
+        self.watchers: list[Callable[[], None]] = []
+
+    def resources(self, type_url: str) -> ResourceSet | None:
+        return None if self.snapshot is None else self.snapshot.resources(type_url)
+
+    def rejected(self, type_url: str) -> set[tuple[str, str]]:
+        return self._rejected.get(type_url, set())
+
+    def last_acked(self, type_url: str) -> Selection | None:
+        return self._last_acked.get(type_url)
+
+    def record_ack(self, selection: Selection) -> None:
+        self._last_acked[selection.type_url] = selection
+
+    def record_nack(self, type_url: str, rejected: Iterable[tuple[str, str]]) -> None:
+        self._rejected.setdefault(type_url, set()).update(rejected)
+
+    def new_snapshot(self, snapshot: Snapshot) -> None:
+        # A new snapshot is a new chance: rejections are forgotten, but a stream never resends
+        # content it already sent (see protocol), so an unchanged bad resource is not pushed again.
+        self.snapshot = snapshot
+        self._rejected.clear()
+
+
+class SnapshotCache:
+    """Snapshots by node group; the xDS server watches it. Not thread-safe: call from the loop."""
+
+    def __init__(self, *, node_group: NodeGroupFn = by_node_cluster):
+        self._node_group = node_group
+        self._groups: dict[str, GroupState] = {}
+        self._streams: set[StatusSource] = set()
+
+    def node_group(self, node: base_pb2.Node) -> str:
+        return self._node_group(node)
+
+    def group(self, name: str) -> GroupState:
+        state = self._groups.get(name)
+        if state is None:
+            state = self._groups[name] = GroupState(name)
+        return state
+
+    def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
+        """Publish `snapshot` to every Envoy of `group`, now and when they connect."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"set_snapshot needs a Snapshot, got {type(snapshot).__name__}")
+        state = self.group(group)
+        state.new_snapshot(snapshot)
+        for notify in list(state.watchers):
+            notify()
+
+    def snapshot(self, group: str) -> Snapshot | None:
+        state = self._groups.get(group)
+        return None if state is None else state.snapshot
+
+    def watch(self, group: str, on_change: Callable[[], None]) -> Callable[[], None]:
+        """Call `on_change` after each new snapshot of `group`; returns the function that stops it."""
+        watchers = self.group(group).watchers
+        watchers.append(on_change)
+        return lambda: watchers.remove(on_change)
+
+    def connect(self, stream: StatusSource) -> Callable[[], None]:
+        self._streams.add(stream)
+        return lambda: self._streams.discard(stream)
+
+    def status(self) -> list[EnvoyStatus]:
+        """Every connected Envoy's status, sorted by node group and node id."""
+        return sorted((stream.status() for stream in self._streams),
+                      key=lambda s: (s.node_group, s.node_id, s.connected_since))

@@ -1,0 +1,301 @@
+"""The xDS protocol of one stream, as a state machine with no I/O (h2's sans-IO style).
+
+`StreamProtocol.receive(request)` and `StreamProtocol.refresh()` return a `Step`: the responses
+to write, in order, and the ACKs and NACKs to report. The gRPC servicer only moves bytes.
+
+Invariants this class keeps, per stream and per resource type:
+- At most one response is in flight; the next waits for its ACK or NACK. A request whose nonce
+  is not the one in flight is stale: its subscription is taken, its ACK/NACK is not.
+- Content already sent is never sent again, and content Envoy has is never resent: a NACKed
+  version is not pushed in a loop. Rejected resources are replaced by what Envoy last accepted.
+- ADS ordering (Envoy's "eventual consistency considerations"): types are pushed in
+  `PUSH_ORDER`; a listener or route that names a cluster of the snapshot is held until Envoy has
+  ACKed that cluster and, for EDS clusters, its endpoints; a cluster that an accepted route or
+  listener still names is kept until Envoy has accepted the routes that drop it.
+- A subscribed name that does not exist yet is remembered and sent when a snapshot has it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from controlplane.xds import resources as xr
+from controlplane.xds.cache import NackRecord, ResourceSet, Selection, TypeStatus
+
+_EMPTY: Mapping[str, xr.Resource] = {}
+
+
+class ConfigSource(Protocol):
+    """What a stream reads from its node group (`cache.GroupState` is one)."""
+
+    def resources(self, type_url: str) -> ResourceSet | None: ...
+
+    def rejected(self, type_url: str) -> set[tuple[str, str]]: ...
+
+    def last_acked(self, type_url: str) -> Selection | None: ...
+
+
+@dataclass(frozen=True)
+class Response:
+    """A serialized DiscoveryResponse or DeltaDiscoveryResponse, ready for the wire."""
+
+    type_url: str
+    nonce: str
+    version: str
+    payload: bytes
+    resource_names: tuple[str, ...]
+    removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ack:
+    selection: Selection
+
+
+@dataclass(frozen=True)
+class Nack:
+    record: NackRecord
+    rejected: frozenset[tuple[str, str]]
+
+
+@dataclass
+class Step:
+    responses: list[Response] = field(default_factory=list)
+    acks: list[Ack] = field(default_factory=list)
+    nacks: list[Nack] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    nonce: str
+    selection: Selection
+    changed: tuple[str, ...]
+
+
+@dataclass
+class _TypeState:
+    requested: bool = False
+    wildcard: bool = False
+    named_before: bool = False
+    subscribed: set[str] = field(default_factory=set)
+    in_flight: _InFlight | None = None
+    sent_key: frozenset[tuple[str, str]] | None = None
+    acked: Selection | None = None
+    status: TypeStatus = field(default_factory=TypeStatus)
+
+
+class StreamProtocol:
+    """One ADS (or single-type) stream, State-of-the-World or Delta."""
+
+    def __init__(self, source: ConfigSource, *, delta: bool, types: tuple[str, ...] = xr.PUSH_ORDER):
+        self._source = source
+        self._delta = delta
+        self._types = {type_url: _TypeState() for type_url in xr.PUSH_ORDER if type_url in types}
+        self._nonces = itertools.count(1)
+
+    @property
+    def delta(self) -> bool:
+        return self._delta
+
+    def type_status(self) -> dict[str, TypeStatus]:
+        return {type_url: state.status for type_url, state in self._types.items() if state.requested}
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def receive(self, request, *, now: float = 0.0) -> Step:
+        """Take one DiscoveryRequest (or DeltaDiscoveryRequest on a Delta stream)."""
+        step = Step()
+        state = self._types.get(request.type_url)
+        if state is None:
+            return step  # a type we do not serve (runtime, VHDS...): Envoy times it out alone
+        if self._delta:
+            self._take_delta_subscription(state, request)
+        else:
+            self._take_sotw_subscription(state, request)
+        in_flight = state.in_flight
+        if request.response_nonce and in_flight is not None and request.response_nonce == in_flight.nonce:
+            state.in_flight = None
+            if request.error_detail.code or request.error_detail.message:
+                step.nacks.append(self._reject(request, state, in_flight, now))
+            else:
+                state.acked = in_flight.selection
+                state.status.version_acked = in_flight.selection.version
+                step.acks.append(Ack(in_flight.selection))
+        elif not request.response_nonce and not state.requested:
+            self._resume(request, state)
+        state.requested = True
+        self._pump(step)
+        return step
+
+    def refresh(self) -> Step:
+        """The node group's snapshot changed."""
+        step = Step()
+        self._pump(step)
+        return step
+
+    # -- subscriptions ---------------------------------------------------------------------------
+
+    def _take_sotw_subscription(self, state: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
+        names = set(request.resource_names)
+        if "*" in names:
+            names.discard("*")
+            state.wildcard = True
+        elif names:
+            state.wildcard = False
+        else:
+            # Legacy wildcard: an empty first request means "everything"; after names were
+            # given, an empty list means "none".
+            state.wildcard = not state.named_before
+        state.named_before = state.named_before or bool(names)
+        state.subscribed = names
+
+    def _take_delta_subscription(self, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        subscribe, unsubscribe = set(request.resource_names_subscribe), set(request.resource_names_unsubscribe)
+        if not state.requested and (not subscribe or "*" in subscribe):
+            state.wildcard = True
+        if "*" in subscribe:
+            state.wildcard = True
+        if "*" in unsubscribe:
+            state.wildcard = False
+        state.subscribed = (state.subscribed | subscribe) - unsubscribe - {"*"}
+        if unsubscribe and state.acked is not None:
+            # Envoy forgets what it unsubscribes from: a later subscribe must send it again.
+            kept = {n: r for n, r in state.acked.resources.items() if n not in unsubscribe}
+            state.acked = Selection(state.acked.type_url, kept)
+            state.sent_key = None
+
+    def _resume(self, request, state: _TypeState) -> None:
+        """A reconnecting Envoy says what it has: matching content is not sent again."""
+        if self._delta:
+            if request.initial_resource_versions:
+                known = {name: _known_resource(request.type_url, name, version)
+                         for name, version in request.initial_resource_versions.items()}
+                state.acked = Selection(request.type_url, known)
+            return
+        if request.version_info:
+            desired = self._desired(request.type_url, state)
+            if desired is not None and desired.version == request.version_info:
+                state.acked, state.sent_key = desired, desired.key
+                state.status.version_acked = state.status.version_sent = desired.version
+
+    def _reject(self, request, state: _TypeState, in_flight: _InFlight, now: float) -> Nack:
+        rejected = frozenset((name, in_flight.selection.resources[name].version) for name in in_flight.changed)
+        record = NackRecord(type_url=request.type_url, version=in_flight.selection.version,
+                            resource_names=in_flight.changed, message=request.error_detail.message, at=now)
+        state.status.last_nack = record
+        return Nack(record, rejected)
+
+    # -- outputs ---------------------------------------------------------------------------------
+
+    def _pump(self, step: Step) -> None:
+        for type_url, state in self._types.items():
+            if not state.requested or state.in_flight is not None:
+                continue
+            desired = self._desired(type_url, state)
+            if desired is None or desired.key == state.sent_key:
+                continue
+            acked = state.acked.resources if state.acked is not None else _EMPTY
+            if state.acked is not None and desired.key == state.acked.key:
+                continue  # Envoy has exactly this (it NACKed the newer content we sent)
+            changed = tuple(name for name, resource in desired.resources.items()
+                            if name not in acked or acked[name].version != resource.version)
+            if not self._ready(desired, changed):
+                continue
+            removed = tuple(name for name in acked if name not in desired.resources)
+            if self._delta and not changed and not removed and state.status.version_sent:
+                state.sent_key = desired.key  # nothing to tell; the first response is always sent
+                continue
+            step.responses.append(self._respond(type_url, state, desired, changed, removed))
+
+    def _respond(self, type_url: str, state: _TypeState, desired: Selection,
+                 changed: tuple[str, ...], removed: tuple[str, ...]) -> Response:
+        nonce = str(next(self._nonces))
+        if self._delta:
+            header = discovery_pb2.DeltaDiscoveryResponse(
+                system_version_info=desired.version, type_url=type_url, nonce=nonce, removed_resources=removed)
+            payload = header.SerializeToString() + b"".join(desired.resources[n].delta_fragment for n in changed)
+        else:
+            payload = desired.sotw_body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
+        state.in_flight = _InFlight(nonce, desired, changed)
+        state.sent_key = desired.key
+        state.status.version_sent = desired.version
+        return Response(type_url, nonce, desired.version, payload, changed, removed)
+
+    def _desired(self, type_url: str, state: _TypeState) -> Selection | None:
+        """What Envoy should have for this type now, or None while the group has no snapshot."""
+        resource_set = self._source.resources(type_url)
+        if resource_set is None:
+            return None
+        selection = resource_set.select(None if state.wildcard else frozenset(state.subscribed))
+        chosen: dict[str, xr.Resource] | None = None
+        rejected = self._source.rejected(type_url)
+        if rejected:
+            for name, version in selection.key & rejected:
+                chosen = dict(selection.resources) if chosen is None else chosen
+                good = self._last_good(type_url, state, name, rejected)
+                if good is None:
+                    del chosen[name]
+                else:
+                    chosen[name] = good
+        for name, resource in self._still_needed(type_url, state, selection).items():
+            chosen = dict(selection.resources) if chosen is None else chosen
+            chosen[name] = resource
+        return selection if chosen is None else Selection(type_url, dict(sorted(chosen.items())))
+
+    def _last_good(self, type_url: str, state: _TypeState, name: str,
+                   rejected: set[tuple[str, str]]) -> xr.Resource | None:
+        for accepted in (state.acked, self._source.last_acked(type_url)):
+            if accepted is not None:
+                good = accepted.resources.get(name)
+                if good is not None and (name, good.version) not in rejected:
+                    return good
+        return None
+
+    def _still_needed(self, type_url: str, state: _TypeState, selection: Selection) -> Mapping[str, xr.Resource]:
+        """Resources gone from the snapshot that Envoy must keep for now (make before break)."""
+        if state.acked is None:
+            return _EMPTY
+        if type_url == xr.CLUSTER:
+            named = {name for kind in (xr.ROUTE, xr.LISTENER) if kind in self._types
+                     for resource in self._accepted(kind).values() for name in resource.referenced(xr.CLUSTER)}
+            return {name: resource for name, resource in state.acked.resources.items()
+                    if name in named and name not in selection.resources}
+        if type_url == xr.ENDPOINT:
+            # Endpoints of a cluster Envoy still has stay until Envoy unsubscribes: a missing
+            # endpoint set never becomes an empty one.
+            return {name: resource for name, resource in state.acked.resources.items()
+                    if name not in selection.resources and (state.wildcard or name in state.subscribed)}
+        return _EMPTY
+
+    def _accepted(self, type_url: str) -> Mapping[str, xr.Resource]:
+        acked = self._types[type_url].acked
+        return acked.resources if acked is not None else _EMPTY
+
+    def _ready(self, desired: Selection, changed: tuple[str, ...]) -> bool:
+        """Whether every cluster the changed resources name is already warm in Envoy."""
+        if desired.type_url not in (xr.LISTENER, xr.ROUTE) or xr.CLUSTER not in self._types:
+            return True
+        clusters = self._source.resources(xr.CLUSTER)
+        endpoints = self._source.resources(xr.ENDPOINT)
+        have_clusters = self._accepted(xr.CLUSTER)
+        have_endpoints = self._accepted(xr.ENDPOINT) if xr.ENDPOINT in self._types else _EMPTY
+        for name in changed:
+            for cluster_name in desired.resources[name].referenced(xr.CLUSTER):
+                if cluster_name not in clusters.resources:
+                    continue  # not ours to wait for (a static cluster, or a route to nowhere)
+                if cluster_name not in have_clusters:
+                    return False
+                for eds_name in clusters.resources[cluster_name].referenced(xr.ENDPOINT):
+                    if endpoints is not None and eds_name in endpoints and eds_name not in have_endpoints:
+                        return False
+        return True
+
+
+def _known_resource(type_url: str, name: str, version: str) -> xr.Resource:
+    """A resource Envoy reports having (Delta initial_resource_versions); only its version counts."""
+    return xr.Resource(type_url, name, version, b"")

@@ -1,0 +1,166 @@
+"""Envoy resources as the cache holds them: serialized once, versioned by their bytes.
+
+A resource enters the cache as any message that serializes: a upb message from xds-protos
+(`SerializeToString()`) or an envoy-data-plane betterproto2 dataclass (`bytes()`). It is
+serialized exactly once; its version is a hash of those bytes, so the same content always has
+the same version (across restarts and replicas too), and the bytes of the `Any` and of the
+response fragments built from it are shared by every stream that sends it.
+
+The references a resource makes to other resources (a cluster's EDS name, a listener's route
+configuration, a route's clusters) are read once here, from the bytes, so that the cache can
+refuse inconsistent snapshots and the protocol can order pushes without knowing Envoy types.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any as AnyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+
+_PREFIX = "type.googleapis.com/"
+CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
+ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
+LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
+ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
+SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+# The order of an ADS push, from Envoy's "eventual consistency considerations": clusters before
+# their endpoints, listeners after the clusters they use, routes after their listeners.
+PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+
+SHORT_NAMES = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
+               SECRET: "secrets"}
+
+_MESSAGE_CLASSES = {
+    CLUSTER: cluster_pb2.Cluster,
+    ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    LISTENER: listener_pb2.Listener,
+    ROUTE: route_pb2.RouteConfiguration,
+    SECRET: secret_pb2.Secret,
+}
+_HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+_TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+
+Reference = tuple[str, str]
+"""(type_url, name) of a resource that another resource names."""
+
+
+def serialize(message: AnyType) -> bytes:
+    """The wire bytes of a upb/protobuf message or an envoy-data-plane (betterproto2) message."""
+    to_bytes = getattr(message, "SerializeToString", None)
+    return to_bytes() if to_bytes is not None else bytes(message)
+
+
+def content_version(pairs: frozenset[tuple[str, str]]) -> str:
+    """A stable version for a set of (name, version) pairs: equal content, equal version."""
+    digest = hashlib.blake2b(digest_size=8)
+    for name, version in sorted(pairs):
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(version.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Resource:
+    """One serialized Envoy resource. Identity equality: compare `version`s to compare content."""
+
+    type_url: str
+    name: str
+    version: str
+    body: bytes = field(repr=False)
+    references: frozenset[Reference] = field(default=frozenset(), repr=False)
+
+    @classmethod
+    def from_message(cls, type_url: str, message: AnyType) -> Resource:
+        if type_url not in _MESSAGE_CLASSES:
+            raise ValueError(f"unsupported resource type {type_url!r}")
+        body = serialize(message)
+        parsed = _MESSAGE_CLASSES[type_url].FromString(body)
+        name = parsed.cluster_name if type_url == ENDPOINT else parsed.name
+        if not name:
+            raise ValueError(f"a {SHORT_NAMES[type_url][:-1]} without a name: every resource needs one")
+        version = hashlib.blake2b(body, digest_size=8).hexdigest()
+        return cls(type_url, name, version, body, frozenset(_references(type_url, parsed)))
+
+    @cached_property
+    def any_message(self) -> any_pb2.Any:
+        return any_pb2.Any(type_url=self.type_url, value=self.body)
+
+    @cached_property
+    def sotw_fragment(self) -> bytes:
+        """A DiscoveryResponse holding only this resource; fragments concatenate into a response."""
+        return discovery_pb2.DiscoveryResponse(resources=[self.any_message]).SerializeToString()
+
+    @cached_property
+    def delta_fragment(self) -> bytes:
+        """A DeltaDiscoveryResponse holding only this resource (name, version, body)."""
+        entry = discovery_pb2.Resource(name=self.name, version=self.version, resource=self.any_message)
+        return discovery_pb2.DeltaDiscoveryResponse(resources=[entry]).SerializeToString()
+
+    def referenced(self, type_url: str) -> list[str]:
+        return [name for kind, name in self.references if kind == type_url]
+
+
+def _references(type_url: str, message: AnyType) -> list[Reference]:
+    if type_url == CLUSTER:
+        return _cluster_references(message)
+    if type_url == LISTENER:
+        return _listener_references(message)
+    if type_url == ROUTE:
+        return [(CLUSTER, name) for name in _route_clusters(message)]
+    return []
+
+
+def _cluster_references(cluster: cluster_pb2.Cluster) -> list[Reference]:
+    if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == cluster_pb2.Cluster.EDS:
+        return [(ENDPOINT, cluster.eds_cluster_config.service_name or cluster.name)]
+    return []
+
+
+def _listener_references(listener: listener_pb2.Listener) -> list[Reference]:
+    chains = list(listener.filter_chains)
+    if listener.HasField("default_filter_chain"):
+        chains.append(listener.default_filter_chain)
+    found: list[Reference] = []
+    for chain in chains:
+        for network_filter in chain.filters:
+            config = network_filter.typed_config
+            if config.type_url == _HCM_TYPE:
+                hcm = http_connection_manager_pb2.HttpConnectionManager.FromString(config.value)
+                if hcm.HasField("rds"):
+                    found.append((ROUTE, hcm.rds.route_config_name))
+                elif hcm.HasField("route_config"):
+                    found.extend((CLUSTER, name) for name in _route_clusters(hcm.route_config))
+            elif config.type_url == _TCP_PROXY_TYPE:
+                proxy = tcp_proxy_pb2.TcpProxy.FromString(config.value)
+                if proxy.cluster:
+                    found.append((CLUSTER, proxy.cluster))
+                found.extend((CLUSTER, weighted.name) for weighted in proxy.weighted_clusters.clusters)
+    return found
+
+
+def _route_clusters(config: route_pb2.RouteConfiguration) -> set[str]:
+    names: set[str] = set()
+    for virtual_host in config.virtual_hosts:
+        for route in virtual_host.routes:
+            if route.WhichOneof("action") != "route":
+                continue
+            action = route.route
+            if action.cluster:
+                names.add(action.cluster)
+            names.update(weighted.name for weighted in action.weighted_clusters.clusters)
+            names.update(policy.cluster for policy in action.request_mirror_policies if policy.cluster)
+    return names
