@@ -26,6 +26,10 @@ def _any(message) -> any_pb2.Any:
     return packed
 
 
+def _milliseconds(value: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=value // 1000, nanos=(value % 1000) * 1_000_000)
+
+
 def socket_address(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
@@ -41,7 +45,7 @@ def eds_cluster(name: str, *, connect_timeout_ms: int = 1000) -> cluster_pb2.Clu
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_config_source()),
-        connect_timeout=duration_pb2.Duration(nanos=connect_timeout_ms * 1_000_000),
+        connect_timeout=_milliseconds(connect_timeout_ms),
     )
 
 

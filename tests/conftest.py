@@ -1,0 +1,53 @@
+"""Fixtures: an xDS server on a free port, and real Envoys bootstrapped to it."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.xds import SnapshotCache, XdsServer
+from tests.harness import Backend, Envoy
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    setattr(item, f"rep_{call.when}", outcome.get_result())
+
+
+@pytest.fixture
+async def xds():
+    cache = SnapshotCache()
+    server = XdsServer(cache, address="127.0.0.1:0")
+    await server.start()
+    yield cache, server
+    await server.stop(0)
+
+
+@pytest.fixture
+def backends():
+    started: list[Backend] = []
+
+    def start(name: str) -> Backend:
+        backend = Backend(name)
+        started.append(backend)
+        return backend
+    yield start
+    for backend in started:
+        backend.close()
+
+
+@pytest.fixture
+async def envoys(request, tmp_path):
+    """Start real Envoys with `await envoys(xds_port, node_cluster=..., delta=...)`; logs shown on failure."""
+    started: list[Envoy] = []
+
+    def start(xds_port: int, *, node_cluster: str = "gateway", delta: bool = False, node_id: str = "envoy-1") -> Envoy:
+        envoy = Envoy(tmp_path, xds_port=xds_port, node_cluster=node_cluster, delta=delta, node_id=node_id)
+        started.append(envoy)
+        return envoy
+    yield start
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for envoy in started:
+        if failed:
+            print(f"\n----- Envoy log ({envoy.log_path.name}) -----\n{envoy.log_tail()}")
+        await envoy.close()
