@@ -114,3 +114,51 @@ async def _is(awaitable, expected) -> bool:
 
 
 _equals = _is
+
+
+async def test_control_plane_restart_under_traffic(envoys, backends, delta):
+    """Envoy keeps serving while the control plane is down, reconnects, and converges."""
+    from controlplane.xds import SnapshotCache, XdsServer
+
+    first, second = backends("first"), backends("second")
+    port, xds_port = free_port(), free_port()
+    cache = SnapshotCache()
+    server = XdsServer(cache, address=f"127.0.0.1:{xds_port}")
+    await server.start()
+    cache.set_snapshot(GROUP, web_snapshot(port, {"api": [first.address]}))
+    envoy = envoys(xds_port, node_cluster=GROUP, delta=delta)
+    assert await eventually(lambda: body_of(port), what="first traffic") == "first"
+
+    outcomes: list[str | None] = []
+    done = asyncio.Event()
+
+    async def client() -> None:  # bounded: at most 3,000 requests or until told to stop
+        async with httpx.AsyncClient(timeout=2) as http:
+            for _ in range(3000):
+                if done.is_set():
+                    return
+                try:
+                    response = await http.get(f"http://127.0.0.1:{port}/")
+                    outcomes.append(response.text if response.status_code == 200 else f"HTTP {response.status_code}")
+                except httpx.HTTPError as error:
+                    outcomes.append(f"error {error!r}")
+                await asyncio.sleep(0.01)
+
+    traffic = asyncio.create_task(client())
+    try:
+        await asyncio.sleep(0.5)
+        await server.stop(0)
+        await asyncio.sleep(1.5)  # down: Envoy serves on its last configuration
+        cache = SnapshotCache()
+        server = XdsServer(cache, address=f"127.0.0.1:{xds_port}")
+        await server.start()
+        cache.set_snapshot(GROUP, web_snapshot(port, {"api": [second.address]}))
+        await eventually(lambda: outcomes and outcomes[-1] == "second", timeout=30, what="convergence after restart")
+        assert [s.node_id for s in cache.status()] == ["envoy-1"]
+    finally:
+        done.set()
+        await traffic
+        await server.stop(0)
+    failures = [o for o in outcomes if o not in ("first", "second")]
+    assert failures == [], f"{len(failures)} failed requests of {len(outcomes)}: {failures[:5]}"
+    assert outcomes.count("first") > 10 and outcomes[-1] == "second"

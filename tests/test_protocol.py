@@ -1,0 +1,264 @@
+"""The xDS protocol state machine, without I/O: requests in, responses, ACKs and NACKs out."""
+
+from __future__ import annotations
+
+import pytest
+from envoy.service.discovery.v3 import discovery_pb2 as d
+
+from controlplane.translate import builders as b
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.xds.cache import GroupState
+from controlplane.xds.protocol import StreamProtocol
+
+
+def snapshot(clusters: dict[str, int], routes: dict[str, str] | None = None, *, timeout_ms: int = 1000) -> Snapshot:
+    """Clusters by name with one endpoint port each; one listener 'l' with route config 'r'."""
+    routes = routes if routes is not None else {f"/{name}": name for name in clusters}
+    return Snapshot(
+        clusters=[b.eds_cluster(name, connect_timeout_ms=timeout_ms) for name in clusters],
+        endpoints=[b.load_assignment(name, [("10.0.0.1", port)]) for name, port in clusters.items()],
+        listeners=[b.http_listener("l", address="0.0.0.0", port=8080, route_config_name="r")],
+        routes=[b.route_configuration("r", [b.virtual_host("v", [b.route(p, c) for p, c in routes.items()])])],
+    )
+
+
+def request(type_url: str, names=(), *, nonce: str = "", version: str = "", error: str = "") -> d.DiscoveryRequest:
+    req = d.DiscoveryRequest(type_url=type_url, resource_names=list(names), response_nonce=nonce,
+                             version_info=version)
+    if error:
+        req.error_detail.code = 3
+        req.error_detail.message = error
+    return req
+
+
+def delta_request(type_url: str, subscribe=(), unsubscribe=(), *, nonce: str = "", error: str = "",
+                  initial: dict[str, str] | None = None) -> d.DeltaDiscoveryRequest:
+    req = d.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=list(subscribe),
+                                  resource_names_unsubscribe=list(unsubscribe), response_nonce=nonce,
+                                  initial_resource_versions=initial or {})
+    if error:
+        req.error_detail.code = 3
+        req.error_detail.message = error
+    return req
+
+
+def names_in(response) -> list[str]:
+    message = d.DiscoveryResponse.FromString(response.payload)
+    return sorted(_name(any_message) for any_message in message.resources)
+
+
+def _name(any_message) -> str:
+    from envoy.config.cluster.v3 import cluster_pb2
+    from envoy.config.endpoint.v3 import endpoint_pb2
+    from envoy.config.listener.v3 import listener_pb2
+    from envoy.config.route.v3 import route_pb2
+    classes = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+               LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+    message = classes[any_message.type_url].FromString(any_message.value)
+    return message.cluster_name if any_message.type_url == ENDPOINT else message.name
+
+
+def ack(protocol: StreamProtocol, response, names=()):
+    return protocol.receive(request(response.type_url, names, nonce=response.nonce, version=response.version))
+
+
+def group_with(snap: Snapshot | None) -> GroupState:
+    group = GroupState("g")
+    if snap is not None:
+        group.new_snapshot(snap)
+    return group
+
+
+def converge(protocol: StreamProtocol) -> dict[str, list[str]]:
+    """Play Envoy over SotW ADS: subscribe like Envoy does and ACK everything; returns what it has."""
+    have: dict[str, list[str]] = {}
+    step = protocol.receive(request(CLUSTER))
+    step.responses += protocol.receive(request(LISTENER)).responses
+    pending = list(step.responses)
+    while pending:
+        response = pending.pop(0)
+        have[response.type_url] = names_in(response)
+        wanted = {CLUSTER: (), LISTENER: ()}
+        follow = ack(protocol, response, wanted.get(response.type_url, names_in(response))).responses
+        if response.type_url == CLUSTER:
+            follow += protocol.receive(request(ENDPOINT, names_in(response))).responses
+        if response.type_url == LISTENER:
+            follow += protocol.receive(request(ROUTE, ["r"])).responses
+        pending += follow
+    return have
+
+
+@pytest.mark.parametrize("names, then, wildcard", [
+    ((), None, True),                      # legacy wildcard: empty first request
+    (("*",), None, True),                  # explicit wildcard
+    (("a",), None, False),                 # named
+    (("a",), (), False),                   # names then empty: unsubscribe from all
+    (("*", "a"), ("a",), False),           # wildcard dropped when names come without '*'
+])
+def test_sotw_subscription_table(names, then, wildcard):
+    group = group_with(snapshot({"a": 1, "b": 2}))
+    protocol = StreamProtocol(group, delta=False)
+    step = protocol.receive(request(CLUSTER, names))
+    if then is not None:
+        step = ack(protocol, step.responses[0], then)
+    expected = ["a", "b"] if wildcard else sorted(set(then if then is not None else names) - {"*"})
+    assert [names_in(r) for r in step.responses] == [expected]
+
+
+def test_ack_nack_and_stale_nonces():
+    group = group_with(snapshot({"a": 1}))
+    protocol = StreamProtocol(group, delta=False)
+    first = protocol.receive(request(CLUSTER)).responses[0]
+    assert first.nonce and names_in(first) == ["a"]
+
+    group.new_snapshot(snapshot({"a": 1, "b": 2}))
+    assert protocol.refresh().responses == []  # one response in flight per type: wait for its ACK
+
+    stale = protocol.receive(request(CLUSTER, nonce="not-the-one"))
+    assert stale.acks == [] and stale.nacks == [] and stale.responses == []
+
+    acked = ack(protocol, first)
+    assert [a.selection.version for a in acked.acks] == [first.version]
+    assert [names_in(r) for r in acked.responses] == [["a", "b"]]  # the newer snapshot follows the ACK
+
+    rejected = protocol.receive(request(CLUSTER, nonce=acked.responses[0].nonce, error="bad cluster b"))
+    assert [(n.record.message, n.record.resource_names) for n in rejected.nacks] == [("bad cluster b", ("b",))]
+    assert rejected.responses == []
+    assert protocol.type_status()[CLUSTER].last_nack.message == "bad cluster b"
+    assert protocol.type_status()[CLUSTER].version_acked == first.version
+
+
+def test_nacked_content_is_not_pushed_again_and_new_envoys_get_the_last_accepted():
+    group = group_with(snapshot({"a": 1}))
+    old = StreamProtocol(group, delta=False)
+    first = old.receive(request(CLUSTER)).responses[0]
+    group.record_ack(ack(old, first).acks[0].selection)
+
+    group.new_snapshot(snapshot({"a": 1, "b": 2}))
+    pushed = old.refresh().responses[0]
+    nack = old.receive(request(CLUSTER, nonce=pushed.nonce, error="no")).nacks[0]
+    group.record_nack(CLUSTER, nack.rejected)
+
+    assert old.refresh().responses == []  # no loop
+    newcomer = StreamProtocol(group, delta=False).receive(request(CLUSTER)).responses[0]
+    assert names_in(newcomer) == ["a"] and newcomer.version == first.version
+
+    group.new_snapshot(snapshot({"a": 1, "b": 2}))  # same content again: still not resent
+    assert old.refresh().responses == []
+    group.new_snapshot(snapshot({"a": 1, "b": 2}, timeout_ms=2000))  # changed content: sent
+    assert names_in(old.refresh().responses[0]) == ["a", "b"]
+
+
+def test_name_that_does_not_exist_yet_is_sent_when_it_appears():
+    group = group_with(snapshot({"a": 1}))
+    protocol = StreamProtocol(group, delta=False)
+    response = protocol.receive(request(ENDPOINT, ["a", "later"])).responses[0]
+    assert names_in(response) == ["a"]
+    ack(protocol, response, ["a", "later"])
+    group.new_snapshot(snapshot({"a": 1, "later": 2}))
+    assert names_in(protocol.refresh().responses[0]) == ["a", "later"]
+
+
+def test_no_snapshot_no_response_until_one_arrives():
+    group = group_with(None)
+    protocol = StreamProtocol(group, delta=False)
+    assert protocol.receive(request(CLUSTER)).responses == []
+    group.new_snapshot(snapshot({"a": 1}))
+    assert names_in(protocol.refresh().responses[0]) == ["a"]
+
+
+def test_route_to_a_new_cluster_waits_for_its_cluster_and_endpoints():
+    group = group_with(snapshot({"a": 1}))
+    protocol = StreamProtocol(group, delta=False)
+    assert converge(protocol)[ROUTE] == ["r"]
+
+    group.new_snapshot(snapshot({"a": 1, "b": 2}))
+    step = protocol.refresh()
+    assert [r.type_url for r in step.responses] == [CLUSTER]  # RDS held: Envoy lacks cluster b
+    step = ack(protocol, step.responses[0])
+    assert step.responses == []  # still held: b's endpoints are not there yet
+    eds = protocol.receive(request(ENDPOINT, ["a", "b"])).responses
+    assert [names_in(r) for r in eds] == [["a", "b"]]
+    released = ack(protocol, eds[0], ["a", "b"]).responses
+    assert [r.type_url for r in released] == [ROUTE]
+
+
+def test_cluster_still_named_by_a_route_is_removed_only_after_the_route():
+    group = group_with(snapshot({"a": 1, "b": 2}))
+    protocol = StreamProtocol(group, delta=False)
+    converge(protocol)
+
+    group.new_snapshot(snapshot({"a": 1}))
+    step = protocol.refresh()
+    assert [(r.type_url, names_in(r)) for r in step.responses] == [(ROUTE, ["r"])]
+    after_route = ack(protocol, step.responses[0], ["r"]).responses
+    assert [(r.type_url, names_in(r)) for r in after_route] == [(CLUSTER, ["a"])]
+
+
+def test_sotw_reconnect_with_current_version_sends_nothing():
+    group = group_with(snapshot({"a": 1}))
+    version = StreamProtocol(group, delta=False).receive(request(CLUSTER)).responses[0].version
+    again = StreamProtocol(group, delta=False)
+    assert again.receive(request(CLUSTER, version=version)).responses == []
+    assert again.type_status()[CLUSTER].version_acked == version
+
+
+def test_unknown_types_are_ignored():
+    protocol = StreamProtocol(group_with(snapshot({"a": 1})), delta=False)
+    step = protocol.receive(request("type.googleapis.com/envoy.service.runtime.v3.Runtime"))
+    assert step.responses == [] and step.acks == []
+
+
+def test_single_type_stream_serves_only_its_type():
+    protocol = StreamProtocol(group_with(snapshot({"a": 1})), delta=False, types=(SECRET,))
+    assert protocol.receive(request(CLUSTER)).responses == []
+
+
+def delta_names(response) -> tuple[list[str], list[str]]:
+    message = d.DeltaDiscoveryResponse.FromString(response.payload)
+    return sorted(r.name for r in message.resources), sorted(message.removed_resources)
+
+
+def test_delta_sends_only_changes_and_removals():
+    group = group_with(snapshot({"a": 1, "b": 2}))
+    protocol = StreamProtocol(group, delta=True)
+    first = protocol.receive(delta_request(CLUSTER)).responses[0]
+    assert delta_names(first) == (["a", "b"], [])
+    protocol.receive(delta_request(CLUSTER, nonce=first.nonce))
+
+    eds = protocol.receive(delta_request(ENDPOINT, ["a", "b"])).responses[0]
+    protocol.receive(delta_request(ENDPOINT, nonce=eds.nonce))
+    group.new_snapshot(snapshot({"a": 1, "b": 3}))
+    change = protocol.refresh().responses
+    assert [(r.type_url, delta_names(r)) for r in change] == [(ENDPOINT, (["b"], []))]
+
+    protocol.receive(delta_request(ENDPOINT, nonce=change[0].nonce))
+    group.new_snapshot(snapshot({"a": 1}, routes={}))
+    removal = protocol.refresh().responses
+    assert [(r.type_url, delta_names(r)) for r in removal] == [(CLUSTER, ([], ["b"]))]
+
+
+def test_delta_initial_versions_are_not_resent_and_unsubscribe_forgets():
+    group = group_with(snapshot({"a": 1, "b": 2}))
+    probe = StreamProtocol(group, delta=True)
+    versions = {r.name: r.version for r in d.DeltaDiscoveryResponse.FromString(
+        probe.receive(delta_request(ENDPOINT, ["a", "b"])).responses[0].payload).resources}
+
+    protocol = StreamProtocol(group, delta=True)
+    assert protocol.receive(delta_request(ENDPOINT, ["a", "b"], initial=versions)).responses == []
+    assert protocol.receive(delta_request(ENDPOINT, unsubscribe=["b"])).responses == []
+    again = protocol.receive(delta_request(ENDPOINT, ["b"])).responses
+    assert [delta_names(r) for r in again] == [(["b"], [])]
+
+
+def test_delta_nack_keeps_serving_what_envoy_accepted():
+    group = group_with(snapshot({"a": 1}))
+    protocol = StreamProtocol(group, delta=True)
+    first = protocol.receive(delta_request(CLUSTER)).responses[0]
+    protocol.receive(delta_request(CLUSTER, nonce=first.nonce))
+    group.new_snapshot(snapshot({"a": 1, "b": 2}))
+    push = protocol.refresh().responses[0]
+    nack = protocol.receive(delta_request(CLUSTER, nonce=push.nonce, error="cluster b: bad")).nacks[0]
+    assert nack.record.resource_names == ("b",)
+    group.record_nack(CLUSTER, nack.rejected)
+    assert protocol.refresh().responses == []
