@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from controlplane.xds import SnapshotCache, XdsServer
-from tests.harness import Backend, Envoy
+from controlplane.runtime.sample_backend import SampleBackend
+from tests.harness import Envoy
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -25,10 +26,10 @@ async def xds():
 
 @pytest.fixture
 def backends():
-    started: list[Backend] = []
+    started: list[SampleBackend] = []
 
-    def start(name: str) -> Backend:
-        backend = Backend(name)
+    def start(name: str) -> SampleBackend:
+        backend = SampleBackend(name)
         started.append(backend)
         return backend
     yield start

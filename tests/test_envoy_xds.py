@@ -37,7 +37,7 @@ async def body_of(port: int, path: str = "/") -> str | None:
     try:
         async with httpx.AsyncClient(timeout=2) as client:
             response = await client.get(f"http://127.0.0.1:{port}{path}")
-        return response.text if response.status_code == 200 else None
+        return response.text.strip() if response.status_code == 200 else None
     except httpx.HTTPError:
         return None
 
@@ -139,7 +139,7 @@ async def test_control_plane_restart_under_traffic(envoys, backends, delta):
                     return
                 try:
                     response = await http.get(f"http://127.0.0.1:{port}/")
-                    outcomes.append(response.text if response.status_code == 200 else f"HTTP {response.status_code}")
+                    outcomes.append(response.text.strip() if response.status_code == 200 else f"HTTP {response.status_code}")
                 except httpx.HTTPError as error:
                     outcomes.append(f"error {error!r}")
                 await asyncio.sleep(0.01)

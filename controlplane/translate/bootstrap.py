@@ -8,16 +8,16 @@ XDS_CLUSTER = "xds_cluster"
 
 
 def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: int, admin_port: int,
-                  delta: bool = False, admin_host: str = "127.0.0.1") -> dict[str, Any]:
+                  delta: bool = False) -> dict[str, Any]:
     """Everything comes over one ADS stream; only the xDS cluster itself is static.
 
     The xDS cluster speaks HTTP/2 with TCP keepalives so a dead control plane is noticed, and
-    Envoy keeps serving its last configuration while it reconnects.
+    Envoy keeps serving its last configuration while it reconnects. The admin interface stays on
+    127.0.0.1: it can change Envoy's state and must not be reachable from the network.
     """
-    ads = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": node_id, "cluster": node_cluster},
-        "admin": {"address": {"socket_address": {"address": admin_host, "port_value": admin_port}}},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
             "ads_config": {
                 "api_type": "DELTA_GRPC" if delta else "GRPC",
@@ -25,8 +25,8 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
                 "set_node_on_first_message_only": True,
                 "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
             },
-            "cds_config": ads,
-            "lds_config": ads,
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
         "static_resources": {"clusters": [{
             "name": XDS_CLUSTER,
