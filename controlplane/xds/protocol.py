@@ -82,7 +82,7 @@ class _TypeState:
     requested: bool = False
     wildcard: bool = False
     named_before: bool = False
-    subscribed: set[str] = field(default_factory=set)
+    subscribed: frozenset[str] = frozenset()
     in_flight: _InFlight | None = None
     sent_key: frozenset[tuple[str, str]] | None = None
     acked: Selection | None = None
@@ -152,7 +152,8 @@ class StreamProtocol:
             # given, an empty list means "none".
             state.wildcard = not state.named_before
         state.named_before = state.named_before or bool(names)
-        state.subscribed = names
+        if names != state.subscribed:
+            state.subscribed = _shared(frozenset(names))
 
     def _take_delta_subscription(self, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         subscribe, unsubscribe = set(request.resource_names_subscribe), set(request.resource_names_unsubscribe)
@@ -162,7 +163,8 @@ class StreamProtocol:
             state.wildcard = True
         if "*" in unsubscribe:
             state.wildcard = False
-        state.subscribed = (state.subscribed | subscribe) - unsubscribe - {"*"}
+        if subscribe or unsubscribe:
+            state.subscribed = _shared(frozenset((state.subscribed | subscribe) - unsubscribe - {"*"}))
         if unsubscribe and state.acked is not None:
             # Envoy forgets what it unsubscribes from: a later subscribe must send it again.
             kept = {n: r for n, r in state.acked.resources.items() if n not in unsubscribe}
@@ -199,14 +201,15 @@ class StreamProtocol:
             desired = self._desired(type_url, state)
             if desired is None or desired.key == state.sent_key:
                 continue
-            acked = state.acked.resources if state.acked is not None else _EMPTY
-            if state.acked is not None and desired.key == state.acked.key:
+            acked = state.acked
+            if acked is not None and desired.key == acked.key:
                 continue  # Envoy has exactly this (it NACKed the newer content we sent)
-            changed = tuple(name for name, resource in desired.resources.items()
-                            if name not in acked or acked[name].version != resource.version)
+            # Set operations on the memoised keys: this runs for every stream on every push.
+            new_pairs = desired.key if acked is None else desired.key - acked.key
+            changed = tuple(sorted(name for name, _version in new_pairs))
             if not self._ready(desired, changed):
                 continue
-            removed = tuple(name for name in acked if name not in desired.resources)
+            removed = () if acked is None else tuple(sorted(acked.resources.keys() - desired.resources.keys()))
             if self._delta and not changed and not removed and state.status.version_sent:
                 state.sent_key = desired.key  # nothing to tell; the first response is always sent
                 continue
@@ -231,7 +234,7 @@ class StreamProtocol:
         resource_set = self._source.resources(type_url)
         if resource_set is None:
             return None
-        selection = resource_set.select(None if state.wildcard else frozenset(state.subscribed))
+        selection = resource_set.select(None if state.wildcard else state.subscribed)
         chosen: dict[str, xr.Resource] | None = None
         rejected = self._source.rejected(type_url)
         if rejected:
@@ -258,19 +261,20 @@ class StreamProtocol:
 
     def _still_needed(self, type_url: str, state: _TypeState, selection: Selection) -> Mapping[str, xr.Resource]:
         """Resources gone from the snapshot that Envoy must keep for now (make before break)."""
-        if state.acked is None:
+        if state.acked is None or type_url not in (xr.CLUSTER, xr.ENDPOINT):
+            return _EMPTY
+        gone = state.acked.resources.keys() - selection.resources.keys()
+        if not gone:
             return _EMPTY
         if type_url == xr.CLUSTER:
             named = {name for kind in (xr.ROUTE, xr.LISTENER) if kind in self._types
                      for resource in self._accepted(kind).values() for name in resource.referenced(xr.CLUSTER)}
-            return {name: resource for name, resource in state.acked.resources.items()
-                    if name in named and name not in selection.resources}
-        if type_url == xr.ENDPOINT:
+            gone &= named
+        elif not state.wildcard:
             # Endpoints of a cluster Envoy still has stay until Envoy unsubscribes: a missing
             # endpoint set never becomes an empty one.
-            return {name: resource for name, resource in state.acked.resources.items()
-                    if name not in selection.resources and (state.wildcard or name in state.subscribed)}
-        return _EMPTY
+            gone &= state.subscribed
+        return {name: state.acked.resources[name] for name in gone}
 
     def _accepted(self, type_url: str) -> Mapping[str, xr.Resource]:
         acked = self._types[type_url].acked
@@ -294,6 +298,23 @@ class StreamProtocol:
                     if endpoints is not None and eds_name in endpoints and eds_name not in have_endpoints:
                         return False
         return True
+
+
+_SHARED_SUBSCRIPTIONS: dict[frozenset[str], frozenset[str]] = {}
+
+
+def _shared(names: frozenset[str]) -> frozenset[str]:
+    """One copy of each distinct subscription, whatever the number of Envoys that hold it.
+
+    A fleet subscribes to the same names; sharing them saves ~10 KiB per stream for 100 names,
+    and lets `ResourceSet.select` find its memo by identity. Bounded: odd ones are not kept.
+    """
+    shared = _SHARED_SUBSCRIPTIONS.get(names)
+    if shared is None:
+        shared = names
+        if len(_SHARED_SUBSCRIPTIONS) < 4096:
+            _SHARED_SUBSCRIPTIONS[names] = names
+    return shared
 
 
 def _known_resource(type_url: str, name: str, version: str) -> xr.Resource:

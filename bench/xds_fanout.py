@@ -1,0 +1,200 @@
+"""xDS fan-out: N simulated Envoys, one endpoint changes; how long until all have it, and memory.
+
+The control plane (SnapshotCache + XdsServer) runs in this process, so its memory is measured
+alone. The simulated Envoys run in a child process (`--role clients`), each with its own gRPC
+channel (its own HTTP/2 connection, like a real Envoy), subscribed over ADS to 100 clusters
+(CDS wildcard) and their 100 endpoint sets (EDS by name), ACKing every response.
+
+Each round changes one endpoint of one cluster and records, per client, the time from
+`set_snapshot` to the client having received the new EDS response and written its ACK
+(CLOCK_MONOTONIC is system-wide on Linux, so the two processes' clocks agree).
+
+    python bench/xds_fanout.py                          # N = 100, 1,000, 5,000; SotW and Delta
+    python bench/xds_fanout.py --clients 1000 --modes delta --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+from envoy.config.core.v3 import base_pb2  # noqa: E402
+from envoy.service.discovery.v3 import discovery_pb2 as d  # noqa: E402
+
+from controlplane.translate import builders as b  # noqa: E402
+from controlplane.xds import CLUSTER, ENDPOINT, Snapshot, SnapshotCache, XdsServer  # noqa: E402
+
+ADS = "/envoy.service.discovery.v3.AggregatedDiscoveryService/"
+GROUP = "bench"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def endpoints(clusters: int, round_number: int):
+    """Cluster i has 10 endpoints; each round moves one endpoint of cluster (round % clusters)."""
+    changed = round_number % clusters
+    return [b.load_assignment(f"service-{i}", [(f"10.{i // 250}.{i % 250}.{host}",
+                                                8080 + (round_number if i == changed and host == 1 else 0))
+                                               for host in range(1, 11)])
+            for i in range(clusters)]
+
+
+# -- the simulated Envoys (child process) -------------------------------------------------------
+
+async def simulated_envoy(port: int, index: int, delta: bool, names: list[str], received: list[float],
+                          ready: asyncio.Event) -> None:
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    node = base_pb2.Node(id=f"envoy-{index}", cluster=GROUP)
+    if delta:
+        call = channel.stream_stream(ADS + "DeltaAggregatedResources",
+                                     request_serializer=d.DeltaDiscoveryRequest.SerializeToString,
+                                     response_deserializer=d.DeltaDiscoveryResponse.FromString)()
+        await call.write(d.DeltaDiscoveryRequest(node=node, type_url=CLUSTER))
+    else:
+        call = channel.stream_stream(ADS + "StreamAggregatedResources",
+                                     request_serializer=d.DiscoveryRequest.SerializeToString,
+                                     response_deserializer=d.DiscoveryResponse.FromString)()
+        await call.write(d.DiscoveryRequest(node=node, type_url=CLUSTER))
+    subscribed = False
+    async for response in call:
+        if delta:
+            await call.write(d.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce))
+        else:
+            await call.write(d.DiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce,
+                                                version_info=response.version_info,
+                                                resource_names=names if response.type_url == ENDPOINT else []))
+        if response.type_url == CLUSTER and not subscribed:
+            subscribed = True
+            if delta:
+                await call.write(d.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names))
+            else:
+                await call.write(d.DiscoveryRequest(type_url=ENDPOINT, resource_names=names))
+        elif response.type_url == ENDPOINT:
+            if ready.is_set():
+                received.append(time.monotonic())
+            else:
+                ready.set()
+
+
+async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None:
+    raise_fd_limit()
+    names = [f"service-{i}" for i in range(clusters)]
+    received: list[list[float]] = [[] for _ in range(count)]
+    ready = [asyncio.Event() for _ in range(count)]
+    tasks = []
+    for index in range(count):
+        tasks.append(asyncio.create_task(simulated_envoy(port, index, delta, names, received[index], ready[index])))
+        if index % 200 == 199:
+            await asyncio.sleep(0.05)  # connect in waves, as a fleet rolling out would
+    await asyncio.gather(*(event.wait() for event in ready))
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while (line := (await reader.readline()).decode().strip()) != "done":
+        want = int(line)  # round number: report once every client has received it
+        while min(len(r) for r in received) < want:
+            await asyncio.sleep(0.002)
+        print("round", want, flush=True)
+    print(json.dumps(received), flush=True)
+    for task in tasks:
+        task.cancel()
+
+
+# -- the control plane (this process) -----------------------------------------------------------
+
+async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
+    raise_fd_limit()
+    cache = SnapshotCache()
+    server = XdsServer(cache, address="127.0.0.1:0")
+    port = await server.start()
+    snapshot = Snapshot(clusters=[b.eds_cluster(f"service-{i}") for i in range(clusters)],
+                        endpoints=endpoints(clusters, 0))
+    cache.set_snapshot(GROUP, snapshot)
+    baseline = rss_bytes()
+
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--role", "clients", "--port", str(port), "--clients", str(count),
+        "--clusters", str(clusters), "--modes", "delta" if delta else "sotw",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert (await child.stdout.readline()).decode().strip() == "ready", "the simulated Envoys did not start"
+    await asyncio.sleep(0.5)
+    per_stream = (rss_bytes() - baseline) / count
+
+    started: list[float] = []
+    for round_number in range(1, rounds + 1):
+        snapshot = snapshot.replace(endpoints=endpoints(clusters, round_number))
+        started.append(time.monotonic())
+        cache.set_snapshot(GROUP, snapshot)
+        child.stdin.write(f"{round_number}\n".encode())
+        await child.stdin.drain()
+        assert (await child.stdout.readline()).decode().split() == ["round", str(round_number)]
+        await asyncio.sleep(0.2)
+    child.stdin.write(b"done\n")
+    await child.stdin.drain()
+    received = json.loads(await child.stdout.readline())
+    await child.wait()
+    await server.stop(0)
+
+    latencies = sorted((times[r] - started[r]) * 1000 for times in received for r in range(rounds))
+    slowest_per_round = [max(times[r] - started[r] for times in received) * 1000 for r in range(rounds)]
+    return {
+        "clients": count, "mode": "delta" if delta else "sotw", "rounds": rounds,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "all_acked_ms": statistics.median(slowest_per_round),
+        "rss_mib": rss_bytes() / 2**20, "per_stream_kib": per_stream / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="100,1000,5000", help="comma-separated N")
+    parser.add_argument("--modes", default="sotw,delta")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--role", choices=["table", "row", "clients"], default="table", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "clients":
+        asyncio.run(run_clients(args.port, int(args.clients), args.modes == "delta", args.clusters))
+        return
+    if args.role == "row":
+        print(json.dumps(asyncio.run(measure(int(args.clients), args.modes == "delta", args.rounds, args.clusters))))
+        return
+    print(f"{os.cpu_count()} CPUs; {args.clusters} clusters x 10 endpoints per client; "
+          f"one endpoint changes per round; {args.rounds} rounds")
+    print(f"{'N':>6} {'mode':>6} {'p50 ms':>8} {'p99 ms':>8} {'all ACKed ms':>13} {'KiB/stream':>11} {'RSS MiB':>8}")
+    for count in args.clients.split(","):
+        for mode in args.modes.split(","):
+            # A fresh process per row, so that each row's memory starts from the same place.
+            row = subprocess.run([sys.executable, __file__, "--role", "row", "--clients", count, "--modes", mode,
+                                  "--rounds", str(args.rounds), "--clusters", str(args.clusters)],
+                                 capture_output=True, text=True, check=True)
+            result = json.loads(row.stdout.splitlines()[-1])
+            print(f"{result['clients']:>6} {result['mode']:>6} {result['p50_ms']:>8.1f} {result['p99_ms']:>8.1f} "
+                  f"{result['all_acked_ms']:>13.1f} {result['per_stream_kib']:>11.1f} {result['rss_mib']:>8.0f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
