@@ -103,9 +103,14 @@ async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None
     tasks = []
     for index in range(count):
         tasks.append(asyncio.create_task(simulated_envoy(port, index, delta, names, received[index], ready[index])))
-        if index % 200 == 199:
-            await asyncio.sleep(0.05)  # connect in waves, as a fleet rolling out would
-    await asyncio.gather(*(event.wait() for event in ready))
+        if index % 100 == 99:
+            await asyncio.sleep(0.1)  # connect in waves, as a fleet rolling out would
+    try:
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in ready)), timeout=120)
+    except TimeoutError:
+        failed = [task.exception() for task in tasks if task.done() and not task.cancelled()]
+        sys.exit(f"{sum(not e.is_set() for e in ready)} of {count} simulated Envoys not in sync after 120 s; "
+                 f"{len(failed)} ended: {failed[:3]!r}")
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -135,8 +140,10 @@ async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
     child = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--role", "clients", "--port", str(port), "--clients", str(count),
         "--clusters", str(clusters), "--modes", "delta" if delta else "sotw",
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert (await child.stdout.readline()).decode().strip() == "ready", "the simulated Envoys did not start"
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, limit=2**26)  # the last line holds every receipt time
+    if (await child.stdout.readline()).decode().strip() != "ready":
+        await server.stop(0)
+        raise SystemExit("the simulated Envoys did not get in sync (see their error above)")
     await asyncio.sleep(0.5)
     per_stream = (rss_bytes() - baseline) / count
 
@@ -189,7 +196,9 @@ def main() -> None:
             # A fresh process per row, so that each row's memory starts from the same place.
             row = subprocess.run([sys.executable, __file__, "--role", "row", "--clients", count, "--modes", mode,
                                   "--rounds", str(args.rounds), "--clusters", str(args.clusters)],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if row.returncode != 0:
+                sys.exit(f"the N={count} {mode} row failed:\n{row.stderr[-3000:]}")
             result = json.loads(row.stdout.splitlines()[-1])
             print(f"{result['clients']:>6} {result['mode']:>6} {result['p50_ms']:>8.1f} {result['p99_ms']:>8.1f} "
                   f"{result['all_acked_ms']:>13.1f} {result['per_stream_kib']:>11.1f} {result['rss_mib']:>8.0f}",

@@ -73,10 +73,11 @@ async def test_endpoint_change_moves_traffic_and_cluster_removal(xds, envoys, ba
 
     cache.set_snapshot(GROUP, web_snapshot(port, {"api": [new.address], "admin": [admin.address]},
                                            {"/admin": "admin", "/": "api"}))
-    assert await eventually(lambda: _is(body_of(port), "new"), what="traffic moved to the new backend")
+    assert await eventually(lambda: _resolves_to(body_of(port), "new"), what="traffic moved to the new backend")
 
     cache.set_snapshot(GROUP, web_snapshot(port, {"api": [new.address]}))
-    assert await eventually(lambda: _equals(envoy.dynamic_names("clusters"), {"api"}), what="admin cluster removed")
+    assert await eventually(lambda: _resolves_to(envoy.dynamic_names("clusters"), {"api"}),
+                            what="admin cluster removed")
     assert await body_of(port) == "new"
     assert await body_of(port, "/admin") == "new"  # the route is gone too: '/' catches it
 
@@ -109,11 +110,8 @@ async def test_rejected_listener_keeps_old_config_and_does_not_loop(xds, envoys,
         assert await envoy.dynamic_names("listeners") == {"http"}
 
 
-async def _is(awaitable, expected) -> bool:
+async def _resolves_to(awaitable, expected) -> bool:
     return await awaitable == expected
-
-
-_equals = _is
 
 
 async def test_control_plane_restart_under_traffic(envoys, backends, delta):

@@ -48,8 +48,6 @@ class Response:
     nonce: str
     version: str
     payload: bytes
-    resource_names: tuple[str, ...]
-    removed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -227,7 +225,7 @@ class StreamProtocol:
         state.in_flight = _InFlight(nonce, desired, changed)
         state.sent_key = desired.key
         state.status.version_sent = desired.version
-        return Response(type_url, nonce, desired.version, payload, changed, removed)
+        return Response(type_url, nonce, desired.version, payload)
 
     def _desired(self, type_url: str, state: _TypeState) -> Selection | None:
         """What Envoy should have for this type now, or None while the group has no snapshot."""

@@ -1,0 +1,53 @@
+"""The gRPC server with a plain gRPC client: standalone services, Fetch, and the status view."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2 as d
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+from controlplane.translate import builders as b
+from controlplane.xds import CLUSTER, ENDPOINT, Snapshot
+from tests.harness import eventually
+
+NODE = base_pb2.Node(id="client-1", cluster="gateway")
+
+
+def two_services() -> Snapshot:
+    return Snapshot(clusters=[b.eds_cluster("api"), b.eds_cluster("web")],
+                    endpoints=[b.load_assignment("api", [("10.0.0.1", 80)]),
+                               b.load_assignment("web", [("10.0.0.2", 80)])])
+
+
+async def test_standalone_cluster_service_streams_and_tracks_acks(xds):
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel).StreamClusters()
+        await call.write(d.DiscoveryRequest(node=NODE, type_url=CLUSTER))
+        response = await call.read()
+        assert [r.type_url for r in response.resources] == [CLUSTER, CLUSTER]
+        await call.write(d.DiscoveryRequest(type_url=CLUSTER, response_nonce=response.nonce,
+                                            version_info=response.version_info))
+        status = await eventually(lambda: [s for s in cache.status() if s.types[CLUSTER].version_acked],
+                                  what="the ACK in the status view")
+        assert (status[0].node_id, status[0].transport) == ("client-1", "clusters")
+        assert status[0].types[CLUSTER].version_acked == response.version_info
+        call.cancel()
+    await eventually(lambda: cache.status() == [], what="the stream to leave the status view")
+
+
+async def test_fetch_returns_the_named_resources_and_refuses_unknown_groups(xds):
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = eds_pb2_grpc.EndpointDiscoveryServiceStub(channel)
+        fetched = await stub.FetchEndpoints(d.DiscoveryRequest(node=NODE, resource_names=["web"]))
+        assert len(fetched.resources) == 1 and fetched.resources[0].type_url == ENDPOINT
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.FetchEndpoints(d.DiscoveryRequest(node=base_pb2.Node(id="x", cluster="nobody")))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no snapshot yet for node group 'nobody'" in refused.value.details()
