@@ -44,12 +44,25 @@ class Selection:
     resources: Mapping[str, xr.Resource]
 
     @cached_property
-    def key(self) -> frozenset[tuple[str, str]]:
-        return frozenset((name, resource.version) for name, resource in self.resources.items())
+    def versions(self) -> frozenset[str]:
+        """The content, as resource versions: a version hashes bytes that include the name, so it
+        stands for (name, content). Strings cache their hash: comparing these is cheap."""
+        return frozenset(resource.version for resource in self.resources.values())
+
+    @cached_property
+    def names(self) -> frozenset[str]:
+        return frozenset(self.resources)
+
+    @cached_property
+    def name_of(self) -> dict[str, str]:
+        return {resource.version: name for name, resource in self.resources.items()}
 
     @cached_property
     def version(self) -> str:
-        return xr.content_version(self.key)
+        return xr.content_version(frozenset((name, r.version) for name, r in self.resources.items()))
+
+    def same_content(self, other: Selection | None) -> bool:
+        return other is not None and (other is self or other.versions == self.versions)
 
     @cached_property
     def sotw_body(self) -> bytes:
@@ -228,14 +241,15 @@ class GroupState:
     def __init__(self, name: str):
         self.name = name
         self.snapshot: Snapshot | None = None
-        self._rejected: dict[str, set[tuple[str, str]]] = {}
+        self._rejected: dict[str, set[str]] = {}
         self._last_acked: dict[str, Selection] = {}
         self.watchers: list[Callable[[], None]] = []
 
     def resources(self, type_url: str) -> ResourceSet | None:
         return None if self.snapshot is None else self.snapshot.resources(type_url)
 
-    def rejected(self, type_url: str) -> set[tuple[str, str]]:
+    def rejected(self, type_url: str) -> set[str]:
+        """Versions of resources this group's Envoys rejected since the last snapshot."""
         return self._rejected.get(type_url, set())
 
     def last_acked(self, type_url: str) -> Selection | None:
@@ -244,7 +258,7 @@ class GroupState:
     def record_ack(self, selection: Selection) -> None:
         self._last_acked[selection.type_url] = selection
 
-    def record_nack(self, type_url: str, rejected: Iterable[tuple[str, str]]) -> None:
+    def record_nack(self, type_url: str, rejected: Iterable[str]) -> None:
         self._rejected.setdefault(type_url, set()).update(rejected)
 
     def new_snapshot(self, snapshot: Snapshot) -> None:

@@ -35,7 +35,7 @@ class ConfigSource(Protocol):
 
     def resources(self, type_url: str) -> ResourceSet | None: ...
 
-    def rejected(self, type_url: str) -> set[tuple[str, str]]: ...
+    def rejected(self, type_url: str) -> set[str]: ...
 
     def last_acked(self, type_url: str) -> Selection | None: ...
 
@@ -58,7 +58,7 @@ class Ack:
 @dataclass(frozen=True)
 class Nack:
     record: NackRecord
-    rejected: frozenset[tuple[str, str]]
+    rejected: frozenset[str]
 
 
 @dataclass
@@ -82,7 +82,7 @@ class _TypeState:
     named_before: bool = False
     subscribed: frozenset[str] = frozenset()
     in_flight: _InFlight | None = None
-    sent_key: frozenset[tuple[str, str]] | None = None
+    sent: Selection | None = None
     acked: Selection | None = None
     status: TypeStatus = field(default_factory=TypeStatus)
 
@@ -167,24 +167,26 @@ class StreamProtocol:
             # Envoy forgets what it unsubscribes from: a later subscribe must send it again.
             kept = {n: r for n, r in state.acked.resources.items() if n not in unsubscribe}
             state.acked = Selection(state.acked.type_url, kept)
-            state.sent_key = None
+            state.sent = None
 
     def _resume(self, request, state: _TypeState) -> None:
         """A reconnecting Envoy says what it has: matching content is not sent again."""
         if self._delta:
             if request.initial_resource_versions:
-                known = {name: _known_resource(request.type_url, name, version)
+                ours = self._source.resources(request.type_url)
+                ours = ours.resources if ours is not None else _EMPTY
+                known = {name: _known_resource(request.type_url, name, version, ours.get(name))
                          for name, version in request.initial_resource_versions.items()}
                 state.acked = Selection(request.type_url, known)
             return
         if request.version_info:
             desired = self._desired(request.type_url, state)
             if desired is not None and desired.version == request.version_info:
-                state.acked, state.sent_key = desired, desired.key
+                state.acked = state.sent = desired
                 state.status.version_acked = state.status.version_sent = desired.version
 
     def _reject(self, request, state: _TypeState, in_flight: _InFlight, now: float) -> Nack:
-        rejected = frozenset((name, in_flight.selection.resources[name].version) for name in in_flight.changed)
+        rejected = frozenset(in_flight.selection.resources[name].version for name in in_flight.changed)
         record = NackRecord(type_url=request.type_url, version=in_flight.selection.version,
                             resource_names=in_flight.changed, message=request.error_detail.message, at=now)
         state.status.last_nack = record
@@ -197,19 +199,21 @@ class StreamProtocol:
             if not state.requested or state.in_flight is not None:
                 continue
             desired = self._desired(type_url, state)
-            if desired is None or desired.key == state.sent_key:
+            if desired is None or desired.same_content(state.sent):
                 continue
             acked = state.acked
-            if acked is not None and desired.key == acked.key:
+            if desired.same_content(acked):
                 continue  # Envoy has exactly this (it NACKed the newer content we sent)
-            # Set operations on the memoised keys: this runs for every stream on every push.
-            new_pairs = desired.key if acked is None else desired.key - acked.key
-            changed = tuple(sorted(name for name, _version in new_pairs))
+            # Set operations on memoised version sets: this runs for every stream on every push.
+            if acked is None:
+                changed, removed = tuple(desired.resources), ()
+            else:
+                changed = tuple(sorted(desired.name_of[v] for v in desired.versions - acked.versions))
+                removed = tuple(sorted(acked.names - desired.names))
             if not self._ready(desired, changed):
                 continue
-            removed = () if acked is None else tuple(sorted(acked.resources.keys() - desired.resources.keys()))
             if self._delta and not changed and not removed and state.status.version_sent:
-                state.sent_key = desired.key  # nothing to tell; the first response is always sent
+                state.sent = desired  # nothing to tell; the first response is always sent
                 continue
             step.responses.append(self._respond(type_url, state, desired, changed, removed))
 
@@ -223,7 +227,7 @@ class StreamProtocol:
         else:
             payload = desired.sotw_body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
         state.in_flight = _InFlight(nonce, desired, changed)
-        state.sent_key = desired.key
+        state.sent = desired
         state.status.version_sent = desired.version
         return Response(type_url, nonce, desired.version, payload)
 
@@ -236,7 +240,8 @@ class StreamProtocol:
         chosen: dict[str, xr.Resource] | None = None
         rejected = self._source.rejected(type_url)
         if rejected:
-            for name, version in selection.key & rejected:
+            for version in selection.versions & rejected:
+                name = selection.name_of[version]
                 chosen = dict(selection.resources) if chosen is None else chosen
                 good = self._last_good(type_url, state, name, rejected)
                 if good is None:
@@ -249,19 +254,19 @@ class StreamProtocol:
         return selection if chosen is None else Selection(type_url, dict(sorted(chosen.items())))
 
     def _last_good(self, type_url: str, state: _TypeState, name: str,
-                   rejected: set[tuple[str, str]]) -> xr.Resource | None:
+                   rejected: set[str]) -> xr.Resource | None:
         for accepted in (state.acked, self._source.last_acked(type_url)):
             if accepted is not None:
                 good = accepted.resources.get(name)
-                if good is not None and (name, good.version) not in rejected:
+                if good is not None and good.version not in rejected:
                     return good
         return None
 
     def _still_needed(self, type_url: str, state: _TypeState, selection: Selection) -> Mapping[str, xr.Resource]:
         """Resources gone from the snapshot that Envoy must keep for now (make before break)."""
-        if state.acked is None or type_url not in (xr.CLUSTER, xr.ENDPOINT):
+        if state.acked is None or state.acked is selection or type_url not in (xr.CLUSTER, xr.ENDPOINT):
             return _EMPTY
-        gone = state.acked.resources.keys() - selection.resources.keys()
+        gone = state.acked.names - selection.names
         if not gone:
             return _EMPTY
         if type_url == xr.CLUSTER:
@@ -315,6 +320,12 @@ def _shared(names: frozenset[str]) -> frozenset[str]:
     return shared
 
 
-def _known_resource(type_url: str, name: str, version: str) -> xr.Resource:
-    """A resource Envoy reports having (Delta initial_resource_versions); only its version counts."""
-    return xr.Resource(type_url, name, version, b"")
+def _known_resource(type_url: str, name: str, version: str, ours: xr.Resource | None) -> xr.Resource:
+    """A resource Envoy reports having (Delta initial_resource_versions).
+
+    Ours when the version is ours (nothing to send); otherwise a stand-in whose version is made
+    unique per name, since another control plane may give many resources one version string.
+    """
+    if ours is not None and ours.version == version:
+        return ours
+    return xr.Resource(type_url, name, f"{version}@{name}", b"")
