@@ -61,9 +61,21 @@ def endpoints(clusters: int, round_number: int):
 # -- the simulated Envoys (child process) -------------------------------------------------------
 
 async def simulated_envoy(port: int, index: int, delta: bool, names: list[str], received: list[float],
-                          ready: asyncio.Event) -> None:
+                          ready: asyncio.Event, reconnects: list[int]) -> None:
+    """Subscribe like Envoy over ADS and ACK everything; like Envoy, reconnect when the stream fails."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     node = base_pb2.Node(id=f"envoy-{index}", cluster=GROUP)
+    for attempt in range(10):
+        try:
+            await _one_stream(channel, node, delta, names, received, ready)
+            return
+        except grpc.aio.AioRpcError:
+            reconnects[0] += 1
+            await asyncio.sleep(0.5 * (attempt + 1))
+
+
+async def _one_stream(channel, node, delta: bool, names: list[str], received: list[float],
+                      ready: asyncio.Event) -> None:
     if delta:
         call = channel.stream_stream(ADS + "DeltaAggregatedResources",
                                      request_serializer=d.DeltaDiscoveryRequest.SerializeToString,
@@ -100,9 +112,11 @@ async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None
     names = [f"service-{i}" for i in range(clusters)]
     received: list[list[float]] = [[] for _ in range(count)]
     ready = [asyncio.Event() for _ in range(count)]
+    reconnects = [0]
     tasks = []
     for index in range(count):
-        tasks.append(asyncio.create_task(simulated_envoy(port, index, delta, names, received[index], ready[index])))
+        tasks.append(asyncio.create_task(simulated_envoy(port, index, delta, names, received[index], ready[index],
+                                                           reconnects)))
         if index % 100 == 99:
             await asyncio.sleep(0.1)  # connect in waves, as a fleet rolling out would
     try:
@@ -120,7 +134,7 @@ async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None
         while min(len(r) for r in received) < want:
             await asyncio.sleep(0.002)
         print("round", want, flush=True)
-    print(json.dumps(received), flush=True)
+    print(json.dumps({"received": received, "reconnects": reconnects[0]}), flush=True)
     for task in tasks:
         task.cancel()
 
@@ -158,7 +172,8 @@ async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
         await asyncio.sleep(0.2)
     child.stdin.write(b"done\n")
     await child.stdin.drain()
-    received = json.loads(await child.stdout.readline())
+    report = json.loads(await child.stdout.readline())
+    received = report["received"]
     await child.wait()
     await server.stop(0)
 
@@ -170,6 +185,7 @@ async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "all_acked_ms": statistics.median(slowest_per_round),
         "rss_mib": rss_bytes() / 2**20, "per_stream_kib": per_stream / 1024,
+        "reconnects": report["reconnects"],
     }
 
 
@@ -190,7 +206,8 @@ def main() -> None:
         return
     print(f"{os.cpu_count()} CPUs; {args.clusters} clusters x 10 endpoints per client; "
           f"one endpoint changes per round; {args.rounds} rounds")
-    print(f"{'N':>6} {'mode':>6} {'p50 ms':>8} {'p99 ms':>8} {'all ACKed ms':>13} {'KiB/stream':>11} {'RSS MiB':>8}")
+    print(f"{'N':>6} {'mode':>6} {'p50 ms':>8} {'p99 ms':>8} {'all ACKed ms':>13} {'KiB/stream':>11} {'RSS MiB':>8} "
+          f"{'reconnects':>10}")
     for count in args.clients.split(","):
         for mode in args.modes.split(","):
             # A fresh process per row, so that each row's memory starts from the same place.
@@ -201,7 +218,8 @@ def main() -> None:
                 sys.exit(f"the N={count} {mode} row failed:\n{row.stderr[-3000:]}")
             result = json.loads(row.stdout.splitlines()[-1])
             print(f"{result['clients']:>6} {result['mode']:>6} {result['p50_ms']:>8.1f} {result['p99_ms']:>8.1f} "
-                  f"{result['all_acked_ms']:>13.1f} {result['per_stream_kib']:>11.1f} {result['rss_mib']:>8.0f}",
+                  f"{result['all_acked_ms']:>13.1f} {result['per_stream_kib']:>11.1f} {result['rss_mib']:>8.0f} "
+                  f"{result['reconnects']:>10}",
                   flush=True)
 
 
