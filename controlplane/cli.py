@@ -1,4 +1,7 @@
-"""The `controlplane` command: `demo` and `bootstrap` (serve and render come with the sources)."""
+"""The `controlplane` command: serve, render, demo, bootstrap, crds.
+
+Errors a user can fix are one line saying what and where, and a non-zero exit; never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +10,14 @@ import asyncio
 import logging
 import sys
 
+import json
+from pathlib import Path
+
 import yaml
 
 from controlplane.runtime import demo
+from controlplane.sources.files import DirectorySource, ManifestError
+from controlplane.translate import render, to_ir, to_xds
 from controlplane.translate.bootstrap import ads_bootstrap
 
 
@@ -31,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.add_argument("--check", action="store_true",
                           help="send 20 requests through Envoy, print who answered, and exit")
 
+    run_serve = commands.add_parser("serve", help="serve xDS from a directory of manifests")
+    run_serve.add_argument("--source", required=True, metavar="PATH",
+                           help="a directory of YAML manifests (Gateways, Backends, Services, EndpointSlices)")
+    run_serve.add_argument("--xds-address", default="0.0.0.0:18000", metavar="HOST:PORT")
+
+    run_render = commands.add_parser("render", help="print the Envoy resources a node group gets")
+    run_render.add_argument("--source", required=True, metavar="PATH", help="a directory of YAML manifests")
+    run_render.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
+    run_render.add_argument("--format", choices=["yaml", "json", "bootstrap"], default="yaml",
+                            help="bootstrap: a static Envoy bootstrap with everything inline")
+
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) that points at an ADS server")
     bootstrap.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT")
     bootstrap.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
@@ -50,11 +69,52 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, RuntimeError) as error:
             print(f"controlplane demo: {error}", file=sys.stderr)
             return 1
+    if args.command in ("serve", "render"):
+        try:
+            source = DirectorySource(Path(args.source))
+        except ManifestError as error:
+            print(f"controlplane {args.command}: {error}", file=sys.stderr)
+            return 2
+        if args.command == "serve":
+            from controlplane.runtime.serve import serve
+            try:
+                asyncio.run(serve(source, xds_address=args.xds_address))
+            except OSError as error:
+                print(f"controlplane serve: {error}", file=sys.stderr)
+                return 1
+            return 0
+        return _render(source, args.node_cluster, args.format)
     host, port = args.xds_address
     print(yaml.safe_dump(ads_bootstrap(node_id=args.node_id, node_cluster=args.node_cluster, xds_host=host,
                                        xds_port=port, admin_port=args.admin_port, delta=args.delta),
                          sort_keys=False), end="")
     return 0
+
+
+def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
+    """Print what `node_cluster` gets; exit 1 when any object is not accepted (a CI lint)."""
+    source.load()
+    for error in source.errors.values():
+        print(f"error: {error}", file=sys.stderr)
+    translation = to_ir.translate(source.store().view())
+    problems = [(key, conditions[0].message) for key, conditions in sorted(translation.conditions.items())
+                if conditions[0].status == "False"]
+    for key, message in problems:
+        print(f"error: {key} not accepted: {message}", file=sys.stderr)
+    group = translation.groups.get(node_cluster)
+    if group is None:
+        known = ", ".join(sorted(translation.groups)) or "none"
+        print(f"controlplane render: no accepted Gateway has nodeCluster {node_cluster!r} (node clusters: {known})",
+              file=sys.stderr)
+        return 1
+    snapshot = to_xds.snapshot(group)
+    if output == "bootstrap":
+        print(yaml.safe_dump(render.static_bootstrap(snapshot), sort_keys=False), end="")
+    elif output == "json":
+        print(json.dumps(render.resources_document(snapshot), indent=2))
+    else:
+        print(yaml.safe_dump(render.resources_document(snapshot), sort_keys=False), end="")
+    return 1 if problems or source.errors else 0
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def web_snapshot(listener_port: int, endpoints: dict[str, list[tuple[str, int]]]
         endpoints=[b.load_assignment(name, hosts) for name, hosts in endpoints.items()],
         listeners=[b.http_listener("http", address="127.0.0.1", port=listener_port, route_config_name="http"),
                    *extra_listeners],
-        routes=[b.route_configuration("http", [b.virtual_host("all", [b.route(p, c) for p, c in routes.items()])])],
+        routes=[b.route_configuration("http", [b.virtual_host("all", [b.route(c, prefix=p) for p, c in routes.items()])])],
     )
 
 

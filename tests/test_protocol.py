@@ -18,7 +18,7 @@ def snapshot(clusters: dict[str, int], routes: dict[str, str] | None = None, *, 
         clusters=[b.eds_cluster(name, connect_timeout_ms=timeout_ms) for name in clusters],
         endpoints=[b.load_assignment(name, [("10.0.0.1", port)]) for name, port in clusters.items()],
         listeners=[b.http_listener("l", address="0.0.0.0", port=8080, route_config_name="r")],
-        routes=[b.route_configuration("r", [b.virtual_host("v", [b.route(p, c) for p, c in routes.items()])])],
+        routes=[b.route_configuration("r", [b.virtual_host("v", [b.route(c, prefix=p) for p, c in routes.items()])])],
     )
 
 

@@ -36,7 +36,7 @@ def demo_snapshot(listener_port: int, backends: list[SampleBackend]) -> Snapshot
         clusters=[b.eds_cluster("api")],
         endpoints=[b.load_assignment("api", [backend.address for backend in backends])],
         listeners=[b.http_listener("http", address="127.0.0.1", port=listener_port, route_config_name="http")],
-        routes=[b.route_configuration("http", [b.virtual_host("demo", [b.route("/", "api")])])],
+        routes=[b.route_configuration("http", [b.virtual_host("demo", [b.route("api", prefix="/")])])],
     )
 
 

@@ -6,16 +6,19 @@ tests, so every Envoy resource this project emits is shaped in one place.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.connection_limit.v3 import connection_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from google.protobuf import any_pb2, duration_pb2
+from envoy.type.matcher.v3 import string_pb2
+from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 HostPort = tuple[str, int]
 
@@ -39,50 +42,81 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
                                           resource_api_version=config_source_pb2.V3)
 
 
-def eds_cluster(name: str, *, connect_timeout_ms: int = 1000) -> cluster_pb2.Cluster:
+def thresholds(priority: int, *, max_connections: int | None = None, max_pending_requests: int | None = None,
+               max_requests: int | None = None, max_retries: int | None = None
+               ) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
+    """One priority's circuit-breaker budget; unset limits keep Envoy's defaults. Remaining
+    capacity is tracked, so `remaining_*` gauges show a budget running out before it trips."""
+    limits = {"max_connections": max_connections, "max_pending_requests": max_pending_requests,
+              "max_requests": max_requests, "max_retries": max_retries}
+    return circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        priority=priority, track_remaining=True,
+        **{field: wrappers_pb2.UInt32Value(value=value) for field, value in limits.items() if value is not None})
+
+
+def eds_cluster(name: str, *, connect_timeout_ms: int = 1000,
+                budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = ()) -> cluster_pb2.Cluster:
     """A cluster whose endpoints come over EDS under the cluster's own name."""
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_config_source()),
         connect_timeout=_milliseconds(connect_timeout_ms),
     )
+    if budgets:
+        cluster.circuit_breakers.thresholds.extend(budgets)
+    return cluster
 
 
-def load_assignment(cluster_name: str, endpoints: Iterable[HostPort]) -> endpoint_pb2.ClusterLoadAssignment:
-    lb_endpoints = [endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
-        address=socket_address(host, port))) for host, port in endpoints]
+def load_assignment(cluster_name: str, endpoints: Iterable[HostPort], *,
+                    draining: Collection[HostPort] = ()) -> endpoint_pb2.ClusterLoadAssignment:
+    """Endpoints of a cluster; `draining` ones get no new traffic while others are healthy."""
+    lb_endpoints = [endpoint_components_pb2.LbEndpoint(
+        endpoint=endpoint_components_pb2.Endpoint(address=socket_address(host, port)),
+        health_status=health_check_pb2.DRAINING if (host, port) in draining else health_check_pb2.HEALTHY)
+        for host, port in endpoints]
     return endpoint_pb2.ClusterLoadAssignment(
         cluster_name=cluster_name,
         endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=lb_endpoints)])
 
 
-def route(prefix: str, cluster: str) -> route_components_pb2.Route:
-    return route_components_pb2.Route(
-        match=route_components_pb2.RouteMatch(prefix=prefix),
-        route=route_components_pb2.RouteAction(cluster=cluster))
+def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
+          headers: Sequence[tuple[str, str]] = (), high_priority: bool = False) -> rc.Route:
+    """A route to `cluster` by path prefix or exact path, and exact header values.
+
+    High priority routes draw on the cluster's HIGH circuit-breaker budget, so they keep
+    working when the default budget is exhausted (logins during a WebSocket surge)."""
+    match = rc.RouteMatch(prefix=prefix) if path is None else rc.RouteMatch(path=path)
+    match.headers.extend(rc.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
+                         for name, value in headers)
+    return rc.Route(match=match, route=rc.RouteAction(
+        cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT))
 
 
-def virtual_host(name: str, routes: Sequence[route_components_pb2.Route], *,
-                 domains: Sequence[str] = ("*",)) -> route_components_pb2.VirtualHost:
-    return route_components_pb2.VirtualHost(name=name, domains=list(domains), routes=list(routes))
+def virtual_host(name: str, routes: Sequence[rc.Route], *,
+                 domains: Sequence[str] = ("*",)) -> rc.VirtualHost:
+    return rc.VirtualHost(name=name, domains=list(domains), routes=list(routes))
 
 
-def route_configuration(name: str, virtual_hosts: Sequence[route_components_pb2.VirtualHost]
+def route_configuration(name: str, virtual_hosts: Sequence[rc.VirtualHost]
                         ) -> route_pb2.RouteConfiguration:
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=list(virtual_hosts))
 
 
-def http_listener(name: str, *, address: str, port: int, route_config_name: str) -> listener_pb2.Listener:
-    """A plain HTTP listener whose routes come over RDS."""
+def http_listener(name: str, *, address: str, port: int, route_config_name: str,
+                  max_connections: int | None = None) -> listener_pb2.Listener:
+    """A plain HTTP listener whose routes come over RDS, with an optional connection limit."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(config_source=ads_config_source(), route_config_name=route_config_name),
         http_filters=[hcm_pb2.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router()))],
     )
-    return listener_pb2.Listener(
-        name=name,
-        address=socket_address(address, port),
-        filter_chains=[listener_components_pb2.FilterChain(filters=[listener_components_pb2.Filter(
-            name="envoy.filters.network.http_connection_manager", typed_config=_any(manager))])],
-    )
+    filters = [listener_components_pb2.Filter(name="envoy.filters.network.http_connection_manager",
+                                              typed_config=_any(manager))]
+    if max_connections is not None:
+        limit = connection_limit_pb2.ConnectionLimit(stat_prefix=name,
+                                                     max_connections=wrappers_pb2.UInt64Value(value=max_connections))
+        filters.insert(0, listener_components_pb2.Filter(name="envoy.filters.network.connection_limit",
+                                                         typed_config=_any(limit)))
+    return listener_pb2.Listener(name=name, address=socket_address(address, port),
+                                 filter_chains=[listener_components_pb2.FilterChain(filters=filters)])

@@ -1,0 +1,75 @@
+"""The intermediate representation: what one group of Envoys should do, in our own words.
+
+Frozen values. Translation builds them from Kubernetes objects (to_ir) and turns them into Envoy
+resources (to_xds); neither side's types leak through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+    draining: bool = False  # terminating but still serving: only used when nothing else is healthy
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Circuit-breaker thresholds for one priority; None leaves Envoy's default."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An upstream cluster: one Backend object's Service port."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    default_budget: Budget = Budget()
+    high_budget: Budget = Budget()
+    connect_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class HeaderMatch:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class Route:
+    backend: str
+    path_prefix: str | None = None
+    path: str | None = None
+    headers: tuple[HeaderMatch, ...] = ()
+    high_priority: bool = False
+
+    @property
+    def match_key(self) -> tuple:
+        """Two routes with the same key match the same requests: only one can win."""
+        return (self.path, self.path_prefix, tuple(sorted((h.name.lower(), h.value) for h in self.headers)))
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    address: str
+    port: int
+    routes: tuple[Route, ...]
+    max_connections: int | None = None
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    """Everything the Envoys of one node group (a Gateway's nodeCluster) get."""
+
+    name: str
+    listeners: tuple[Listener, ...]
+    backends: tuple[Backend, ...]

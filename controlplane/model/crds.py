@@ -1,0 +1,128 @@
+"""The `xds.controlplane.dev/v1alpha1` CRDs, Gateway and Backend, as pydantic models.
+
+These models are the single source of truth: `k8s/crds/*.yaml` are generated from them
+(`make crds`), and a test fails when the two drift. Unknown fields are errors, not silently
+dropped: a typo in a circuit-breaker budget must not leave the budget at its default.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "xds.controlplane.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Budget = Annotated[int, Field(ge=1, le=10_000_000)]
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class Protocol(str, Enum):
+    HTTP = "HTTP"
+
+
+class Listener(Spec):
+    """A port Envoy listens on. (TLS and mutual TLS listeners come with the SDS work.)"""
+
+    name: DnsLabel
+    port: Port
+    protocol: Protocol = Protocol.HTTP
+    address: str = Field("0.0.0.0", description="The address Envoy binds, 0.0.0.0 by default.")
+
+
+class GatewayLimits(Spec):
+    max_connections: Budget | None = Field(None, description="Downstream connections per listener.")
+
+
+class GatewaySpec(Spec):
+    node_cluster: DnsLabel = Field(description="Envoys whose node.cluster equals this get this Gateway.")
+    listeners: list[Listener] = Field(min_length=1, max_length=64)
+    limits: GatewayLimits = GatewayLimits()
+
+    @model_validator(mode="after")
+    def _unique_listeners(self) -> GatewaySpec:
+        for what, values in (("name", [l.name for l in self.listeners]), ("port", [l.port for l in self.listeners])):
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"listener {what}s must be unique; repeated: {', '.join(repeated)}")
+        return self
+
+
+class Priority(str, Enum):
+    DEFAULT = "Default"
+    HIGH = "High"
+
+
+class HeaderMatch(Spec):
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^:?[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+    value: Annotated[str, Field(max_length=4096)]
+
+
+class Route(Spec):
+    """One route to the Backend: a path prefix or an exact path, optionally with headers."""
+
+    path_prefix: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None
+    path: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None
+    headers: list[HeaderMatch] = Field(default_factory=list, max_length=16)
+    priority: Priority = Field(Priority.DEFAULT, description="High: served from the cluster's high-priority "
+                               "circuit-breaker budget (use it for critical paths such as login).")
+
+    @model_validator(mode="after")
+    def _one_path(self) -> Route:
+        if (self.path_prefix is None) == (self.path is None):
+            raise ValueError("set exactly one of pathPrefix and path")
+        return self
+
+
+class Thresholds(Spec):
+    """Envoy circuit-breaker thresholds: the budget of one priority on one cluster."""
+
+    max_connections: Budget | None = None
+    max_pending_requests: Budget | None = None
+    max_requests: Budget | None = None
+    max_retries: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+
+
+class CircuitBreakers(Spec):
+    default: Thresholds = Thresholds()
+    high: Thresholds = Field(Thresholds(), description="The separate budget of High-priority routes.")
+
+
+class ServiceRef(Spec):
+    name: DnsLabel
+    port: Port | DnsLabel = Field(description="The Service port, by number or by name.")
+
+
+class BackendSpec(Spec):
+    gateway: DnsLabel = Field(description="The Gateway, in the Backend's namespace, that serves these routes.")
+    listener: DnsLabel | None = Field(None, description="One listener of the Gateway; all of them if unset.")
+    service: ServiceRef
+    routes: list[Route] = Field(min_length=1, max_length=128)
+    circuit_breakers: CircuitBreakers = CircuitBreakers()
+    connect_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+
+
+class Condition(Spec):
+    type: Literal["Accepted", "ResolvedRefs", "Programmed"]
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+    observed_generation: int = 0
+    last_transition_time: str | None = None
+
+
+class Status(Spec):
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+KINDS = {"Gateway": GatewaySpec, "Backend": BackendSpec}
+PLURALS = {"Gateway": "gateways", "Backend": "backends"}

@@ -1,0 +1,107 @@
+"""sources -> translate -> cache: turns the store into one snapshot per node group.
+
+Bursts of events (a rollout touches many EndpointSlices at once) are coalesced: translation runs
+once the events pause for `hold_off`, and at the latest `max_delay` after the first one, so a
+steady stream of events cannot starve Envoy of updates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from controlplane.sources.store import ObjectKey, Store, StoreView
+from controlplane.translate import to_ir, to_xds
+from controlplane.xds import Snapshot, SnapshotCache, SnapshotError
+
+log = logging.getLogger(__name__)
+
+
+class Pipeline:
+    def __init__(self, cache: SnapshotCache, *, on_translated: Callable[[to_ir.Translation], None] | None = None):
+        self._cache = cache
+        self._on_translated = on_translated
+        self._groups: set[str] = set()
+        self._reported: dict[ObjectKey, str] = {}
+        self.last: to_ir.Translation | None = None
+
+    def publish(self, view: StoreView) -> to_ir.Translation:
+        """Translate `view` and publish a snapshot to every node group (an empty one to groups
+        whose Gateways are gone, so their Envoys drop the old listeners)."""
+        translation = to_ir.translate(view)
+        for name, group in translation.groups.items():
+            try:
+                self._cache.set_snapshot(name, to_xds.snapshot(group))
+            except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
+                log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
+                          name, error)
+        for gone in sorted(self._groups - set(translation.groups)):
+            self._cache.set_snapshot(gone, Snapshot())
+        self._groups = set(translation.groups)
+        self._log_problems(translation)
+        self.last = translation
+        if self._on_translated is not None:
+            self._on_translated(translation)
+        return translation
+
+    def _log_problems(self, translation: to_ir.Translation) -> None:
+        """Log each object's problem once (and when it is fixed), not on every translation."""
+        problems = {key: accepted.message for key, conditions in translation.conditions.items()
+                    for accepted in conditions[:1] if accepted.status == "False"}
+        for key, message in sorted(problems.items()):
+            if self._reported.get(key) != message:
+                log.warning("%s not accepted: %s", key, message)
+        for key in sorted(set(self._reported) - set(problems)):
+            log.info("%s accepted now", key)
+        self._reported = problems
+
+
+class Coalescer:
+    """Runs `action` after a pause of `hold_off` seconds in calls to `poke()`, or `max_delay` at most."""
+
+    def __init__(self, action: Callable[[], None], *, hold_off: float = 0.05, max_delay: float = 0.5):
+        self._action = action
+        self._hold_off = hold_off
+        self._max_delay = max_delay
+        self._wake = asyncio.Event()
+        self._first: float | None = None
+
+    def poke(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._first is None:
+            self._first = loop.time()
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            while True:
+                self._wake.clear()
+                deadline = self._first + self._max_delay
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, min(self._hold_off,
+                                                                                   deadline - loop.time())))
+                except TimeoutError:
+                    break
+                if loop.time() >= deadline:
+                    break
+            self._first = None
+            self._wake.clear()
+            self._action()
+
+
+def store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coalescer]:
+    """A source callback that hands the latest store to `pipeline`, coalescing bursts."""
+    latest: list[Store] = []
+
+    def publish_latest() -> None:
+        pipeline.publish(latest[-1].view())
+
+    coalescer = Coalescer(publish_latest)
+
+    def on_change(store: Store) -> None:
+        latest[:] = [store]
+        coalescer.poke()
+    return on_change, coalescer

@@ -1,0 +1,37 @@
+"""`controlplane serve`: a source, the pipeline, the xDS server and metrics, until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.sources.files import DirectorySource
+from controlplane.xds import SnapshotCache, XdsServer
+
+log = logging.getLogger(__name__)
+
+
+async def serve(source: DirectorySource, *, xds_address: str, grace: float = 5.0) -> None:
+    cache = SnapshotCache()
+    server = XdsServer(cache, address=xds_address)
+    await server.start()
+    pipeline = Pipeline(cache)
+    on_change, coalescer = store_publisher(pipeline)
+    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task in tasks and task.exception() is not None:
+            log.error("stopping: %s", task.exception())
+    log.info("shutting down: closing xDS streams within %.0fs; Envoys keep their configuration", grace)
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await server.stop(grace)

@@ -1,0 +1,71 @@
+"""What a node group gets, as plain data: for `controlplane render`, golden tests and reviews.
+
+`resources_document` lists the Envoy resources as proto3 JSON mappings. `static_bootstrap` turns
+a snapshot into an Envoy bootstrap with everything inline (EDS clusters become STATIC, RDS
+becomes inline route configurations), so `envoy --mode validate` can check it with no control
+plane running.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf import json_format
+
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.xds.resources import SHORT_NAMES
+
+_CLASSES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+            LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+
+
+def _messages(snapshot: Snapshot, type_url: str) -> list:
+    return [_CLASSES[type_url].FromString(resource.body)
+            for resource in snapshot.resources(type_url).resources.values()]
+
+
+def _as_dict(message) -> dict[str, Any]:
+    # Through JSON text: MessageToDict leaves OrderedDicts inside Any values, which YAML refuses.
+    return json.loads(json_format.MessageToJson(message))
+
+
+def resources_document(snapshot: Snapshot) -> dict[str, list[dict[str, Any]]]:
+    return {SHORT_NAMES[type_url]: [_as_dict(m) for m in _messages(snapshot, type_url)]
+            for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+
+
+def static_bootstrap(snapshot: Snapshot, *, admin_port: int = 9901) -> dict[str, Any]:
+    assignments = {m.cluster_name: m for m in _messages(snapshot, ENDPOINT)}
+    routes = {m.name: m for m in _messages(snapshot, ROUTE)}
+    clusters = []
+    for cluster in _messages(snapshot, CLUSTER):
+        if cluster.type == cluster_pb2.Cluster.EDS:
+            eds_name = cluster.eds_cluster_config.service_name or cluster.name
+            cluster.ClearField("eds_cluster_config")
+            cluster.type = cluster_pb2.Cluster.STATIC
+            cluster.load_assignment.CopyFrom(assignments.get(eds_name, endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=cluster.name)))
+        clusters.append(_as_dict(cluster))
+    listeners = []
+    for listener in _messages(snapshot, LISTENER):
+        for chain in listener.filter_chains:
+            for network_filter in chain.filters:
+                if network_filter.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+                    manager = hcm_pb2.HttpConnectionManager()
+                    network_filter.typed_config.Unpack(manager)
+                    if manager.HasField("rds"):
+                        manager.route_config.CopyFrom(routes[manager.rds.route_config_name])
+                    network_filter.typed_config.Pack(manager)
+        listeners.append(_as_dict(listener))
+    if len(snapshot.resources(SECRET)):
+        raise ValueError("secrets cannot be inlined into a static bootstrap yet")
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }

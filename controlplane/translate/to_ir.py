@@ -1,0 +1,250 @@
+"""Kubernetes objects -> IR and status conditions. Pure: a StoreView in, values out.
+
+Every problem becomes a condition on the object that has it, with a message that says what is
+wrong and what to change; the object is left out and everything else is still translated. A bad
+Backend never takes its Gateway's other Backends down with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from controlplane.ir import types as ir
+from controlplane.model import crds, kube
+from controlplane.sources.store import ObjectKey, StoreView
+from controlplane.translate import names
+
+
+@dataclass
+class Translation:
+    groups: dict[str, ir.NodeGroup]
+    conditions: dict[ObjectKey, tuple[crds.Condition, ...]]
+    origins: dict[str, ObjectKey] = field(default_factory=dict)
+    """Envoy resource name -> the object it came from (for Envoy's NACKs)."""
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: str, message: str, *, unresolved: bool = False):
+        super().__init__(message)
+        self.reason, self.message, self.unresolved = reason, message, unresolved
+
+
+@dataclass(frozen=True)
+class _Gateway:
+    key: ObjectKey
+    spec: crds.GatewaySpec
+
+
+def translate(view: StoreView) -> Translation:
+    conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
+    origins: dict[str, ObjectKey] = {}
+    gateways = _accepted_gateways(view, conditions)
+
+    listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
+        (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.spec.listeners}
+    claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {key: {} for key in listeners}
+    backends: dict[str, list[ir.Backend]] = {}
+    for key, obj in view.of_kind("Backend"):
+        try:
+            spec = _parse(crds.BackendSpec, obj)
+            gateway = gateways.get((key.namespace, spec.gateway))
+            if gateway is None:
+                raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or is "
+                                "not accepted: create it in the Backend's namespace, or fix spec.gateway",
+                                unresolved=True)
+            targets = _target_listeners(gateway, spec)
+            backend = _backend(view, key, spec)
+            routes = [_route(route, backend.name) for route in spec.routes]
+            _claim_routes(key, routes, targets, claimed)
+        except _Rejected as rejected:
+            conditions[key] = _rejected_conditions(obj, rejected)
+            continue
+        for target in targets:
+            listeners[target].extend(routes)
+        backends.setdefault(gateway.spec.node_cluster, []).append(backend)
+        origins[backend.name] = key
+        conditions[key] = _accepted_conditions(obj, gateway.spec.node_cluster)
+
+    groups: dict[str, ir.NodeGroup] = {}
+    for gateway in gateways.values():
+        for listener in gateway.spec.listeners:
+            name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
+            origins[name] = gateway.key
+            built = ir.Listener(name=name, address=listener.address, port=listener.port,
+                                routes=tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity)),
+                                max_connections=gateway.spec.limits.max_connections)
+            group = groups.get(gateway.spec.node_cluster)
+            groups[gateway.spec.node_cluster] = ir.NodeGroup(
+                name=gateway.spec.node_cluster,
+                listeners=tuple(sorted((*(group.listeners if group else ()), built), key=lambda l: l.name)),
+                backends=())
+    for node_cluster, group in groups.items():
+        groups[node_cluster] = ir.NodeGroup(group.name, group.listeners, tuple(
+            sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
+    return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins)
+
+
+def _accepted_gateways(view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
+    """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
+    accepted: dict[tuple[str, str], _Gateway] = {}
+    ports: dict[tuple[str, int], ObjectKey] = {}
+    for key, obj in view.of_kind("Gateway"):
+        try:
+            spec = _parse(crds.GatewaySpec, obj)
+            for listener in spec.listeners:
+                owner = ports.get((spec.node_cluster, listener.port))
+                if owner is not None:
+                    raise _Rejected("PortConflict", f"listener {listener.name!r} port {listener.port} is already "
+                                    f"used by {owner} for node cluster {spec.node_cluster!r}: pick another port")
+        except _Rejected as rejected:
+            conditions[key] = _rejected_conditions(obj, rejected)
+            continue
+        for listener in spec.listeners:
+            ports[(spec.node_cluster, listener.port)] = key
+        accepted[(key.namespace, key.name)] = _Gateway(key, spec)
+        conditions[key] = _accepted_conditions(obj, spec.node_cluster)
+    return accepted
+
+
+def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
+    names_ = [listener.name for listener in gateway.spec.listeners]
+    if spec.listener is None:
+        return [(gateway.key, name) for name in names_]
+    if spec.listener not in names_:
+        raise _Rejected("ListenerNotFound", f"Gateway {gateway.key.namespace}/{gateway.key.name} has no listener "
+                        f"{spec.listener!r} (it has: {', '.join(names_)}): fix spec.listener or leave it unset",
+                        unresolved=True)
+    return [(gateway.key, spec.listener)]
+
+
+def _backend(view: StoreView, key: ObjectKey, spec: crds.BackendSpec) -> ir.Backend:
+    service_obj = view.get("Service", key.namespace, spec.service.name)
+    if service_obj is None:
+        raise _Rejected("ServiceNotFound", f"Service {key.namespace}/{spec.service.name} does not exist: create it, "
+                        "or fix spec.service.name", unresolved=True)
+    service = kube.ServiceSpec.model_validate(service_obj.get("spec") or {})
+    port = next((p for p in service.ports if p.port == spec.service.port or (p.name and p.name == spec.service.port)),
+                None)
+    if port is None:
+        offered = ", ".join(f"{p.name or '(unnamed)'}={p.port}" for p in service.ports) or "none"
+        raise _Rejected("ServicePortNotFound", f"Service {key.namespace}/{spec.service.name} has no port "
+                        f"{spec.service.port!r} (its ports: {offered}): fix spec.service.port", unresolved=True)
+    breakers = spec.circuit_breakers
+    return ir.Backend(name=names.cluster(key.namespace, key.name),
+                      endpoints=_endpoints(view, key.namespace, spec.service.name, port),
+                      default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
+                      connect_timeout_ms=spec.connect_timeout_ms)
+
+
+def _endpoints(view: StoreView, namespace: str, service: str, port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
+    """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
+    found: dict[tuple[str, int], ir.Endpoint] = {}
+    for raw in view.endpoint_slices(namespace, service):
+        endpoint_slice = kube.EndpointSlice.model_validate(raw)
+        if endpoint_slice.address_type not in ("IPv4", "IPv6"):
+            continue
+        number = next((p.port for p in endpoint_slice.ports if p.name == port.name and p.port), None)
+        if number is None:
+            continue
+        for endpoint in endpoint_slice.endpoints:
+            conditions = endpoint.conditions
+            ready = conditions.ready is not False  # unset means ready (discovery.k8s.io/v1)
+            serving = conditions.serving if conditions.serving is not None else ready
+            if not serving:
+                continue
+            draining = not ready or bool(conditions.terminating)
+            for address in endpoint.addresses[:1]:
+                found[(address, number)] = ir.Endpoint(address, number, draining=draining)
+    return tuple(found[k] for k in sorted(found))
+
+
+def _budget(thresholds: crds.Thresholds) -> ir.Budget:
+    return ir.Budget(max_connections=thresholds.max_connections, max_pending_requests=thresholds.max_pending_requests,
+                     max_requests=thresholds.max_requests, max_retries=thresholds.max_retries)
+
+
+def _route(route: crds.Route, backend: str) -> ir.Route:
+    return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
+                    headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
+                    high_priority=route.priority == crds.Priority.HIGH)
+
+
+def _claim_routes(key: ObjectKey, routes: list[ir.Route], targets: list[tuple[ObjectKey, str]],
+                  claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]]) -> None:
+    """First Backend (by namespace/name) to claim a match keeps it; a later duplicate is refused whole."""
+    keys = [route.match_key for route in routes]
+    for position, match in enumerate(keys):
+        if match in keys[:position]:
+            raise _Rejected("DuplicateRoute", f"spec.routes[{position}] repeats an earlier route of this Backend "
+                            f"({_describe(routes[position])}): remove one")
+    for target in targets:
+        for route in routes:
+            owner = claimed[target].get(route.match_key)
+            if owner is not None:
+                raise _Rejected("DuplicateRoute", f"route {_describe(route)} on listener {target[1]!r} is already "
+                                f"served by {owner}: change the path or headers, or remove one of them")
+    for target in targets:
+        for route in routes:
+            claimed[target][route.match_key] = key
+
+
+def _describe(route: ir.Route) -> str:
+    match = f"path {route.path}" if route.path is not None else f"pathPrefix {route.path_prefix}"
+    headers = "".join(f", header {h.name}={h.value}" for h in route.headers)
+    return match + headers
+
+
+def _specificity(route: ir.Route) -> tuple:
+    """Envoy takes the first matching route: exact paths, then longer prefixes, then more headers."""
+    return (route.path is None, -len(route.path or route.path_prefix or ""), -len(route.headers),
+            route.path or route.path_prefix or "", route.backend)
+
+
+def _parse(model: type, obj: Mapping[str, Any]):
+    try:
+        return model.model_validate(obj.get("spec") or {})
+    except ValidationError as error:
+        raise _Rejected("Invalid", "; ".join(_explain(e) for e in error.errors())) from None
+
+
+def _explain(error: Mapping[str, Any]) -> str:
+    where = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown field; check its spelling against the CRD (kubectl explain)"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def _generation(obj: Mapping[str, Any]) -> int:
+    return int((obj.get("metadata") or {}).get("generation") or 0)
+
+
+def _accepted_conditions(obj: Mapping[str, Any], node_cluster: str) -> tuple[crds.Condition, ...]:
+    generation = _generation(obj)
+    return (
+        crds.Condition(type="Accepted", status="True", reason="Accepted", message="Valid.",
+                       observed_generation=generation),
+        crds.Condition(type="ResolvedRefs", status="True", reason="ResolvedRefs",
+                       message="Every reference resolves.", observed_generation=generation),
+        crds.Condition(type="Programmed", status="Unknown", reason="Pending",
+                       message=f"Waiting for the Envoys of node cluster {node_cluster!r} to accept the configuration.",
+                       observed_generation=generation),
+    )
+
+
+def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:
+    generation = _generation(obj)
+    return (
+        crds.Condition(type="Accepted", status="False", reason=rejected.reason, message=rejected.message,
+                       observed_generation=generation),
+        crds.Condition(type="ResolvedRefs", status="False" if rejected.unresolved else "True",
+                       reason=rejected.reason if rejected.unresolved else "ResolvedRefs",
+                       message=rejected.message if rejected.unresolved else "Every reference resolves.",
+                       observed_generation=generation),
+        crds.Condition(type="Programmed", status="False", reason="NotAccepted",
+                       message="Not sent to Envoy: see the Accepted condition.", observed_generation=generation),
+    )
