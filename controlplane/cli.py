@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_render.add_argument("--format", choices=["yaml", "json", "bootstrap"], default="yaml",
                             help="bootstrap: a static Envoy bootstrap with everything inline")
 
+    write_crds = commands.add_parser("crds", help="write the CRDs generated from the models (make crds)")
+    write_crds.add_argument("--output", default="k8s/crds", metavar="DIR")
+
     bootstrap = commands.add_parser("bootstrap", help="print an Envoy bootstrap (YAML) that points at an ADS server")
     bootstrap.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT")
     bootstrap.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
@@ -69,6 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, RuntimeError) as error:
             print(f"controlplane demo: {error}", file=sys.stderr)
             return 1
+    if args.command == "crds":
+        from controlplane.model import crds, schema
+        output = Path(args.output)
+        output.mkdir(parents=True, exist_ok=True)
+        for kind in crds.KINDS:
+            path = output / f"{crds.PLURALS[kind]}.yaml"
+            path.write_text(crd_yaml(schema.crd(kind)))
+            print(f"wrote {path}")
+        return 0
     if args.command in ("serve", "render"):
         try:
             source = DirectorySource(Path(args.source))
@@ -89,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                                        xds_port=port, admin_port=args.admin_port, delta=args.delta),
                          sort_keys=False), end="")
     return 0
+
+
+def crd_yaml(manifest: dict) -> str:
+    return "# Generated from controlplane/model/crds.py by `make crds`: edit the models, not this file.\n" + \
+        yaml.safe_dump(manifest, sort_keys=False)
 
 
 def _render(source: DirectorySource, node_cluster: str, output: str) -> int:

@@ -44,6 +44,13 @@ class GatewayLimits(Spec):
 
 
 class GatewaySpec(Spec):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "self.listeners.all(a, self.listeners.exists_one(b, b.port == a.port))",
+         "message": "listener ports must be unique"},
+        {"rule": "self.listeners.all(a, self.listeners.exists_one(b, b.name == a.name))",
+         "message": "listener names must be unique"},
+    ]})
+
     node_cluster: DnsLabel = Field(description="Envoys whose node.cluster equals this get this Gateway.")
     listeners: list[Listener] = Field(min_length=1, max_length=64)
     limits: GatewayLimits = GatewayLimits()
@@ -69,6 +76,9 @@ class HeaderMatch(Spec):
 
 class Route(Spec):
     """One route to the Backend: a path prefix or an exact path, optionally with headers."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "has(self.pathPrefix) != has(self.path)", "message": "set exactly one of pathPrefix and path"}]})
 
     path_prefix: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None
     path: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None

@@ -1,0 +1,155 @@
+"""Translation: objects in, IR and conditions out. Bad input is refused per object, with a message."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from controlplane.sources.store import ObjectKey, Store
+from controlplane.translate import to_ir, to_xds
+from tests.objects import NS, app, backend, endpoint_slice, gateway, ready, service
+
+
+def translate(*objects):
+    return to_ir.translate(Store([o for group in objects for o in (group if isinstance(group, list) else [group])]
+                                 ).view())
+
+
+def accepted(translation, kind: str, name: str):
+    return translation.conditions[ObjectKey(kind, NS, name)][0]
+
+
+def routes_of(translation, group: str = "edge"):
+    return [(r.path_prefix or r.path, r.backend) for r in translation.groups[group].listeners[0].routes]
+
+
+def test_a_valid_gateway_and_backend():
+    result = translate(gateway(), app("api"))
+    assert [(c.type, c.status) for c in result.conditions[ObjectKey("Backend", NS, "api")]] == [
+        ("Accepted", "True"), ("ResolvedRefs", "True"), ("Programmed", "Unknown")]
+    assert routes_of(result) == [("/api", "shop/api")]
+    assert result.groups["edge"].backends[0].endpoints[0].address == "10.0.0.1"
+    assert result.origins["shop/api"] == ObjectKey("Backend", NS, "api")
+
+
+BAD_BACKENDS = [
+    ("missing service", [backend("api")], "ServiceNotFound", "Service shop/api does not exist"),
+    ("wrong port", [backend("api", port=9999), service("api")], "ServicePortNotFound",
+     "has no port 9999 (its ports: http=80)"),
+    ("wrong port name", [backend("api", port="grpc"), service("api")], "ServicePortNotFound", "has no port 'grpc'"),
+    ("missing gateway", [*app("api", gateway_name="nope")], "GatewayNotFound", "Gateway shop/nope does not exist"),
+    ("missing listener", [*app("api", listener="https")], "ListenerNotFound", "has no listener 'https'"),
+    ("unknown field", [*app("api", circuitBreakers={"default": {"maxConection": 5}})], "Invalid",
+     "spec.circuitBreakers.default.maxConection: unknown field"),
+    ("absurd budget", [*app("api", circuitBreakers={"default": {"maxConnections": -3}})], "Invalid",
+     "spec.circuitBreakers.default.maxConnections: Input should be greater than or equal to 1"),
+    ("both paths", [*app("api", routes=[{"path": "/a", "pathPrefix": "/a"}])], "Invalid",
+     "set exactly one of pathPrefix and path"),
+    ("relative path", [*app("api", routes=[{"pathPrefix": "api"}])], "Invalid", "spec.routes[0].pathPrefix"),
+    ("no routes", [*app("api", routes=[])], "Invalid", "spec.routes: List should have at least 1 item"),
+    ("duplicate route in itself", [*app("api", routes=[{"pathPrefix": "/a"}, {"pathPrefix": "/a"}])],
+     "DuplicateRoute", "spec.routes[1] repeats an earlier route"),
+    ("route another backend has", [*app("api", routes=[{"pathPrefix": "/shared"}]),
+                                   *app("zeta", routes=[{"pathPrefix": "/shared"}])],
+     "DuplicateRoute", "already served by Backend shop/api"),
+]
+
+
+@pytest.mark.parametrize("objects, reason, message", [case[1:] for case in BAD_BACKENDS],
+                         ids=[case[0] for case in BAD_BACKENDS])
+def test_a_bad_backend_is_refused_and_the_rest_still_served(objects, reason, message):
+    bad_name = [o for o in objects if o["kind"] == "Backend"][-1]["metadata"]["name"]
+    result = translate(gateway(), app("good", "10.0.0.9"), objects)
+    condition = accepted(result, "Backend", bad_name)
+    assert (condition.status, condition.reason) == ("False", reason)
+    assert message in condition.message
+    assert accepted(result, "Backend", "good").status == "True"
+    assert ("/good", "shop/good") in routes_of(result)
+    assert f"shop/{bad_name}" not in [b.name for b in result.groups["edge"].backends]
+    to_xds.snapshot(result.groups["edge"])  # and what is served is consistent
+
+
+def test_unresolved_references_say_so_in_resolved_refs():
+    result = translate(gateway(), backend("api"))
+    resolved = result.conditions[ObjectKey("Backend", NS, "api")][1]
+    assert (resolved.type, resolved.status, resolved.reason) == ("ResolvedRefs", "False", "ServiceNotFound")
+
+
+def test_conflicting_gateway_port_is_refused_on_the_later_gateway():
+    result = translate(gateway("a"), gateway("b"))
+    assert accepted(result, "Gateway", "a").status == "True"
+    refused = accepted(result, "Gateway", "b")
+    assert (refused.status, refused.reason) == ("False", "PortConflict")
+    assert "port 8080 is already used by Gateway shop/a" in refused.message
+
+
+def test_invalid_gateway_message_names_the_field():
+    bad = gateway(listeners=[{"name": "http", "port": 70000}])
+    assert "spec.listeners[0].port: Input should be less than or equal to 65535" in accepted(
+        translate(bad), "Gateway", "edge").message
+
+
+def test_observed_generation_is_the_objects_generation():
+    result = translate(gateway(generation=7), app("api"))
+    assert {c.observed_generation for c in result.conditions[ObjectKey("Gateway", NS, "edge")]} == {7}
+
+
+def test_endpoint_conditions():
+    slice_ = endpoint_slice("api", [ready("10.0.0.1"),
+                                    ("10.0.0.2", {"ready": False, "serving": True, "terminating": True}),
+                                    ("10.0.0.3", {"ready": False, "serving": False, "terminating": True}),
+                                    ("10.0.0.4", {})])
+    result = translate(gateway(), backend("api"), service("api"), slice_)
+    endpoints = result.groups["edge"].backends[0].endpoints
+    assert [(e.address, e.draining) for e in endpoints] == [("10.0.0.1", False), ("10.0.0.2", True),
+                                                             ("10.0.0.4", False)]
+
+
+def test_endpoints_from_many_slices_and_only_the_named_port():
+    slices = [endpoint_slice("api", [ready("10.0.0.1")], name="api-a"),
+              endpoint_slice("api", [ready("10.0.0.2")], name="api-b"),
+              endpoint_slice("api", [ready("10.0.0.3")], name="api-metrics", port_name="metrics", port=9090)]
+    result = translate(gateway(), backend("api"), service("api"), *slices)
+    assert [e.address for e in result.groups["edge"].backends[0].endpoints] == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_routes_are_ordered_most_specific_first():
+    result = translate(gateway(), app("root", routes=[{"pathPrefix": "/"}]),
+                       app("api", routes=[{"pathPrefix": "/api"}, {"path": "/api/login", "priority": "High"}]),
+                       app("v2", routes=[{"pathPrefix": "/api", "headers": [{"name": "x-version", "value": "2"}]}]))
+    assert routes_of(result) == [("/api/login", "shop/api"), ("/api", "shop/v2"), ("/api", "shop/api"),
+                                 ("/", "shop/root")]
+    assert result.groups["edge"].listeners[0].routes[0].high_priority
+
+
+def test_translation_is_deterministic():
+    objects = [gateway(), *app("a"), *app("b", "10.0.0.2"), *app("c", "10.0.0.3")]
+    first = to_xds.snapshot(translate(objects).groups["edge"])
+    again = to_xds.snapshot(translate(list(reversed(objects))).groups["edge"])
+    assert first.version == again.version
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=12),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=12), inner,
+                                                                                        max_size=3), max_leaves=8)
+route_like = st.fixed_dictionaries({}, optional={"pathPrefix": json_values | st.just("/x"), "path": json_values,
+                                                 "priority": json_values | st.sampled_from(["High", "Default"]),
+                                                 "headers": json_values})
+spec_like = st.fixed_dictionaries({}, optional={
+    "gateway": json_values | st.just("edge"), "listener": json_values,
+    "service": json_values | st.fixed_dictionaries({"name": st.just("api"), "port": json_values}),
+    "routes": json_values | st.lists(route_like, max_size=3),
+    "circuitBreakers": json_values, "connectTimeoutMs": json_values, "extra": json_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=spec_like)
+def test_generated_backends_never_crash_and_never_break_the_others(spec):
+    weird = {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Backend",
+             "metadata": {"name": "weird", "namespace": NS}, "spec": spec}
+    result = translate(gateway(), app("good"), service("api"), weird)
+    assert accepted(result, "Backend", "good").status == "True"
+    condition = accepted(result, "Backend", "weird")
+    assert condition.status == "True" or condition.message
+    to_xds.snapshot(result.groups["edge"])
