@@ -9,6 +9,10 @@ from controlplane.runtime.sample_backend import SampleBackend
 from tests.harness import Envoy
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.expected.yaml")
+
+
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
