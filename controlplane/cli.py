@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_demo = commands.add_parser("demo", help="control plane, a real Envoy and sample backends on 127.0.0.1")
+    run_demo.add_argument("--source", default="examples/demo", metavar="PATH",
+                          help="the manifests to serve (default: examples/demo)")
     run_demo.add_argument("--xds-port", type=int, default=demo.DemoPorts.xds)
-    run_demo.add_argument("--listener-port", type=int, default=demo.DemoPorts.listener)
     run_demo.add_argument("--admin-port", type=int, default=demo.DemoPorts.admin)
     run_demo.add_argument("--check", action="store_true",
                           help="send 20 requests through Envoy, print who answered, and exit")
@@ -66,10 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
-        ports = demo.DemoPorts(xds=args.xds_port, listener=args.listener_port, admin=args.admin_port)
+        ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)
         try:
-            return asyncio.run(demo.run_demo(ports, check=args.check))
-        except (OSError, RuntimeError) as error:
+            return asyncio.run(demo.run_demo(Path(args.source), ports, check=args.check))
+        except (OSError, RuntimeError, ManifestError) as error:
             print(f"controlplane demo: {error}", file=sys.stderr)
             return 1
     if args.command == "crds":

@@ -41,11 +41,43 @@ def test_bad_xds_address_is_a_clear_error(capsys):
 
 
 @pytest.mark.envoy
-def test_demo_serves_traffic_through_a_real_envoy():
-    ports = [str(free_port()) for _ in range(3)]
+def test_demo_serves_its_manifests_through_a_real_envoy(tmp_path):
+    """The demo's own manifests, moved to free ports so the test runs beside anything."""
+    text = "".join(path.read_text() + "\n---\n" for path in sorted((REPO / "examples" / "demo").glob("*.yaml")))
+    for port in ("10000", "18081", "18082"):
+        text = text.replace(f"port: {port}", f"port: {free_port()}")
+    (tmp_path / "demo.yaml").write_text(text)
     demo = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--check", "--xds-port", ports[0],
-         "--listener-port", ports[1], "--admin-port", ports[2]],
+        [sys.executable, "-m", "controlplane.cli", "demo", "--check", "--source", str(tmp_path),
+         "--xds-port", str(free_port()), "--admin-port", str(free_port())],
         capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "'api-1'" in demo.stdout and "'api-2'" in demo.stdout
+
+
+def test_render_prints_what_a_node_group_gets_and_envoy_accepts_it(tmp_path, capsys):
+    assert cli.main(["render", "--source", str(REPO / "tests" / "golden" / "basic"), "--node-cluster", "edge",
+                     "--format", "bootstrap"]) == 0
+    config = tmp_path / "static.yaml"
+    config.write_text(capsys.readouterr().out)
+    validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                               capture_output=True, text=True, timeout=60)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
+
+
+def test_render_reports_rejected_objects_and_exits_non_zero(capsys):
+    code = cli.main(["render", "--source", str(REPO / "tests" / "golden" / "rejections"), "--node-cluster", "edge"])
+    output = capsys.readouterr()
+    assert code == 1
+    assert "Backend shop/typo not accepted: spec.routes[0].pathPrefx: unknown field" in output.err
+    assert "shop/good" in output.out
+
+
+def test_render_of_an_unknown_node_cluster_names_the_known_ones(capsys):
+    assert cli.main(["render", "--source", str(REPO / "tests" / "golden" / "basic"), "--node-cluster", "x"]) == 1
+    assert "no accepted Gateway has nodeCluster 'x' (node clusters: edge)" in capsys.readouterr().err
+
+
+def test_a_missing_source_directory_is_a_one_line_error(tmp_path, capsys):
+    assert cli.main(["render", "--source", str(tmp_path / "nope"), "--node-cluster", "x"]) == 2
+    assert "is not a directory of manifests" in capsys.readouterr().err

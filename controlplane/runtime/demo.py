@@ -1,7 +1,9 @@
 """`controlplane demo`: the control plane, a real Envoy and sample backends on 127.0.0.1.
 
-Until the Kubernetes and file sources land, the demo serves a small built-in snapshot: one HTTP
-listener whose routes send `/` to a cluster of two sample backends over EDS.
+It runs the product's own path: the manifests in `examples/demo/` (a Gateway, a Backend, a
+Service and its EndpointSlices) are read and watched by the file source, translated, and served
+over ADS to a real Envoy. A sample backend answers on every 127.0.0.1 endpoint the manifests
+name, so `curl` through Envoy shows which one served the request.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.runtime.envoy_process import EnvoyProcess
+from controlplane.runtime.pipeline import Pipeline, store_publisher
 from controlplane.runtime.sample_backend import SampleBackend
-from controlplane.translate import builders as b
-from controlplane.xds import Snapshot, SnapshotCache, XdsServer
+from controlplane.sources.files import DirectorySource
+from controlplane.sources.store import StoreView
+from controlplane.xds import SnapshotCache, XdsServer
 
 NODE_CLUSTER = "demo-gateway"
 
@@ -27,17 +32,28 @@ NODE_CLUSTER = "demo-gateway"
 @dataclass(frozen=True)
 class DemoPorts:
     xds: int = 18000
-    listener: int = 10000
     admin: int = 9901
 
 
-def demo_snapshot(listener_port: int, backends: list[SampleBackend]) -> Snapshot:
-    return Snapshot(
-        clusters=[b.eds_cluster("api")],
-        endpoints=[b.load_assignment("api", [backend.address for backend in backends])],
-        listeners=[b.http_listener("http", address="127.0.0.1", port=listener_port, route_config_name="http")],
-        routes=[b.route_configuration("http", [b.virtual_host("demo", [b.route("api", prefix="/")])])],
-    )
+def sample_backends(view: StoreView) -> list[SampleBackend]:
+    """A sample backend on each 127.0.0.1 endpoint of the manifests' EndpointSlices."""
+    started = []
+    for _key, endpoint_slice in view.of_kind("EndpointSlice"):
+        service = (endpoint_slice.get("metadata", {}).get("labels") or {}).get(SERVICE_NAME_LABEL, "backend")
+        for port in endpoint_slice.get("ports") or []:
+            for endpoint in endpoint_slice.get("endpoints") or []:
+                if "127.0.0.1" in endpoint.get("addresses", []):
+                    started.append(SampleBackend(f"{service}-{len(started) + 1}", port=port["port"]))
+    return started
+
+
+def _listener_url(view: StoreView) -> str:
+    for _key, gateway in view.of_kind("Gateway"):
+        spec = gateway.get("spec") or {}
+        if spec.get("nodeCluster") == NODE_CLUSTER and spec.get("listeners"):
+            listener = spec["listeners"][0]
+            return f"http://{listener.get('address', '127.0.0.1')}:{listener['port']}/"
+    raise RuntimeError(f"the demo manifests have no Gateway with nodeCluster {NODE_CLUSTER!r}")
 
 
 def _get(url: str) -> str | None:
@@ -61,29 +77,34 @@ async def _first_success(url: str, envoy: EnvoyProcess, timeout: float = 30.0) -
     raise RuntimeError(f"no answer through Envoy at {url} after {timeout:.0f}s; Envoy's log:\n{envoy.log_tail()}")
 
 
-async def run_demo(ports: DemoPorts = DemoPorts(), *, check: bool = False) -> int:
+async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bool = False) -> int:
     """Run until interrupted (or, with `check`, send a few requests through Envoy and return)."""
-    backends = [SampleBackend("api-1"), SampleBackend("api-2")]
+    source = DirectorySource(manifests)
+    source.load()
+    view = source.store().view()
+    url = _listener_url(view)
+    backends = sample_backends(view)
     cache = SnapshotCache()
     server = XdsServer(cache, address=f"127.0.0.1:{ports.xds}")
     await server.start()
-    cache.set_snapshot(NODE_CLUSTER, demo_snapshot(ports.listener, backends))
+    on_change, coalescer = store_publisher(Pipeline(cache))
+    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-demo-"))
     envoy = EnvoyProcess(workdir, xds_port=ports.xds, admin_port=ports.admin, node_cluster=NODE_CLUSTER,
                          node_id="demo-envoy")  # on the main thread: Envoy dies with the thread that starts it
-    url = f"http://127.0.0.1:{ports.listener}/"
     try:
         await _first_success(url, envoy)
         if check:
             answers = Counter([await asyncio.to_thread(_get, url) for _ in range(20)])
             print(f"20 requests through Envoy at {url}: {dict(sorted(answers.items(), key=str))}")
-            return 0 if set(answers) == {"api-1", "api-2"} else 1
+            return 0 if set(answers) == {backend.name for backend in backends} else 1
         print(f"""
-Control plane (xDS) on 127.0.0.1:{ports.xds}; Envoy is serving its configuration. Try:
+Control plane (xDS) on 127.0.0.1:{ports.xds}, serving the manifests in {manifests}/ to a real Envoy.
 
-    curl {url}                       # answered by api-1 or api-2, through Envoy
+    curl {url}                       # answered by {' or '.join(b.name for b in backends)}, through Envoy
     curl http://127.0.0.1:{ports.admin}/config_dump   # what the control plane told Envoy
 
+Edit {manifests}/*.yaml (say, remove an endpoint) and Envoy follows within a second.
 Envoy's log: {envoy.log_path}. Press Ctrl-C to stop.""", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -93,6 +114,10 @@ Envoy's log: {envoy.log_path}. Press Ctrl-C to stop.""", flush=True)
         return 0
     finally:
         envoy.stop()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         with contextlib.suppress(Exception):
             await server.stop(0.5)
         for backend in backends:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,12 @@ from controlplane.sources.store import KINDS, ObjectKey, Store
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class ManifestError:
-    path: Path
-    message: str
+class ManifestError(Exception):
+    """A manifest file that cannot be read: the file, and what is wrong with it."""
 
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
+    def __init__(self, path: Path, message: str):
+        super().__init__(f"{path}: {message}")
+        self.path, self.message = path, message
 
 
 def parse_file(path: Path) -> list[Mapping[str, Any]]:

@@ -1,0 +1,86 @@
+"""From manifests to traffic: the file source, the pipeline and a real Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import yaml
+
+from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.sources.files import DirectorySource
+from controlplane.sources.store import ObjectKey
+from tests.harness import eventually, free_port
+from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
+from tests.test_envoy_xds import body_of
+
+pytestmark = pytest.mark.envoy
+
+
+def write(path, *objects) -> None:
+    path.write_text(yaml.safe_dump_all(objects))
+
+
+@pytest.fixture
+async def served(xds, tmp_path):
+    """The file source and pipeline feeding the xDS server, as `controlplane serve` wires them."""
+    cache, server = xds
+    (tmp_path / "manifests").mkdir()
+    source = DirectorySource(tmp_path / "manifests", interval=0.05)
+    pipeline = Pipeline(cache)
+    on_change, coalescer = store_publisher(pipeline)
+    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    yield source, pipeline, server
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_manifests_become_traffic_and_follow_changes(served, envoys, backends):
+    source, pipeline, server = served
+    one, two = backends("one"), backends("two")
+    port = free_port()
+    manifests = source.directory
+    write(manifests / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"}]))
+    write(manifests / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"))
+    write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
+    envoys(server.port, node_cluster="edge")
+    assert await eventually(lambda: body_of(port), what="traffic from manifests") == "one"
+
+    write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=two.port))
+    assert await eventually(lambda: _answers(port, "two"), what="traffic to follow the EndpointSlice")
+
+    (manifests / "slices.yaml").write_text("kind: EndpointSlice\n  bad: [indent\n")
+    await eventually(lambda: source.errors, what="the YAML error to be reported")
+    assert "line 2" in str(next(iter(source.errors.values())))
+    await asyncio.sleep(0.3)
+    assert await body_of(port) == "two"  # the broken file kept its last good objects
+
+    write(manifests / "ghost.yaml", backend("ghost", routes=[{"pathPrefix": "/ghost"}]))
+    await eventually(lambda: ObjectKey("Backend", NS, "ghost") in pipeline.last.conditions, what="the bad Backend")
+    assert pipeline.last.conditions[ObjectKey("Backend", NS, "ghost")][0].reason == "ServiceNotFound"
+    assert await body_of(port, "/ghost") == "two"  # still served by '/', the rest unaffected
+
+
+async def test_deleting_the_gateway_removes_its_listener(served, envoys, backends):
+    source, pipeline, server = served
+    one = backends("one")
+    port = free_port()
+    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
+                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"),
+          endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
+    envoy = envoys(server.port, node_cluster="edge")
+    assert await eventually(lambda: body_of(port), what="traffic") == "one"
+    (source.directory / "gateway.yaml").unlink()
+    assert await eventually(lambda: _empty(envoy.dynamic_names("listeners")), what="the listener to be removed")
+
+
+async def _answers(port: int, expected: str) -> bool:
+    return await body_of(port) == expected
+
+
+async def _empty(awaitable) -> bool:
+    return not await awaitable

@@ -1,0 +1,33 @@
+"""The file source: manifests parsed with errors that name the file and the line."""
+
+from __future__ import annotations
+
+import pytest
+
+from controlplane.sources.files import DirectorySource, ManifestError, parse_file
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kind: Service\n  bad: [x\n", "line 2, column 6: not valid YAML"),
+    ("- just\n- a list\n", "document 1 is not a mapping"),
+    ("kind: Service\nmetadata: {}\n", "document 1 has no kind or no metadata.name"),
+])
+def test_parse_errors_say_where(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ManifestError) as error:
+        parse_file(path)
+    assert str(error.value).startswith(f"{path}: ") and message in str(error.value)
+
+
+def test_kinds_we_do_not_read_are_skipped_and_files_reload_only_when_changed(tmp_path):
+    (tmp_path / "a.yaml").write_text("kind: ConfigMap\nmetadata: {name: x}\n---\n"
+                                     "kind: Service\nmetadata: {name: api, namespace: shop}\nspec: {}\n")
+    source = DirectorySource(tmp_path)
+    assert source.load() is True
+    assert [str(key) for key in source.store().view()] == ["Service shop/api"]
+    assert source.load() is False
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.yml").write_text("kind: Service\nmetadata: {name: web}\n")
+    assert source.load() is True
+    assert sorted(str(key) for key in source.store().view()) == ["Service default/web", "Service shop/api"]
