@@ -7,6 +7,7 @@ half-applied batch of events.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -63,25 +64,30 @@ class StoreView:
 
 
 class Store:
-    """The mutable store a source writes into; `view()` takes an immutable snapshot of it."""
+    """The mutable store sources write into (from their threads); `view()` is an immutable snapshot."""
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()):
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._lock = threading.Lock()
         for obj in objects:
             self.put(obj)
 
     def put(self, obj: Mapping[str, Any]) -> None:
-        self._objects[ObjectKey.of(obj)] = obj
+        with self._lock:
+            self._objects[ObjectKey.of(obj)] = obj
 
     def delete(self, key: ObjectKey) -> None:
-        self._objects.pop(key, None)
+        with self._lock:
+            self._objects.pop(key, None)
 
     def replace_kind(self, kind: str, objects: Iterable[Mapping[str, Any]], namespace: str | None = None) -> None:
-        """Make the objects of `kind` (in `namespace`, or all) exactly `objects` (a relist)."""
-        for key in [k for k in self._objects if k.kind == kind and (namespace is None or k.namespace == namespace)]:
-            del self._objects[key]
-        for obj in objects:
-            self.put(obj)
+        """Make the objects of `kind` (in `namespace`, or all) exactly `objects`, in one step (a relist)."""
+        fresh = {ObjectKey.of(obj): obj for obj in objects}
+        with self._lock:
+            for key in [k for k in self._objects if k.kind == kind and (namespace is None or k.namespace == namespace)]:
+                del self._objects[key]
+            self._objects.update(fresh)
 
     def view(self) -> StoreView:
-        return StoreView(self._objects)
+        with self._lock:
+            return StoreView(self._objects)
