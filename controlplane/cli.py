@@ -11,6 +11,7 @@ import logging
 import sys
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -40,10 +41,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo.add_argument("--check", action="store_true",
                           help="send 20 requests through Envoy, print who answered, and exit")
 
-    run_serve = commands.add_parser("serve", help="serve xDS from a directory of manifests")
-    run_serve.add_argument("--source", required=True, metavar="PATH",
-                           help="a directory of YAML manifests (Gateways, Backends, Services, EndpointSlices)")
+    run_serve = commands.add_parser("serve", help="serve xDS from Kubernetes or from a directory of manifests")
+    run_serve.add_argument("--source", required=True, metavar="kubernetes|PATH",
+                           help="'kubernetes', or a directory of YAML manifests (Gateways, Backends, Services, ...)")
     run_serve.add_argument("--xds-address", default="0.0.0.0:18000", metavar="HOST:PORT")
+    run_serve.add_argument("--metrics-address", default="0.0.0.0:9102", metavar="HOST:PORT",
+                           help="Prometheus metrics; empty to turn off")
+    run_serve.add_argument("--namespace", default=os.environ.get("CONTROLPLANE_NAMESPACE") or None,
+                           help="watch one namespace (default: all)")
+    run_serve.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
+                           help="default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account")
 
     run_render = commands.add_parser("render", help="print the Envoy resources a node group gets")
     run_render.add_argument("--source", required=True, metavar="PATH", help="a directory of YAML manifests")
@@ -82,26 +89,53 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(crd_yaml(schema.crd(kind)))
             print(f"wrote {path}")
         return 0
-    if args.command in ("serve", "render"):
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "render":
         try:
             source = DirectorySource(Path(args.source))
         except ManifestError as error:
-            print(f"controlplane {args.command}: {error}", file=sys.stderr)
+            print(f"controlplane render: {error}", file=sys.stderr)
             return 2
-        if args.command == "serve":
-            from controlplane.runtime.serve import serve
-            try:
-                asyncio.run(serve(source, xds_address=args.xds_address))
-            except OSError as error:
-                print(f"controlplane serve: {error}", file=sys.stderr)
-                return 1
-            return 0
         return _render(source, args.node_cluster, args.format)
     host, port = args.xds_address
     print(yaml.safe_dump(ads_bootstrap(node_id=args.node_id, node_cluster=args.node_cluster, xds_host=host,
                                        xds_port=port, admin_port=args.admin_port, delta=args.delta),
                          sort_keys=False), end="")
     return 0
+
+
+def _serve(args) -> int:
+    from controlplane.runtime.serve import serve
+    try:
+        if args.source == "kubernetes":
+            source = _kubernetes_source(args.kubeconfig, args.namespace)
+        else:
+            source = DirectorySource(Path(args.source))
+        asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None))
+    except (OSError, ManifestError, KubeConfigError) as error:
+        print(f"controlplane serve: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class KubeConfigError(Exception):
+    pass
+
+
+def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
+    from kubernetes import client, config
+
+    from controlplane.sources.kubernetes import KubernetesSource
+    try:
+        if kubeconfig or Path("~/.kube/config").expanduser().exists():
+            config.load_kube_config(config_file=kubeconfig)
+        else:
+            config.load_incluster_config()
+    except (config.ConfigException, OSError) as error:
+        raise KubeConfigError(f"cannot configure the Kubernetes client ({error}): pass --kubeconfig, set "
+                              "KUBECONFIG, or run in a pod with a service account") from None
+    return KubernetesSource(client.ApiClient(), namespace=namespace)
 
 
 def crd_yaml(manifest: dict) -> str:

@@ -6,19 +6,32 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
+from typing import Protocol
 
+from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
 from controlplane.runtime.pipeline import Pipeline, store_publisher
-from controlplane.sources.files import DirectorySource
+from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache, XdsServer
 
 log = logging.getLogger(__name__)
 
 
-async def serve(source: DirectorySource, *, xds_address: str, grace: float = 5.0) -> None:
+class Source(Protocol):
+    """Files or Kubernetes: calls `on_change(store)` with everything known, after every change."""
+
+    async def watch(self, on_change: Callable[[Store], None]) -> None: ...
+
+
+async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
+                grace: float = 5.0) -> None:
     cache = SnapshotCache()
     server = XdsServer(cache, address=xds_address)
     await server.start()
     pipeline = Pipeline(cache)
+    if metrics_address:
+        serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last))
+        log.info("metrics on http://%s/metrics", metrics_address)
     on_change, coalescer = store_publisher(pipeline)
     tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
     stop = asyncio.Event()
