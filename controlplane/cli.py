@@ -12,6 +12,7 @@ import sys
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import yaml
@@ -108,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args) -> int:
     from controlplane.runtime.serve import serve
     try:
+        leader = None
         if args.source == "kubernetes":
-            source = _kubernetes_source(args.kubeconfig, args.namespace)
+            source, leader = _kubernetes_source(args.kubeconfig, args.namespace)
         else:
             source = DirectorySource(Path(args.source))
-        asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None))
+        asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
+                          leader=leader))
     except (OSError, ManifestError, KubeConfigError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1
@@ -126,6 +129,8 @@ class KubeConfigError(Exception):
 def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
     from kubernetes import client, config
 
+    from controlplane.runtime.leader import LeaderElection
+    from controlplane.sources.kube_api import KubeApi
     from controlplane.sources.kubernetes import KubernetesSource
     try:
         if kubeconfig or Path("~/.kube/config").expanduser().exists():
@@ -135,7 +140,11 @@ def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
     except (config.ConfigException, OSError) as error:
         raise KubeConfigError(f"cannot configure the Kubernetes client ({error}): pass --kubeconfig, set "
                               "KUBECONFIG, or run in a pod with a service account") from None
-    return KubernetesSource(client.ApiClient(), namespace=namespace)
+    api_client = client.ApiClient()
+    # The Lease lives in the control plane's own namespace (the Deployment sets POD_NAMESPACE).
+    leader = LeaderElection(KubeApi(api_client), namespace=os.environ.get("POD_NAMESPACE") or namespace or "default",
+                            identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
+    return KubernetesSource(api_client, namespace=namespace), leader
 
 
 def crd_yaml(manifest: dict) -> str:

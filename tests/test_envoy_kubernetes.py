@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 
@@ -50,8 +51,8 @@ def serve(api, tmp_path):
     print((tmp_path / "serve.log").read_text()[-3000:])
 
 
-async def test_kubernetes_objects_become_traffic_and_survive_the_api_server_going_away(api, serve, envoys,
-                                                                                        backends):
+async def test_kubernetes_objects_become_traffic_with_status_and_survive_the_api_server_going_away(
+        api, serve, envoys, backends):
     process, ports = serve
     one, two = backends("one"), backends("two")
     port = free_port()
@@ -64,6 +65,27 @@ async def test_kubernetes_objects_become_traffic_and_survive_the_api_server_goin
 
     api.update({**api.get("EndpointSlice", NS, "api-1"), "ports": [{"name": "http", "port": two.port}]})
     assert await eventually(lambda: _answers(port, "two"), what="traffic following the EndpointSlice")
+
+    await eventually(lambda: condition(api, "Backend", "api", "Programmed")[0] == "True", timeout=20,
+                     what="Programmed=True once Envoy accepted the Backend")
+    assert condition(api, "Backend", "api", "Accepted")[0] == "True"
+
+    api.create(backend("ghost", routes=[{"pathPrefix": "/ghost"}]))
+    await eventually(lambda: condition(api, "Backend", "ghost", "Accepted")[0] == "False", what="a refused Backend")
+    assert "Service shop/ghost does not exist" in condition(api, "Backend", "ghost", "Accepted")[1]
+
+    with socket.socket() as taken:  # a listener Envoy cannot bind: Envoy NACKs, the Gateway says why
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        edge = api.get("Gateway", NS, "edge")
+        edge["spec"]["listeners"].append({"name": "busy", "port": busy, "address": "127.0.0.1"})
+        api.update(edge)
+        await eventually(lambda: condition(api, "Gateway", "edge", "Programmed")[0] == "False", timeout=20,
+                         what="the Gateway's Programmed=False after Envoy's NACK")
+        message = condition(api, "Gateway", "edge", "Programmed")[1]
+        assert message.startswith("Envoy envoy-1 rejected shop/edge/busy") and str(busy) in message
+        assert await body_of(port) == "two"  # the rest keeps working
 
     api.stop()
     for _ in range(10):  # the API server is away: every request still succeeds, no endpoint is withdrawn
@@ -81,6 +103,12 @@ async def test_kubernetes_objects_become_traffic_and_survive_the_api_server_goin
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 15) == 0
     assert await body_of(port) == "one"  # Envoy keeps serving after the control plane is gone
+
+
+def condition(api: KubeAPIServer, kind: str, name: str, kind_of_condition: str) -> tuple[str, str]:
+    found = next((c for c in ((api.get(kind, NS, name) or {}).get("status") or {}).get("conditions", [])
+                  if c["type"] == kind_of_condition), None)
+    return (found["status"], found["message"]) if found else ("", "")
 
 
 async def _answers(port: int, expected: str) -> bool:

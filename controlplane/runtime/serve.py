@@ -9,8 +9,10 @@ import signal
 from collections.abc import Callable
 from typing import Protocol
 
+from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
 from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.runtime.status import StatusWriter
 from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache, XdsServer
 
@@ -24,16 +26,20 @@ class Source(Protocol):
 
 
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
-                grace: float = 5.0) -> None:
+                leader: LeaderElection | None = None, grace: float = 5.0) -> None:
+    """Serve until SIGTERM. With `leader` (Kubernetes), the elected replica also writes CRD status."""
     cache = SnapshotCache()
     server = XdsServer(cache, address=xds_address)
     await server.start()
-    pipeline = Pipeline(cache)
+    writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
+    pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None)
     if metrics_address:
         serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last))
         log.info("metrics on http://%s/metrics", metrics_address)
     on_change, coalescer = store_publisher(pipeline)
     tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    if leader is not None:
+        tasks += [asyncio.create_task(leader.run()), asyncio.create_task(writer.run())]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -47,4 +53,6 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task
+    if leader is not None:
+        await asyncio.to_thread(leader.release)
     await server.stop(grace)

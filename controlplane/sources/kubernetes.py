@@ -24,25 +24,10 @@ from dataclasses import dataclass
 
 from kubernetes import client as k8s
 
+from controlplane.sources.kube_api import ApiError, Kind, KubeApi
 from controlplane.sources.store import ObjectKey, Store
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Kind:
-    kind: str
-    group: str
-    version: str
-    plural: str
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}" if self.group else self.version
-
-    def path(self, namespace: str | None) -> str:
-        base = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
-        return f"{base}/namespaces/{namespace}/{self.plural}" if namespace else f"{base}/{self.plural}"
 
 
 WATCHED = (
@@ -52,12 +37,6 @@ WATCHED = (
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
     Kind("Secret", "", "v1", "secrets"),
 )
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
 
 
 class _Expired(Exception):
@@ -166,7 +145,7 @@ class KubernetesSource:
 
     def __init__(self, api_client: k8s.ApiClient, *, namespace: str | None = None, watch_timeout: float = 300,
                  read_timeout: float = 90, backoff_base: float = 0.2, kinds: tuple[Kind, ...] = WATCHED):
-        self.api_client = api_client
+        self.api = KubeApi(api_client)
         self.namespace = namespace
         self.watch_timeout = watch_timeout
         self.read_timeout = read_timeout
@@ -177,13 +156,7 @@ class KubernetesSource:
         self._notify: Callable[[], None] = lambda: None
 
     def get(self, path: str, query: dict[str, str], *, timeout: float):
-        method, url, headers, body, post = self.api_client.param_serialize(
-            "GET", path, query_params=list(query.items()), header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"])
-        response = self.api_client.call_api(method, url, headers, body, post, _request_timeout=(10, timeout))
-        if response.status >= 400:
-            raise ApiError(response.status, _status_message(response.read()))
-        return response
+        return self.api.request("GET", path, query=query, timeout=timeout)
 
     def synced(self) -> bool:
         return all(reflector.synced.is_set() for reflector in self._reflectors)
@@ -217,13 +190,6 @@ def _events(response) -> Iterator[dict]:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
-
-
-def _status_message(data: bytes) -> str:
-    try:
-        return json.loads(data).get("message") or data.decode(errors="replace")
-    except ValueError:
-        return data.decode(errors="replace")[:200]
 
 
 def _describe(error: Exception) -> str:

@@ -25,6 +25,8 @@ class Translation:
     conditions: dict[ObjectKey, tuple[crds.Condition, ...]]
     origins: dict[str, ObjectKey] = field(default_factory=dict)
     """Envoy resource name -> the object it came from (for Envoy's NACKs)."""
+    node_groups: dict[ObjectKey, str] = field(default_factory=dict)
+    """Accepted object -> the node group (nodeCluster) whose Envoys it configures."""
 
 
 class _Rejected(Exception):
@@ -43,6 +45,7 @@ def translate(view: StoreView) -> Translation:
     conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
     origins: dict[str, ObjectKey] = {}
     gateways = _accepted_gateways(view, conditions)
+    node_groups = {gateway.key: gateway.spec.node_cluster for gateway in gateways.values()}
 
     listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
         (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.spec.listeners}
@@ -67,6 +70,7 @@ def translate(view: StoreView) -> Translation:
             listeners[target].extend(routes)
         backends.setdefault(gateway.spec.node_cluster, []).append(backend)
         origins[backend.name] = key
+        node_groups[key] = gateway.spec.node_cluster
         conditions[key] = _accepted_conditions(obj, gateway.spec.node_cluster)
 
     groups: dict[str, ir.NodeGroup] = {}
@@ -85,7 +89,8 @@ def translate(view: StoreView) -> Translation:
     for node_cluster, group in groups.items():
         groups[node_cluster] = ir.NodeGroup(group.name, group.listeners, tuple(
             sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
-    return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins)
+    return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins,
+                       node_groups=node_groups)
 
 
 def _accepted_gateways(view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
