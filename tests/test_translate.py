@@ -153,3 +153,24 @@ def test_generated_backends_never_crash_and_never_break_the_others(spec):
     condition = accepted(result, "Backend", "weird")
     assert condition.status == "True" or condition.message
     to_xds.snapshot(result.groups["edge"])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "orphan"]), st.integers(0, 3),
+                                  st.sampled_from(["put", "delete", "not-ready"])), min_size=1, max_size=8))
+def test_incremental_translation_equals_a_full_one(changes):
+    """The EndpointSlice fast path of `Translator` gives exactly what a full translation gives."""
+    store = Store([gateway(), *app("a"), *app("b", "10.0.0.2"), *app("c", "10.0.0.3", port=80)])
+    translator = to_ir.Translator()
+    translator.translate(store.view())
+    for service_name, host, action in changes:
+        name = f"{service_name}-extra"
+        if action == "delete":
+            store.delete(ObjectKey("EndpointSlice", NS, name))
+        else:
+            conditions = {"ready": action == "put", "serving": True, "terminating": action != "put"}
+            store.put(endpoint_slice(service_name, [(f"10.9.0.{host}", conditions)], name=name))
+        incremental = translator.translate(store.view())
+        full = to_ir.translate(store.view())
+        assert incremental.groups == full.groups
+        assert incremental.conditions == full.conditions

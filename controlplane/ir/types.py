@@ -7,6 +7,7 @@ resources (to_xds); neither side's types leak through.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Route:
     headers: tuple[HeaderMatch, ...] = ()
     high_priority: bool = False
 
-    @property
+    @cached_property
     def match_key(self) -> tuple:
         """Two routes with the same key match the same requests: only one can win."""
         return (self.path, self.path_prefix, tuple(sorted((h.name.lower(), h.value) for h in self.headers)))

@@ -22,23 +22,25 @@ class Pipeline:
     def __init__(self, cache: SnapshotCache, *, on_translated: Callable[[to_ir.Translation], None] | None = None):
         self._cache = cache
         self._on_translated = on_translated
-        self._groups: set[str] = set()
+        self._translator = to_ir.Translator()
+        self._builders: dict[str, to_xds.SnapshotBuilder] = {}
         self._reported: dict[ObjectKey, str] = {}
         self.last: to_ir.Translation | None = None
 
     def publish(self, view: StoreView) -> to_ir.Translation:
         """Translate `view` and publish a snapshot to every node group (an empty one to groups
         whose Gateways are gone, so their Envoys drop the old listeners)."""
-        translation = to_ir.translate(view)
+        translation = self._translator.translate(view)
         for name, group in translation.groups.items():
             try:
-                self._cache.set_snapshot(name, to_xds.snapshot(group))
+                builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
+                self._cache.set_snapshot(name, builder.snapshot(group))
             except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
                 log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
                           name, error)
-        for gone in sorted(self._groups - set(translation.groups)):
+        for gone in sorted(self._builders.keys() - translation.groups.keys()):
             self._cache.set_snapshot(gone, Snapshot())
-        self._groups = set(translation.groups)
+            del self._builders[gone]
         self._log_problems(translation)
         self.last = translation
         if self._on_translated is not None:

@@ -8,18 +8,19 @@ half-applied batch of events.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from controlplane.model.kube import SERVICE_NAME_LABEL
 
 KINDS = ("Gateway", "Backend", "Service", "EndpointSlice", "Secret")
 
 
-@dataclass(frozen=True, order=True)
-class ObjectKey:
+class ObjectKey(NamedTuple):
+    """(kind, namespace, name): a tuple, so hashing and ordering run in C (thousands per translation)."""
+
     kind: str
     namespace: str
     name: str
@@ -34,17 +35,23 @@ class ObjectKey:
 
 
 class StoreView:
-    """An immutable set of objects, with the look-ups translation needs."""
+    """An immutable set of objects, with the look-ups translation needs, and what changed since
+    an earlier view of the same store (so translation can redo only what a change touches)."""
 
-    def __init__(self, objects: Mapping[ObjectKey, Mapping[str, Any]]):
+    def __init__(self, objects: Mapping[ObjectKey, Mapping[str, Any]],
+                 slices: Mapping[tuple[str, str], Mapping[ObjectKey, Mapping[str, Any]]] | None = None, *,
+                 changes: _ChangeLog | None = None, version: int = 0):
         self._objects = MappingProxyType(dict(objects))
-        slices: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-        for key, obj in sorted(self._objects.items()):
-            if key.kind == "EndpointSlice":
-                service = ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-                if service:
-                    slices.setdefault((key.namespace, service), []).append(obj)
+        if slices is None:
+            slices = {}
+            for key, obj in self._objects.items():
+                if key.kind == "EndpointSlice" and (service := _service_of(obj)):
+                    slices.setdefault((key.namespace, service), {})[key] = obj
         self._slices = slices
+        self._sorted: dict[str, list[tuple[ObjectKey, Mapping[str, Any]]]] = {}
+        self._sorted_slices: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+        self._changes = changes
+        self.version = version
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -57,10 +64,48 @@ class StoreView:
 
     def of_kind(self, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
         """Objects of one kind, sorted by namespace and name (translation is deterministic)."""
-        return sorted((key, obj) for key, obj in self._objects.items() if key.kind == kind)
+        found = self._sorted.get(kind)
+        if found is None:
+            found = self._sorted[kind] = sorted((k, o) for k, o in self._objects.items() if k.kind == kind)
+        return found
 
     def endpoint_slices(self, namespace: str, service: str) -> list[Mapping[str, Any]]:
-        return self._slices.get((namespace, service), [])
+        found = self._sorted_slices.get((namespace, service))
+        if found is None:
+            by_key = self._slices.get((namespace, service), {})
+            found = self._sorted_slices[(namespace, service)] = [by_key[k] for k in sorted(by_key)]
+        return found
+
+    def changed_since(self, earlier: StoreView) -> set[ObjectKey] | None:
+        """Keys written between `earlier` and this view (of the same store), or None if unknown."""
+        if self._changes is None or earlier._changes is not self._changes:
+            return None
+        return self._changes.between(earlier.version, self.version)
+
+
+def _service_of(obj: Mapping[str, Any]) -> str | None:
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
+
+
+class _ChangeLog:
+    """Which keys were written at which store version; bounded (older questions get None)."""
+
+    def __init__(self, limit: int = 100_000):
+        self._entries: deque[tuple[int, ObjectKey]] = deque(maxlen=limit)
+
+    def record(self, version: int, key: ObjectKey) -> None:
+        self._entries.append((version, key))
+
+    def between(self, after: int, upto: int) -> set[ObjectKey] | None:
+        if self._entries and self._entries[0][0] > after + 1 and len(self._entries) == self._entries.maxlen:
+            return None
+        changed = set()
+        for version, key in reversed(self._entries):
+            if version <= after:
+                break
+            if version <= upto:
+                changed.add(key)
+        return changed
 
 
 class Store:
@@ -68,26 +113,47 @@ class Store:
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()):
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._slices: dict[tuple[str, str], dict[ObjectKey, Mapping[str, Any]]] = {}
+        self._changes = _ChangeLog()
+        self._version = 0
         self._lock = threading.Lock()
         for obj in objects:
             self.put(obj)
 
+    def _set(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
+        """Write (or, with None, delete) one object; the caller holds the lock."""
+        old = self._objects.pop(key, None)
+        if old is not None and key.kind == "EndpointSlice" and (service := _service_of(old)):
+            index = self._slices.get((key.namespace, service), {})
+            index.pop(key, None)
+        if obj is not None:
+            self._objects[key] = obj
+            if key.kind == "EndpointSlice" and (service := _service_of(obj)):
+                self._slices.setdefault((key.namespace, service), {})[key] = obj
+        self._version += 1
+        self._changes.record(self._version, key)
+
     def put(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
-            self._objects[ObjectKey.of(obj)] = obj
+            self._set(ObjectKey.of(obj), obj)
 
     def delete(self, key: ObjectKey) -> None:
         with self._lock:
-            self._objects.pop(key, None)
+            if key in self._objects:
+                self._set(key, None)
 
     def replace_kind(self, kind: str, objects: Iterable[Mapping[str, Any]], namespace: str | None = None) -> None:
         """Make the objects of `kind` (in `namespace`, or all) exactly `objects`, in one step (a relist)."""
         fresh = {ObjectKey.of(obj): obj for obj in objects}
         with self._lock:
-            for key in [k for k in self._objects if k.kind == kind and (namespace is None or k.namespace == namespace)]:
-                del self._objects[key]
-            self._objects.update(fresh)
+            for key in [k for k in self._objects if k.kind == kind and (namespace is None or k.namespace == namespace)
+                        and k not in fresh]:
+                self._set(key, None)
+            for key, obj in fresh.items():
+                if self._objects.get(key) is not obj:
+                    self._set(key, obj)
 
     def view(self) -> StoreView:
         with self._lock:
-            return StoreView(self._objects)
+            return StoreView(self._objects, {service: dict(index) for service, index in self._slices.items()},
+                             changes=self._changes, version=self._version)

@@ -7,6 +7,7 @@ Backend never takes its Gateway's other Backends down with it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from pydantic import ValidationError
 
 from controlplane.ir import types as ir
 from controlplane.model import crds, kube
+from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.sources.store import ObjectKey, StoreView
 from controlplane.translate import names
 
@@ -42,77 +44,156 @@ class _Gateway:
 
 
 def translate(view: StoreView) -> Translation:
-    conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
-    origins: dict[str, ObjectKey] = {}
-    gateways = _accepted_gateways(view, conditions)
-    node_groups = {gateway.key: gateway.spec.node_cluster for gateway in gateways.values()}
-
-    listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
-        (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.spec.listeners}
-    claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {key: {} for key in listeners}
-    backends: dict[str, list[ir.Backend]] = {}
-    for key, obj in view.of_kind("Backend"):
-        try:
-            spec = _parse(crds.BackendSpec, obj)
-            gateway = gateways.get((key.namespace, spec.gateway))
-            if gateway is None:
-                raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or is "
-                                "not accepted: create it in the Backend's namespace, or fix spec.gateway",
-                                unresolved=True)
-            targets = _target_listeners(gateway, spec)
-            backend = _backend(view, key, spec)
-            routes = [_route(route, backend.name) for route in spec.routes]
-            _claim_routes(key, routes, targets, claimed)
-        except _Rejected as rejected:
-            conditions[key] = _rejected_conditions(obj, rejected)
-            continue
-        for target in targets:
-            listeners[target].extend(routes)
-        backends.setdefault(gateway.spec.node_cluster, []).append(backend)
-        origins[backend.name] = key
-        node_groups[key] = gateway.spec.node_cluster
-        conditions[key] = _accepted_conditions(obj, gateway.spec.node_cluster)
-
-    groups: dict[str, ir.NodeGroup] = {}
-    for gateway in gateways.values():
-        for listener in gateway.spec.listeners:
-            name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
-            origins[name] = gateway.key
-            built = ir.Listener(name=name, address=listener.address, port=listener.port,
-                                routes=tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity)),
-                                max_connections=gateway.spec.limits.max_connections)
-            group = groups.get(gateway.spec.node_cluster)
-            groups[gateway.spec.node_cluster] = ir.NodeGroup(
-                name=gateway.spec.node_cluster,
-                listeners=tuple(sorted((*(group.listeners if group else ()), built), key=lambda l: l.name)),
-                backends=())
-    for node_cluster, group in groups.items():
-        groups[node_cluster] = ir.NodeGroup(group.name, group.listeners, tuple(
-            sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
-    return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins,
-                       node_groups=node_groups)
+    """Translate from scratch (see `Translator` for translating a stream of views)."""
+    return Translator().translate(view)
 
 
-def _accepted_gateways(view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
-    """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
-    accepted: dict[tuple[str, str], _Gateway] = {}
-    ports: dict[tuple[str, int], ObjectKey] = {}
-    for key, obj in view.of_kind("Gateway"):
-        try:
-            spec = _parse(crds.GatewaySpec, obj)
+class Translator:
+    """Translates views, reusing what it computed for objects that are unchanged.
+
+    Unchanged means the very same object: sources replace an object when it changes and keep it
+    otherwise, so identity is exact and cheap. Each memo entry holds its inputs themselves and is
+    compared with `is` (a recycled id() can never hit). The result is exactly `translate(view)`:
+    the memo is a cache, not state; entries of objects that are gone are dropped after each pass.
+    """
+
+    def __init__(self):
+        self._memo: dict[tuple, tuple[tuple, bool, Any]] = {}
+        self._used: set[tuple] = set()
+        self._last: tuple[StoreView, Translation] | None = None
+        self._service_users: dict[tuple[str, str], list[ObjectKey]] = {}
+
+    def _cached(self, key: tuple, inputs: tuple, compute):
+        entry = self._memo.get(key)
+        # Tuple equality tries identity first: unchanged objects compare in C, without a deep look.
+        if entry is None or entry[0] != inputs:
+            try:
+                entry = (inputs, True, compute())
+            except _Rejected as rejected:
+                entry = (inputs, False, rejected)
+            self._memo[key] = entry
+        self._used.add(key)
+        if not entry[1]:
+            raise entry[2]
+        return entry[2]
+
+    def translate(self, view: StoreView) -> Translation:
+        if self._last is not None:
+            changed = view.changed_since(self._last[0])
+            if changed is not None and all(key.kind == "EndpointSlice" for key in changed):
+                translation = self._endpoints_changed(view, changed)
+                self._last = (view, translation)
+                return translation
+        translation = self._translate(view)
+        self._last = (view, translation)
+        return translation
+
+    def _endpoints_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation:
+        """Only EndpointSlices changed: they change endpoints, never acceptance, conditions or routes,
+        so only the Backends of the touched Services are rebuilt (tests prove it equals a full pass)."""
+        earlier, last = self._last
+        services = {(key.namespace, service) for key in changed
+                    for obj in (earlier.get(*key), view.get(*key)) if obj is not None
+                    and (service := ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL))}
+        replaced: dict[str, ir.Backend] = {}
+        for namespace, service in services:
+            for key in self._service_users.get((namespace, service), ()):
+                spec = self._memo[("spec", key)][2]
+                slices = view.endpoint_slices(namespace, service)
+                backend = self._cached(("backend", key), (spec, view.get("Service", namespace, service), *slices),
+                                       lambda: _backend(view, key, spec))
+                replaced[backend.name] = backend
+        if not replaced:
+            return last
+        groups = {name: group if not any(b.name in replaced for b in group.backends) else ir.NodeGroup(
+            group.name, group.listeners, tuple(replaced.get(b.name, b) for b in group.backends))
+            for name, group in last.groups.items()}
+        return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
+                           node_groups=last.node_groups)
+
+    def _translate(self, view: StoreView) -> Translation:
+        self._used = set()
+        self._service_users = {}
+        conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
+        origins: dict[str, ObjectKey] = {}
+        gateways = self._accepted_gateways(view, conditions)
+        node_groups = {gateway.key: gateway.spec.node_cluster for gateway in gateways.values()}
+
+        listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
+            (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.spec.listeners}
+        claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {key: {} for key in listeners}
+        backends: dict[str, list[ir.Backend]] = {}
+        for key, obj in view.of_kind("Backend"):
+            try:
+                spec = self._cached(("spec", key), (obj,), lambda: _parse(crds.BackendSpec, obj))
+                gateway = gateways.get((key.namespace, spec.gateway))
+                if gateway is None:
+                    raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or "
+                                    "is not accepted: create it in the Backend's namespace, or fix spec.gateway",
+                                    unresolved=True)
+                targets = _target_listeners(gateway, spec)
+                service = view.get("Service", key.namespace, spec.service.name)
+                slices = view.endpoint_slices(key.namespace, spec.service.name)
+                backend = self._cached(("backend", key), (spec, service, *slices),
+                                       lambda: _backend(view, key, spec))
+                routes = self._cached(("routes", key), (spec,),
+                                      lambda: tuple(_route(route, backend.name) for route in spec.routes))
+                _claim_routes(key, routes, targets, claimed)
+            except _Rejected as rejected:
+                conditions[key] = _rejected_conditions(obj, rejected)
+                continue
+            node_cluster = gateway.spec.node_cluster
+            self._service_users.setdefault((key.namespace, spec.service.name), []).append(key)
+            for target in targets:
+                listeners[target].extend(routes)
+            backends.setdefault(node_cluster, []).append(backend)
+            origins[backend.name] = key
+            node_groups[key] = node_cluster
+            conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+
+        groups: dict[str, ir.NodeGroup] = {}
+        for gateway in gateways.values():
+            for listener in gateway.spec.listeners:
+                name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
+                origins[name] = gateway.key
+                routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
+                built = self._cached(("listener", name), (gateway.spec, *routes), lambda: ir.Listener(
+                    name=name, address=listener.address, port=listener.port, routes=routes,
+                    max_connections=gateway.spec.limits.max_connections))
+                group = groups.get(gateway.spec.node_cluster)
+                groups[gateway.spec.node_cluster] = ir.NodeGroup(
+                    name=gateway.spec.node_cluster,
+                    listeners=tuple(sorted((*(group.listeners if group else ()), built), key=lambda l: l.name)),
+                    backends=())
+        for node_cluster, group in groups.items():
+            groups[node_cluster] = ir.NodeGroup(group.name, group.listeners, tuple(
+                sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
+        for stale in self._memo.keys() - self._used:
+            del self._memo[stale]
+        return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins,
+                           node_groups=node_groups)
+
+    def _accepted_gateways(self, view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
+        """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
+        accepted: dict[tuple[str, str], _Gateway] = {}
+        ports: dict[tuple[str, int], ObjectKey] = {}
+        for key, obj in view.of_kind("Gateway"):
+            try:
+                spec = self._cached(("spec", key), (obj,), lambda: _parse(crds.GatewaySpec, obj))
+                for listener in spec.listeners:
+                    owner = ports.get((spec.node_cluster, listener.port))
+                    if owner is not None:
+                        raise _Rejected("PortConflict", f"listener {listener.name!r} port {listener.port} is "
+                                        f"already used by {owner} for node cluster {spec.node_cluster!r}: pick "
+                                        "another port")
+            except _Rejected as rejected:
+                conditions[key] = _rejected_conditions(obj, rejected)
+                continue
             for listener in spec.listeners:
-                owner = ports.get((spec.node_cluster, listener.port))
-                if owner is not None:
-                    raise _Rejected("PortConflict", f"listener {listener.name!r} port {listener.port} is already "
-                                    f"used by {owner} for node cluster {spec.node_cluster!r}: pick another port")
-        except _Rejected as rejected:
-            conditions[key] = _rejected_conditions(obj, rejected)
-            continue
-        for listener in spec.listeners:
-            ports[(spec.node_cluster, listener.port)] = key
-        accepted[(key.namespace, key.name)] = _Gateway(key, spec)
-        conditions[key] = _accepted_conditions(obj, spec.node_cluster)
-    return accepted
+                ports[(spec.node_cluster, listener.port)] = key
+            accepted[(key.namespace, key.name)] = _Gateway(key, spec)
+            conditions[key] = _accepted_conditions(_generation(obj), spec.node_cluster)
+        return accepted
 
 
 def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
@@ -228,14 +309,15 @@ def _generation(obj: Mapping[str, Any]) -> int:
     return int((obj.get("metadata") or {}).get("generation") or 0)
 
 
-def _accepted_conditions(obj: Mapping[str, Any], node_cluster: str) -> tuple[crds.Condition, ...]:
-    generation = _generation(obj)
+@functools.lru_cache(maxsize=4096)
+def _accepted_conditions(generation: int, node_cluster: str) -> tuple[crds.Condition, ...]:
+    """The same for every accepted object of a generation and node cluster: built once, shared (frozen)."""
     return (
-        crds.Condition(type="Accepted", status="True", reason="Accepted", message="Valid.",
+        crds.Condition.model_construct(type="Accepted", status="True", reason="Accepted", message="Valid.",
                        observed_generation=generation),
-        crds.Condition(type="ResolvedRefs", status="True", reason="ResolvedRefs",
+        crds.Condition.model_construct(type="ResolvedRefs", status="True", reason="ResolvedRefs",
                        message="Every reference resolves.", observed_generation=generation),
-        crds.Condition(type="Programmed", status="Unknown", reason="Pending",
+        crds.Condition.model_construct(type="Programmed", status="Unknown", reason="Pending",
                        message=f"Waiting for the Envoys of node cluster {node_cluster!r} to accept the configuration.",
                        observed_generation=generation),
     )
@@ -244,12 +326,12 @@ def _accepted_conditions(obj: Mapping[str, Any], node_cluster: str) -> tuple[crd
 def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:
     generation = _generation(obj)
     return (
-        crds.Condition(type="Accepted", status="False", reason=rejected.reason, message=rejected.message,
+        crds.Condition.model_construct(type="Accepted", status="False", reason=rejected.reason, message=rejected.message,
                        observed_generation=generation),
-        crds.Condition(type="ResolvedRefs", status="False" if rejected.unresolved else "True",
+        crds.Condition.model_construct(type="ResolvedRefs", status="False" if rejected.unresolved else "True",
                        reason=rejected.reason if rejected.unresolved else "ResolvedRefs",
                        message=rejected.message if rejected.unresolved else "Every reference resolves.",
                        observed_generation=generation),
-        crds.Condition(type="Programmed", status="False", reason="NotAccepted",
+        crds.Condition.model_construct(type="Programmed", status="False", reason="NotAccepted",
                        message="Not sent to Envoy: see the Accepted condition.", observed_generation=generation),
     )

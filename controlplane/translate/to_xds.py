@@ -12,18 +12,67 @@ from envoy.config.core.v3 import base_pb2
 
 from controlplane.ir import types as ir
 from controlplane.translate import builders as b
-from controlplane.xds import Snapshot
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
-    return Snapshot(
-        clusters=[cluster(backend) for backend in group.backends],
-        endpoints=[endpoints(backend) for backend in group.backends],
-        listeners=[b.http_listener(listener.name, address=listener.address, port=listener.port,
-                                   route_config_name=listener.name, max_connections=listener.max_connections)
-                   for listener in group.listeners],
-        routes=[route_configuration(listener) for listener in group.listeners],
-    )
+    """Build from scratch (see `SnapshotBuilder` for a stream of node groups)."""
+    return SnapshotBuilder().snapshot(group)
+
+
+class SnapshotBuilder:
+    """Builds one node group's snapshots, re-serializing only what changed since the last one.
+
+    IR values that did not change are the very same objects (see `to_ir.Translator`), so their
+    serialized resources are reused by identity; a type whose resources are all reused keeps its
+    ResourceSet (and the memoised responses of the xDS streams) through `Snapshot.replace`.
+    """
+
+    def __init__(self):
+        self._resources: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        self._last: Snapshot | None = None
+        self._last_lists: dict[str, list[Resource]] = {}
+
+    def _built(self, value, build) -> tuple[Resource, ...]:
+        entry = self._resources.get(id(value))
+        if entry is None or entry[0] is not value:
+            entry = (value, build(value))
+        self._fresh[id(value)] = entry
+        return entry[1]
+
+    def snapshot(self, group: ir.NodeGroup) -> Snapshot:
+        self._fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        per_backend = [self._built(backend, _backend_resources) for backend in group.backends]
+        per_listener = [self._built(listener, _listener_resources) for listener in group.listeners]
+        self._resources = self._fresh
+        lists = {CLUSTER: [r[0] for r in per_backend], ENDPOINT: [r[1] for r in per_backend],
+                 LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener]}
+        changed = {type_url: items for type_url, items in lists.items() if not _same(items,
+                                                                                      self._last_lists.get(type_url))}
+        if self._last is None:
+            built = Snapshot(clusters=lists[CLUSTER], endpoints=lists[ENDPOINT], listeners=lists[LISTENER],
+                             routes=lists[ROUTE])
+        else:
+            built = self._last.replace(**{_ARGUMENT[type_url]: items for type_url, items in changed.items()})
+        self._last, self._last_lists = built, lists
+        return built
+
+
+_ARGUMENT = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes"}
+
+
+def _same(new: list, old: list | None) -> bool:
+    return old is not None and len(new) == len(old) and all(a is b for a, b in zip(new, old))
+
+
+def _backend_resources(backend: ir.Backend) -> tuple[Resource, ...]:
+    return (Resource.from_message(CLUSTER, cluster(backend)), Resource.from_message(ENDPOINT, endpoints(backend)))
+
+
+def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
+    built = b.http_listener(listener.name, address=listener.address, port=listener.port,
+                            route_config_name=listener.name, max_connections=listener.max_connections)
+    return (Resource.from_message(LISTENER, built), Resource.from_message(ROUTE, route_configuration(listener)))
 
 
 def cluster(backend: ir.Backend):

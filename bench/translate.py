@@ -1,0 +1,91 @@
+"""Translation at scale: 1,000 Backends x 10 endpoints, full and after one endpoint changes.
+
+    python bench/translate.py [--backends 1000] [--endpoints 10] [--repeat 15]
+
+Full: store view -> IR -> Envoy resources -> serialized Snapshot, from cold caches.
+One endpoint changed: the same, with one EndpointSlice updated (what a pod restart causes).
+The garbage collector is tuned as `controlplane serve` tunes it (runtime.serve.tune_gc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from controlplane.runtime.serve import tune_gc  # noqa: E402
+from controlplane.sources.store import Store  # noqa: E402
+from controlplane.translate import to_ir, to_xds  # noqa: E402
+
+
+def objects(backends: int, endpoints: int) -> list[dict]:
+    gateway = {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "bench", "resourceVersion": "1"},
+               "spec": {"nodeCluster": "edge", "listeners": [{"name": "http", "port": 8080}]}}
+    found = [gateway]
+    for i in range(backends):
+        name = f"svc-{i}"
+        found += [
+            {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Backend",
+             "metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
+             "spec": {"gateway": "edge", "service": {"name": name, "port": "http"},
+                      "routes": [{"pathPrefix": f"/{name}"}],
+                      "circuitBreakers": {"default": {"maxConnections": 1000}, "high": {"maxConnections": 100}}}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "bench",
+                                                                 "resourceVersion": "1"},
+             "spec": {"ports": [{"name": "http", "port": 80}]}},
+            endpoint_slice(name, i, endpoints, version=1),
+        ]
+    return found
+
+
+def endpoint_slice(name: str, index: int, endpoints: int, *, version: int, moved: int = 0) -> dict:
+    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{name}-1", "namespace": "bench", "resourceVersion": str(version),
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [{"addresses": [f"10.{index // 250}.{index % 250}.{host + moved}"],
+                           "conditions": {"ready": True}} for host in range(1, endpoints + 1)]}
+
+
+class Publisher:
+    """What the pipeline does per change: translate the view, build the node group's snapshot."""
+
+    def __init__(self):
+        self.translator = to_ir.Translator()
+        self.builder = to_xds.SnapshotBuilder()
+
+    def publish(self, store: Store):
+        return self.builder.snapshot(self.translator.translate(store.view()).groups["edge"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", type=int, default=1000)
+    parser.add_argument("--endpoints", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=15)
+    args = parser.parse_args()
+    tune_gc()
+    full, changed = [], []
+    for round_number in range(args.repeat):
+        store = Store(objects(args.backends, args.endpoints))
+        publisher = Publisher()
+        started = time.perf_counter()
+        first = publisher.publish(store)
+        full.append((time.perf_counter() - started) * 1000)
+        store.put(endpoint_slice("svc-7", 7, args.endpoints, version=2 + round_number, moved=100))
+        started = time.perf_counter()
+        second = publisher.publish(store)
+        changed.append((time.perf_counter() - started) * 1000)
+        assert second.version != first.version
+    print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
+    print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
+    print(f"  one endpoint changed -> snapshot: {min(changed):7.1f} / {statistics.median(changed):7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
