@@ -98,7 +98,10 @@ async def test_kubernetes_objects_become_traffic_with_status_and_survive_the_api
 
     async with httpx.AsyncClient() as http:
         metrics = (await http.get(f"http://127.0.0.1:{ports['metrics']}/metrics")).text
+        readiness = await http.get(f"http://127.0.0.1:{ports['metrics']}/readyz")
     assert 'controlplane_xds_connected_envoys{node_group="edge"} 1.0' in metrics
+    assert 'controlplane_objects_not_accepted{kind="Backend",reason="ServiceNotFound"} 1.0' in metrics
+    assert readiness.status_code == 200
 
     process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(process.wait, 15) == 0

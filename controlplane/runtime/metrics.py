@@ -10,7 +10,11 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, start_http_server
+import threading
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
 from controlplane.translate.to_ir import Translation
@@ -48,9 +52,30 @@ class ControlPlaneCollector:
         yield from (connected, rejecting, rejected)
 
 
-def serve_metrics(address: str, collector: ControlPlaneCollector) -> CollectorRegistry:
-    host, _, port = address.rpartition(":")
+def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Callable[[], bool]) -> None:
+    """/metrics, and the probes: /healthz (the process answers) and /readyz (`ready()`: the first
+    configuration has been published, so a new replica takes no Envoy before it has something to serve)."""
     registry = CollectorRegistry()
     registry.register(collector)
-    start_http_server(int(port), addr=host or "0.0.0.0", registry=registry)
-    return registry
+    metrics = make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            ok = path == "/healthz" or ready()
+            start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"ok\n" if ok else b"not ready: no configuration published yet\n"]
+        return metrics(environ, start_response)
+
+    host, _, port = address.rpartition(":")
+    server = make_server(host or "0.0.0.0", int(port), app, ThreadingWSGIServer, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass

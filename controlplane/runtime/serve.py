@@ -46,7 +46,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
     writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None)
     if metrics_address:
-        serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last))
+        serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
+                      ready=lambda: pipeline.last is not None)
         log.info("metrics on http://%s/metrics", metrics_address)
     on_change, coalescer = store_publisher(pipeline)
     tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
