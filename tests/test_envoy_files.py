@@ -46,7 +46,7 @@ async def test_manifests_become_traffic_and_follow_changes(served, envoys, backe
     write(manifests / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"}]))
     write(manifests / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"))
     write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
-    envoys(server.port, node_cluster="edge")
+    envoy = envoys(server.port, node_cluster="edge")
     assert await eventually(lambda: body_of(port), what="traffic from manifests") == "one"
 
     write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=two.port))
@@ -62,6 +62,8 @@ async def test_manifests_become_traffic_and_follow_changes(served, envoys, backe
     await eventually(lambda: ObjectKey("Backend", NS, "ghost") in pipeline.last.conditions, what="the bad Backend")
     assert pipeline.last.conditions[ObjectKey("Backend", NS, "ghost")][0].reason == "ServiceNotFound"
     assert await body_of(port, "/ghost") == "two"  # still served by '/', the rest unaffected
+    stats = await envoy.stats()  # bad input is refused before Envoy: Envoy never had to reject anything
+    assert [stats[f"{kind}.update_rejected"] for kind in ("cluster_manager.cds", "listener_manager.lds")] == [0, 0]
 
 
 async def test_deleting_the_gateway_removes_its_listener(served, envoys, backends):
