@@ -1,0 +1,85 @@
+"""The memory floor of grpc.aio itself: RSS per idle bidirectional stream, one connection each.
+
+Context for the per-stream figure of bench/xds_fanout.py: what a stream costs before the
+control plane keeps any state for it (an echo server, N clients in a child process).
+
+    python bench/grpc_floor.py [--streams 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+
+import grpc
+
+METHOD = "/bench.Echo/Stream"
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def raise_fd_limit() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def clients(port: int, count: int) -> None:
+    raise_fd_limit()
+    held = []
+    for _ in range(count):
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.stream_stream(METHOD)()
+        await call.write(b"hello")
+        await call.read()
+        held.append((channel, call))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+async def measure(count: int) -> float:
+    raise_fd_limit()
+
+    async def echo(requests, context):
+        async for request in requests:
+            await context.write(request)
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    baseline = rss_bytes()
+    child = await asyncio.create_subprocess_exec(sys.executable, __file__, "--role", "clients", "--port", str(port),
+                                                 "--streams", str(count), stdout=subprocess.PIPE)
+    assert (await child.stdout.readline()).strip() == b"ready"
+    await asyncio.sleep(1)
+    per_stream = (rss_bytes() - baseline) / count
+    child.kill()
+    await child.wait()
+    await server.stop(0)
+    return per_stream
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--role", choices=["server", "clients"], default="server", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "clients":
+        asyncio.run(clients(args.port, args.streams))
+        return
+    per_stream = asyncio.run(measure(args.streams))
+    print(f"grpc {grpc.__version__}, {args.streams} idle streams, one connection each: "
+          f"{per_stream / 1024:.1f} KiB per stream")
+
+
+if __name__ == "__main__":
+    main()
