@@ -29,7 +29,8 @@ def web_snapshot(listener_port: int, endpoints: dict[str, list[tuple[str, int]]]
         endpoints=[b.load_assignment(name, hosts) for name, hosts in endpoints.items()],
         listeners=[b.http_listener("http", address="127.0.0.1", port=listener_port, route_config_name="http"),
                    *extra_listeners],
-        routes=[b.route_configuration("http", [b.virtual_host("all", [b.route(c, prefix=p) for p, c in routes.items()])])],
+        routes=[b.route_configuration("http", [b.virtual_host("all", [
+            b.route(cluster, prefix=prefix) for prefix, cluster in routes.items()])])],
     )
 
 
@@ -124,7 +125,7 @@ async def test_control_plane_restart_under_traffic(envoys, backends, delta):
     server = XdsServer(cache, address=f"127.0.0.1:{xds_port}")
     await server.start()
     cache.set_snapshot(GROUP, web_snapshot(port, {"api": [first.address]}))
-    envoy = envoys(xds_port, node_cluster=GROUP, delta=delta)
+    envoys(xds_port, node_cluster=GROUP, delta=delta)
     assert await eventually(lambda: body_of(port), what="first traffic") == "first"
 
     outcomes: list[str | None] = []
@@ -137,7 +138,8 @@ async def test_control_plane_restart_under_traffic(envoys, backends, delta):
                     return
                 try:
                     response = await http.get(f"http://127.0.0.1:{port}/")
-                    outcomes.append(response.text.strip() if response.status_code == 200 else f"HTTP {response.status_code}")
+                    status = response.status_code
+                    outcomes.append(response.text.strip() if status == 200 else f"HTTP {status}")
                 except httpx.HTTPError as error:
                     outcomes.append(f"error {error!r}")
                 await asyncio.sleep(0.01)

@@ -71,7 +71,7 @@ class LeaderElection:
             if (lease.get("spec") or {}).get("holderIdentity") == self.identity:
                 lease["spec"]["holderIdentity"] = ""
                 self.api.json("PUT", self._path, body=lease)
-        except Exception as error:  # noqa: BLE001: best effort at shutdown
+        except Exception as error:  # noqa: BLE001 -- best effort at shutdown
             log.warning("could not release the Lease (a peer takes over when it expires): %s", error)
 
     async def run(self) -> None:
@@ -81,7 +81,7 @@ class LeaderElection:
                 leading = await asyncio.to_thread(self.try_acquire_or_renew)
                 if leading != was_leader:
                     log.info("%s the status writer", "now" if leading else "no longer")
-            except Exception as error:  # noqa: BLE001: the API server away must not stop the control plane
+            except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
                 log.warning("leader election: %s; retrying in %.0fs", str(error).split("\n")[0][:300],
                             self.retry_period)
             await asyncio.sleep(self.retry_period)

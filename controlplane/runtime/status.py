@@ -84,7 +84,7 @@ class StatusWriter:
             if self._leader.is_leader and self._translation is not None:
                 try:
                     await asyncio.to_thread(self.write_changed, self._translation, self._cache.status())
-                except Exception as error:  # noqa: BLE001: the API server away must not stop the control plane
+                except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
                     log.warning("writing status: %s; retrying in %.0fs", str(error).split("\n")[0][:300], interval)
             else:
                 self._written.clear()  # a new term starts from what is in the API server

@@ -80,7 +80,7 @@ class _Reflector:
                 log.info("%s: resourceVersion %s expired (410 Gone); listing again, serving the known state meanwhile",
                          self.kind.plural, self.resource_version)
                 self.resource_version = None
-            except Exception as error:  # noqa: BLE001: any failure is retried; the known state stays served
+            except Exception as error:  # noqa: BLE001 -- any failure is retried; the known state stays served
                 if self.source.stopping.is_set():
                     return
                 delay = self.backoff.next_delay()
@@ -136,7 +136,7 @@ class _Reflector:
         if response is not None:
             try:
                 response.response.shutdown()
-            except Exception:  # noqa: BLE001: best effort while stopping
+            except Exception:  # noqa: BLE001 -- best effort while stopping
                 pass
 
 

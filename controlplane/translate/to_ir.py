@@ -63,12 +63,13 @@ class Translator:
         self._last: tuple[StoreView, Translation] | None = None
         self._service_users: dict[tuple[str, str], list[ObjectKey]] = {}
 
-    def _cached(self, key: tuple, inputs: tuple, compute):
+    def _cached(self, key: tuple, inputs: tuple, compute, *args):
+        """`compute(*args)`, or what it returned last time for the same `inputs`."""
         entry = self._memo.get(key)
         # Tuple equality tries identity first: unchanged objects compare in C, without a deep look.
         if entry is None or entry[0] != inputs:
             try:
-                entry = (inputs, True, compute())
+                entry = (inputs, True, compute(*args))
             except _Rejected as rejected:
                 entry = (inputs, False, rejected)
             self._memo[key] = entry
@@ -101,7 +102,7 @@ class Translator:
                 spec = self._memo[("spec", key)][2]
                 slices = view.endpoint_slices(namespace, service)
                 backend = self._cached(("backend", key), (spec, view.get("Service", namespace, service), *slices),
-                                       lambda: _backend(view, key, spec))
+                                       _backend, view, key, spec)
                 replaced[backend.name] = backend
         if not replaced:
             return last
@@ -125,7 +126,7 @@ class Translator:
         backends: dict[str, list[ir.Backend]] = {}
         for key, obj in view.of_kind("Backend"):
             try:
-                spec = self._cached(("spec", key), (obj,), lambda: _parse(crds.BackendSpec, obj))
+                spec = self._cached(("spec", key), (obj,), _parse, crds.BackendSpec, obj)
                 gateway = gateways.get((key.namespace, spec.gateway))
                 if gateway is None:
                     raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or "
@@ -134,10 +135,8 @@ class Translator:
                 targets = _target_listeners(gateway, spec)
                 service = view.get("Service", key.namespace, spec.service.name)
                 slices = view.endpoint_slices(key.namespace, spec.service.name)
-                backend = self._cached(("backend", key), (spec, service, *slices),
-                                       lambda: _backend(view, key, spec))
-                routes = self._cached(("routes", key), (spec,),
-                                      lambda: tuple(_route(route, backend.name) for route in spec.routes))
+                backend = self._cached(("backend", key), (spec, service, *slices), _backend, view, key, spec)
+                routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name)
                 _claim_routes(key, routes, targets, claimed)
             except _Rejected as rejected:
                 conditions[key] = _rejected_conditions(obj, rejected)
@@ -157,9 +156,8 @@ class Translator:
                 name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
                 origins[name] = gateway.key
                 routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
-                built = self._cached(("listener", name), (gateway.spec, *routes), lambda: ir.Listener(
-                    name=name, address=listener.address, port=listener.port, routes=routes,
-                    max_connections=gateway.spec.limits.max_connections))
+                built = self._cached(("listener", name), (gateway.spec, *routes), _listener, name, listener, routes,
+                                     gateway.spec.limits.max_connections)
                 group = groups.get(gateway.spec.node_cluster)
                 groups[gateway.spec.node_cluster] = ir.NodeGroup(
                     name=gateway.spec.node_cluster,
@@ -179,7 +177,7 @@ class Translator:
         ports: dict[tuple[str, int], ObjectKey] = {}
         for key, obj in view.of_kind("Gateway"):
             try:
-                spec = self._cached(("spec", key), (obj,), lambda: _parse(crds.GatewaySpec, obj))
+                spec = self._cached(("spec", key), (obj,), _parse, crds.GatewaySpec, obj)
                 for listener in spec.listeners:
                     owner = ports.get((spec.node_cluster, listener.port))
                     if owner is not None:
@@ -253,6 +251,16 @@ def _budget(thresholds: crds.Thresholds) -> ir.Budget:
                      max_requests=thresholds.max_requests, max_retries=thresholds.max_retries)
 
 
+def _routes(spec: crds.BackendSpec, backend: str) -> tuple[ir.Route, ...]:
+    return tuple(_route(route, backend) for route in spec.routes)
+
+
+def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
+              max_connections: int | None) -> ir.Listener:
+    return ir.Listener(name=name, address=listener.address, port=listener.port, routes=routes,
+                       max_connections=max_connections)
+
+
 def _route(route: crds.Route, backend: str) -> ir.Route:
     return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
                     headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
@@ -309,29 +317,31 @@ def _generation(obj: Mapping[str, Any]) -> int:
     return int((obj.get("metadata") or {}).get("generation") or 0)
 
 
+def _condition(kind: str, status: str, reason: str, message: str, generation: int) -> crds.Condition:
+    # Built from values we control: no validation needed (model_construct), thousands per translation.
+    return crds.Condition.model_construct(type=kind, status=status, reason=reason, message=message,
+                                          observed_generation=generation)
+
+
 @functools.lru_cache(maxsize=4096)
 def _accepted_conditions(generation: int, node_cluster: str) -> tuple[crds.Condition, ...]:
     """The same for every accepted object of a generation and node cluster: built once, shared (frozen)."""
     return (
-        crds.Condition.model_construct(type="Accepted", status="True", reason="Accepted", message="Valid.",
-                       observed_generation=generation),
-        crds.Condition.model_construct(type="ResolvedRefs", status="True", reason="ResolvedRefs",
-                       message="Every reference resolves.", observed_generation=generation),
-        crds.Condition.model_construct(type="Programmed", status="Unknown", reason="Pending",
-                       message=f"Waiting for the Envoys of node cluster {node_cluster!r} to accept the configuration.",
-                       observed_generation=generation),
+        _condition("Accepted", "True", "Accepted", "Valid.", generation),
+        _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation),
+        _condition("Programmed", "Unknown", "Pending",
+                   f"Waiting for the Envoys of node cluster {node_cluster!r} to accept the configuration.", generation),
     )
 
 
 def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:
     generation = _generation(obj)
+    if rejected.unresolved:
+        resolved = _condition("ResolvedRefs", "False", rejected.reason, rejected.message, generation)
+    else:
+        resolved = _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation)
     return (
-        crds.Condition.model_construct(type="Accepted", status="False", reason=rejected.reason, message=rejected.message,
-                       observed_generation=generation),
-        crds.Condition.model_construct(type="ResolvedRefs", status="False" if rejected.unresolved else "True",
-                       reason=rejected.reason if rejected.unresolved else "ResolvedRefs",
-                       message=rejected.message if rejected.unresolved else "Every reference resolves.",
-                       observed_generation=generation),
-        crds.Condition.model_construct(type="Programmed", status="False", reason="NotAccepted",
-                       message="Not sent to Envoy: see the Accepted condition.", observed_generation=generation),
+        _condition("Accepted", "False", rejected.reason, rejected.message, generation),
+        resolved,
+        _condition("Programmed", "False", "NotAccepted", "Not sent to Envoy: see the Accepted condition.", generation),
     )
