@@ -10,24 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import resource
 import subprocess
 import sys
 
 import grpc
+from xds_fanout import raise_fd_limit, rss_bytes  # the same measurement as the fan-out benchmark
 
 METHOD = "/bench.Echo/Stream"
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def clients(port: int, count: int) -> None:

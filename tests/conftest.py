@@ -7,6 +7,7 @@ import pytest
 from controlplane.xds import SnapshotCache, XdsServer
 from controlplane.runtime.sample_backend import SampleBackend
 from tests.harness import Envoy
+from tests.kube_api_server import KubeAPIServer
 
 
 def pytest_addoption(parser):
@@ -56,3 +57,12 @@ async def envoys(request, tmp_path):
         if failed:
             print(f"\n----- Envoy log ({envoy.log_path.name}) -----\n{envoy.log_tail()}")
         await envoy.close()
+
+
+@pytest.fixture
+def api():
+    """The Kubernetes API test server on 127.0.0.1 (bookmarks every 0.2 s)."""
+    server = KubeAPIServer(bookmark_interval=0.2)
+    server.start()
+    yield server
+    server.stop()

@@ -8,19 +8,29 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from controlplane.runtime.envoy_process import EnvoyProcess
+from controlplane.runtime.envoy_process import EnvoyProcess, envoy_binary
 
 
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def assert_envoy_accepts(config_yaml: str, directory: Path) -> None:
+    """The real `envoy --mode validate` accepts this bootstrap."""
+    config = directory / "validate.yaml"
+    config.write_text(config_yaml)
+    validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
+                               capture_output=True, text=True, timeout=60)
+    assert validated.returncode == 0, validated.stdout + validated.stderr
 
 
 class Envoy(EnvoyProcess):

@@ -22,6 +22,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+from kubernetes import client as k8s
+
 RESOURCES = {
     ("", "v1", "services"): "Service",
     ("", "v1", "secrets"): "Secret",
@@ -94,6 +96,12 @@ class KubeAPIServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client(self) -> k8s.ApiClient:
+        """The official client, configured for this server."""
+        configuration = k8s.Configuration()
+        configuration.host = self.url
+        return k8s.ApiClient(configuration)
 
     def create(self, obj: dict) -> dict:
         return self._write("ADDED", obj)

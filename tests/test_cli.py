@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from controlplane import cli
-from controlplane.runtime.envoy_process import envoy_binary
-from tests.harness import free_port
+from tests.harness import assert_envoy_accepts, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.svc:18000",
@@ -20,11 +19,7 @@ EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.
 @pytest.mark.parametrize("extra", [[], ["--delta"]])
 def test_bootstrap_is_valid_for_envoy(tmp_path, capsys, extra):
     assert cli.main(EXAMPLE_ARGS + extra) == 0
-    config = tmp_path / "bootstrap.yaml"
-    config.write_text(capsys.readouterr().out)
-    validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                               capture_output=True, text=True, timeout=60)
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert_envoy_accepts(capsys.readouterr().out, tmp_path)
 
 
 def test_example_bootstrap_in_the_repo_is_current(capsys):
@@ -58,11 +53,7 @@ def test_demo_serves_its_manifests_through_a_real_envoy(tmp_path):
 def test_render_prints_what_a_node_group_gets_and_envoy_accepts_it(tmp_path, capsys):
     assert cli.main(["render", "--source", str(REPO / "tests" / "golden" / "basic"), "--node-cluster", "edge",
                      "--format", "bootstrap"]) == 0
-    config = tmp_path / "static.yaml"
-    config.write_text(capsys.readouterr().out)
-    validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(config)],
-                               capture_output=True, text=True, timeout=60)
-    assert validated.returncode == 0, validated.stdout + validated.stderr
+    assert_envoy_accepts(capsys.readouterr().out, tmp_path)
 
 
 def test_render_reports_rejected_objects_and_exits_non_zero(capsys):

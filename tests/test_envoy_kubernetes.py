@@ -20,13 +20,6 @@ from tests.test_envoy_xds import body_of
 pytestmark = pytest.mark.envoy
 
 
-@pytest.fixture
-def api():
-    server = KubeAPIServer(bookmark_interval=0.5)
-    server.start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture
 def serve(api, tmp_path):

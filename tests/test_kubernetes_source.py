@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import pytest
-from kubernetes import client as k8s
 
 from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.sources.store import ObjectKey
@@ -14,19 +12,6 @@ from tests.harness import eventually
 from tests.kube_api_server import KubeAPIServer
 from tests.objects import NS, app, endpoint_slice, gateway, ready
 
-
-def api_client(url: str) -> k8s.ApiClient:
-    configuration = k8s.Configuration()
-    configuration.host = url
-    return k8s.ApiClient(configuration)
-
-
-@pytest.fixture
-def api():
-    server = KubeAPIServer(bookmark_interval=0.2)
-    server.start()
-    yield server
-    server.stop()
 
 
 class Recorder:
@@ -46,7 +31,7 @@ class Recorder:
 
 @contextlib.asynccontextmanager
 async def watching(api: KubeAPIServer, **options):
-    source = KubernetesSource(api_client(api.url), backoff_base=0.05, **options)
+    source = KubernetesSource(api.client(), backoff_base=0.05, **options)
     recorder = Recorder()
     task = asyncio.create_task(source.watch(recorder))
     try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from kubernetes import client as k8s
-
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.status import with_programmed
 from controlplane.sources.kube_api import KubeApi
@@ -59,28 +57,21 @@ def test_a_nack_superseded_by_a_newer_push_no_longer_counts():
 
 
 def elector(api: KubeAPIServer, identity: str, clock) -> LeaderElection:
-    configuration = k8s.Configuration()
-    configuration.host = api.url
-    return LeaderElection(KubeApi(k8s.ApiClient(configuration)), namespace="controlplane", identity=identity,
-                          lease_duration=15, clock=clock)
+    return LeaderElection(KubeApi(api.client()), namespace="controlplane", identity=identity, lease_duration=15,
+                          clock=clock)
 
 
-def test_one_leader_takeover_on_expiry_and_release():
-    api = KubeAPIServer()
-    api.start()
-    try:
-        now = [1000.0]
-        a, b = elector(api, "a", lambda: now[0]), elector(api, "b", lambda: now[0])
-        assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()
-        assert a.is_leader and not b.is_leader
-        now[0] += 5
-        assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()  # renewed: still a's
-        now[0] += 16  # a stopped renewing: the Lease expires, and a no longer acts as leader
-        assert not a.is_leader
-        assert b.try_acquire_or_renew() and not a.try_acquire_or_renew()
-        lease = api.get("Lease", "controlplane", "controlplane-status-writer")
-        assert (lease["spec"]["holderIdentity"], lease["spec"]["leaseTransitions"]) == ("b", 1)
-        b.release()
-        assert a.try_acquire_or_renew()  # released: no waiting for expiry
-    finally:
-        api.stop()
+def test_one_leader_takeover_on_expiry_and_release(api):
+    now = [1000.0]
+    a, b = elector(api, "a", lambda: now[0]), elector(api, "b", lambda: now[0])
+    assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()
+    assert a.is_leader and not b.is_leader
+    now[0] += 5
+    assert a.try_acquire_or_renew() and not b.try_acquire_or_renew()  # renewed: still a's
+    now[0] += 16  # a stopped renewing: the Lease expires, and a no longer acts as leader
+    assert not a.is_leader
+    assert b.try_acquire_or_renew() and not a.try_acquire_or_renew()
+    lease = api.get("Lease", "controlplane", "controlplane-status-writer")
+    assert (lease["spec"]["holderIdentity"], lease["spec"]["leaseTransitions"]) == ("b", 1)
+    b.release()
+    assert a.try_acquire_or_renew()  # released: no waiting for expiry
