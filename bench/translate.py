@@ -3,7 +3,8 @@
     python bench/translate.py [--backends 1000] [--endpoints 10] [--repeat 15]
 
 Full: store view -> IR -> Envoy resources -> serialized Snapshot, from cold caches.
-One endpoint changed: the same, with one EndpointSlice updated (what a pod restart causes).
+One endpoint changed: the same, with one EndpointSlice updated (what a pod restart causes); ten
+successive changes after each full pass, as a running control plane sees them.
 The garbage collector is tuned as `controlplane serve` tunes it (runtime.serve.tune_gc).
 """
 
@@ -77,11 +78,15 @@ def main() -> None:
         started = time.perf_counter()
         first = publisher.publish(store)
         full.append((time.perf_counter() - started) * 1000)
-        store.put(endpoint_slice("svc-7", 7, args.endpoints, version=2 + round_number, moved=100))
-        started = time.perf_counter()
-        second = publisher.publish(store)
-        changed.append((time.perf_counter() - started) * 1000)
-        assert second.version != first.version
+        previous = first
+        for change in range(10):
+            index = (round_number * 10 + change) * 37 % args.backends
+            store.put(endpoint_slice(f"svc-{index}", index, args.endpoints, version=2 + change, moved=100 + change))
+            started = time.perf_counter()
+            snapshot = publisher.publish(store)
+            changed.append((time.perf_counter() - started) * 1000)
+            assert snapshot.version != previous.version
+            previous = snapshot
     print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
     print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
     print(f"  one endpoint changed -> snapshot: {min(changed):7.1f} / {statistics.median(changed):7.1f} ms")

@@ -114,6 +114,7 @@ class Store:
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()):
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
         self._slices: dict[tuple[str, str], dict[ObjectKey, Mapping[str, Any]]] = {}
+        self._owned: set[tuple[str, str]] = set()  # slice indexes not shared with a view (copy on write)
         self._changes = _ChangeLog()
         self._version = 0
         self._lock = threading.Lock()
@@ -124,14 +125,20 @@ class Store:
         """Write (or, with None, delete) one object; the caller holds the lock."""
         old = self._objects.pop(key, None)
         if old is not None and key.kind == "EndpointSlice" and (service := _service_of(old)):
-            index = self._slices.get((key.namespace, service), {})
-            index.pop(key, None)
+            self._slice_index(key.namespace, service).pop(key, None)
         if obj is not None:
             self._objects[key] = obj
             if key.kind == "EndpointSlice" and (service := _service_of(obj)):
-                self._slices.setdefault((key.namespace, service), {})[key] = obj
+                self._slice_index(key.namespace, service)[key] = obj
         self._version += 1
         self._changes.record(self._version, key)
+
+    def _slice_index(self, namespace: str, service: str) -> dict[ObjectKey, Mapping[str, Any]]:
+        """The writable slice index of a Service: copied first if a view still shares it."""
+        if (namespace, service) not in self._owned:
+            self._slices[(namespace, service)] = dict(self._slices.get((namespace, service), {}))
+            self._owned.add((namespace, service))
+        return self._slices[(namespace, service)]
 
     def put(self, obj: Mapping[str, Any]) -> None:
         with self._lock:
@@ -155,5 +162,5 @@ class Store:
 
     def view(self) -> StoreView:
         with self._lock:
-            return StoreView(self._objects, {service: dict(index) for service, index in self._slices.items()},
-                             changes=self._changes, version=self._version)
+            self._owned = set()  # the view shares every index now: the next write to one copies it
+            return StoreView(self._objects, dict(self._slices), changes=self._changes, version=self._version)

@@ -32,19 +32,27 @@ class SnapshotBuilder:
         self._resources: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         self._last: Snapshot | None = None
         self._last_lists: dict[str, list[Resource]] = {}
+        self._by_name: dict[tuple[str, str], Resource] = {}
 
     def _built(self, value, build) -> tuple[Resource, ...]:
         entry = self._resources.get(id(value))
         if entry is None or entry[0] is not value:
-            entry = (value, build(value))
+            # A rebuilt value often serializes some resources to the same bytes (a Backend whose
+            # endpoints moved keeps its cluster): keep those Resource objects, so their type is reused.
+            entry = (value, tuple(self._same_as_before(resource) for resource in build(value)))
         self._fresh[id(value)] = entry
         return entry[1]
+
+    def _same_as_before(self, resource: Resource) -> Resource:
+        before = self._by_name.get((resource.type_url, resource.name))
+        return before if before is not None and before.version == resource.version else resource
 
     def snapshot(self, group: ir.NodeGroup) -> Snapshot:
         self._fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         per_backend = [self._built(backend, _backend_resources) for backend in group.backends]
         per_listener = [self._built(listener, _listener_resources) for listener in group.listeners]
         self._resources = self._fresh
+        self._by_name = {(r.type_url, r.name): r for _value, built in self._fresh.values() for r in built}
         lists = {CLUSTER: [r[0] for r in per_backend], ENDPOINT: [r[1] for r in per_backend],
                  LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener]}
         changed = {type_url: items for type_url, items in lists.items() if not _same(items,

@@ -75,12 +75,21 @@ class Selection:
 class ResourceSet:
     """All resources of one type in one snapshot, with memoised selections by subscription."""
 
-    __slots__ = ("type_url", "resources", "_selections")
+    __slots__ = ("type_url", "resources", "_selections", "_referenced")
 
     def __init__(self, type_url: str, resources: Mapping[str, xr.Resource]):
         self.type_url = type_url
         self.resources = dict(sorted(resources.items()))
         self._selections: dict[frozenset[str] | None, Selection] = {}
+        self._referenced: dict[str, frozenset[str]] = {}
+
+    def referenced(self, type_url: str) -> frozenset[str]:
+        """Every name of `type_url` these resources refer to (computed once per set)."""
+        found = self._referenced.get(type_url)
+        if found is None:
+            found = self._referenced[type_url] = frozenset(
+                name for resource in self.resources.values() for name in resource.referenced(type_url))
+        return found
 
     def __contains__(self, name: str) -> bool:
         return name in self.resources
@@ -162,11 +171,8 @@ def _resource_set(type_url: str, items: Iterable[ResourceInput]) -> ResourceSet:
 
 
 def _check_consistent(sets: Mapping[str, ResourceSet]) -> None:
-    eds_names = {name for cluster in sets[xr.CLUSTER].resources.values()
-                 for name in cluster.referenced(xr.ENDPOINT)}
-    orphan_endpoints = sorted(name for name in sets[xr.ENDPOINT].resources if name not in eds_names)
-    missing_routes = sorted({name for listener in sets[xr.LISTENER].resources.values()
-                             for name in listener.referenced(xr.ROUTE) if name not in sets[xr.ROUTE]})
+    orphan_endpoints = sorted(sets[xr.ENDPOINT].resources.keys() - sets[xr.CLUSTER].referenced(xr.ENDPOINT))
+    missing_routes = sorted(sets[xr.LISTENER].referenced(xr.ROUTE) - sets[xr.ROUTE].resources.keys())
     problems, dangling = [], {}
     if orphan_endpoints:
         problems.append(f"endpoints {', '.join(orphan_endpoints)} are not the EDS name of any cluster "
