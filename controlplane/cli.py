@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
-import sys
-
 import json
+import logging
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -157,7 +157,7 @@ def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
     source.load()
     for error in source.errors.values():
         print(f"error: {error}", file=sys.stderr)
-    translation = to_ir.translate(source.store().view())
+    translation = to_ir.translate(source.store().view(), now=time.time())
     problems = [(key, conditions[0].message) for key, conditions in sorted(translation.conditions.items())
                 if conditions[0].status == "False"]
     for key, message in problems:

@@ -59,12 +59,36 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Certificate:
+    """A validated certificate chain and its private key (PEM), served to Envoy over SDS."""
+
+    name: str
+    certificate_chain: bytes
+    private_key: bytes
+
+
+@dataclass(frozen=True)
+class TrustedCa:
+    """Validated CA certificates (PEM) that client certificates must chain to (mutual TLS)."""
+
+    name: str
+    certificates: bytes
+
+
+@dataclass(frozen=True)
+class Tls:
+    certificate: Certificate
+    client_ca: TrustedCa | None = None
+
+
+@dataclass(frozen=True)
 class Listener:
     name: str
     address: str
     port: int
     routes: tuple[Route, ...]
     max_connections: int | None = None
+    tls: Tls | None = None
 
 
 @dataclass(frozen=True)

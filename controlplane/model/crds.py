@@ -28,15 +28,34 @@ class Spec(BaseModel):
 
 class Protocol(str, Enum):
     HTTP = "HTTP"
+    HTTPS = "HTTPS"
+
+
+class ListenerTls(Spec):
+    certificate_secret: DnsLabel = Field(description="A kubernetes.io/tls Secret (tls.crt, tls.key) in the "
+                                         "Gateway's namespace: the certificate Envoy presents.")
+    client_ca_secret: DnsLabel | None = Field(None, description="A Secret with ca.crt: when set, clients must "
+                                              "present a certificate signed by it (mutual TLS).")
 
 
 class Listener(Spec):
-    """A port Envoy listens on. (TLS and mutual TLS listeners come with the SDS work.)"""
+    """A port Envoy listens on: plain HTTP, or HTTPS with certificates served over SDS."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "(self.protocol == 'HTTPS') == has(self.tls)",
+         "message": "tls is required for HTTPS, and only for it"}]})
 
     name: DnsLabel
     port: Port
     protocol: Protocol = Protocol.HTTP
     address: str = Field("0.0.0.0", description="The address Envoy binds, 0.0.0.0 by default.")
+    tls: ListenerTls | None = None
+
+    @model_validator(mode="after")
+    def _tls_for_https(self) -> Listener:
+        if (self.protocol == Protocol.HTTPS) != (self.tls is not None):
+            raise ValueError("tls is required for protocol HTTPS, and only for it")
+        return self
 
 
 class GatewayLimits(Spec):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from controlplane.sources.store import ObjectKey, Store, StoreView
@@ -30,7 +31,7 @@ class Pipeline:
     def publish(self, view: StoreView) -> to_ir.Translation:
         """Translate `view` and publish a snapshot to every node group (an empty one to groups
         whose Gateways are gone, so their Envoys drop the old listeners)."""
-        translation = self._translator.translate(view)
+        translation = self._translator.translate(view, now=time.time())
         for name, group in translation.groups.items():
             try:
                 builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
@@ -99,7 +100,8 @@ def store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coales
     latest: list[Store] = []
 
     def publish_latest() -> None:
-        pipeline.publish(latest[-1].view())
+        if latest:
+            pipeline.publish(latest[-1].view())
 
     coalescer = Coalescer(publish_latest)
 
@@ -107,3 +109,11 @@ def store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coales
         latest[:] = [store]
         coalescer.poke()
     return on_change, coalescer
+
+
+async def periodically(action: Callable[[], None], every: float) -> None:
+    """Call `action` every `every` seconds: re-publishing with nothing changed is cheap, and it is
+    how a certificate that expires while nothing else happens is noticed and reported."""
+    while True:
+        await asyncio.sleep(every)
+        action()

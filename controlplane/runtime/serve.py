@@ -12,7 +12,7 @@ from typing import Protocol
 
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
-from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.runtime.pipeline import Pipeline, periodically, store_publisher
 from controlplane.runtime.status import StatusWriter
 from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache, XdsServer
@@ -50,7 +50,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
                       ready=lambda: pipeline.last is not None)
         log.info("metrics on http://%s/metrics", metrics_address)
     on_change, coalescer = store_publisher(pipeline)
-    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change)),
+             asyncio.create_task(periodically(coalescer.poke, 60))]
     if leader is not None:
         tasks += [asyncio.create_task(leader.run()), asyncio.create_task(writer.run())]
     stop = asyncio.Event()

@@ -17,6 +17,8 @@ from envoy.config.route.v3 import route_components_pb2 as rc
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.connection_limit.v3 import connection_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
@@ -104,9 +106,36 @@ def route_configuration(name: str, virtual_hosts: Sequence[rc.VirtualHost]
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=list(virtual_hosts))
 
 
+def certificate_secret(name: str, certificate_chain: bytes, private_key: bytes) -> secret_pb2.Secret:
+    return secret_pb2.Secret(name=name, tls_certificate=common_pb2.TlsCertificate(
+        certificate_chain=base_pb2.DataSource(inline_bytes=certificate_chain),
+        private_key=base_pb2.DataSource(inline_bytes=private_key)))
+
+
+def trusted_ca_secret(name: str, certificates: bytes) -> secret_pb2.Secret:
+    return secret_pb2.Secret(name=name, validation_context=common_pb2.CertificateValidationContext(
+        trusted_ca=base_pb2.DataSource(inline_bytes=certificates)))
+
+
+def downstream_tls(certificate_secret_name: str, client_ca_secret_name: str | None = None
+                   ) -> base_pb2.TransportSocket:
+    """TLS for a listener, its certificate (and client CA: mutual TLS) fetched over SDS by name,
+    so a rotation reaches Envoy without touching the listener."""
+    common = tls_pb2.CommonTlsContext(tls_certificate_sds_secret_configs=[
+        secret_pb2.SdsSecretConfig(name=certificate_secret_name, sds_config=ads_config_source())])
+    if client_ca_secret_name is not None:
+        common.validation_context_sds_secret_config.CopyFrom(
+            secret_pb2.SdsSecretConfig(name=client_ca_secret_name, sds_config=ads_config_source()))
+    context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
+    if client_ca_secret_name is not None:
+        context.require_client_certificate.value = True
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
+
+
 def http_listener(name: str, *, address: str, port: int, route_config_name: str,
-                  max_connections: int | None = None) -> listener_pb2.Listener:
-    """A plain HTTP listener whose routes come over RDS, with an optional connection limit."""
+                  max_connections: int | None = None,
+                  transport_socket: base_pb2.TransportSocket | None = None) -> listener_pb2.Listener:
+    """An HTTP listener whose routes come over RDS, with an optional connection limit and TLS."""
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix=name,
         rds=hcm_pb2.Rds(config_source=ads_config_source(), route_config_name=route_config_name),
@@ -119,5 +148,7 @@ def http_listener(name: str, *, address: str, port: int, route_config_name: str,
                                                      max_connections=wrappers_pb2.UInt64Value(value=max_connections))
         filters.insert(0, listener_components_pb2.Filter(name="envoy.filters.network.connection_limit",
                                                          typed_config=_any(limit)))
-    return listener_pb2.Listener(name=name, address=socket_address(address, port),
-                                 filter_chains=[listener_components_pb2.FilterChain(filters=filters)])
+    chain = listener_components_pb2.FilterChain(filters=filters)
+    if transport_socket is not None:
+        chain.transport_socket.CopyFrom(transport_socket)
+    return listener_pb2.Listener(name=name, address=socket_address(address, port), filter_chains=[chain])

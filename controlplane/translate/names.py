@@ -15,3 +15,11 @@ def listener(namespace: str, gateway: str, listener_name: str) -> str:
 
 def route_configuration(namespace: str, gateway: str, listener_name: str) -> str:
     return listener(namespace, gateway, listener_name)
+
+
+def certificate_secret(namespace: str, secret: str) -> str:
+    return f"{namespace}/{secret}/certificate"
+
+
+def client_ca_secret(namespace: str, secret: str) -> str:
+    return f"{namespace}/{secret}/client-ca"

@@ -2,7 +2,7 @@
 
 `resources_document` lists the Envoy resources as proto3 JSON mappings. `static_bootstrap` turns
 a snapshot into an Envoy bootstrap with everything inline (EDS clusters become STATIC, RDS
-becomes inline route configurations), so `envoy --mode validate` can check it with no control
+becomes inline route configurations, SDS secrets are inlined), so `envoy --mode validate` can check it with no control
 plane running.
 """
 
@@ -16,13 +16,14 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import json_format
 
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from controlplane.xds.resources import SHORT_NAMES
 
 _CLASSES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-            LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
+            LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration, SECRET: secret_pb2.Secret}
 
 
 def _messages(snapshot: Snapshot, type_url: str) -> list:
@@ -40,9 +41,23 @@ def resources_document(snapshot: Snapshot) -> dict[str, list[dict[str, Any]]]:
             for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
 
 
+def _inline_secrets(typed_config, secrets) -> None:
+    """SDS references replaced by the secrets themselves (a static bootstrap has no SDS)."""
+    context = tls_pb2.DownstreamTlsContext()
+    typed_config.Unpack(context)
+    common = context.common_tls_context
+    for sds in common.tls_certificate_sds_secret_configs:
+        common.tls_certificates.append(secrets[sds.name].tls_certificate)
+    common.ClearField("tls_certificate_sds_secret_configs")
+    if common.HasField("validation_context_sds_secret_config"):
+        common.validation_context.CopyFrom(secrets[common.validation_context_sds_secret_config.name].validation_context)
+    typed_config.Pack(context)
+
+
 def static_bootstrap(snapshot: Snapshot, *, admin_port: int = 9901) -> dict[str, Any]:
     assignments = {m.cluster_name: m for m in _messages(snapshot, ENDPOINT)}
     routes = {m.name: m for m in _messages(snapshot, ROUTE)}
+    secrets = {m.name: m for m in _messages(snapshot, SECRET)}
     clusters = []
     for cluster in _messages(snapshot, CLUSTER):
         if cluster.type == cluster_pb2.Cluster.EDS:
@@ -55,6 +70,8 @@ def static_bootstrap(snapshot: Snapshot, *, admin_port: int = 9901) -> dict[str,
     listeners = []
     for listener in _messages(snapshot, LISTENER):
         for chain in listener.filter_chains:
+            if chain.transport_socket.typed_config.Is(tls_pb2.DownstreamTlsContext.DESCRIPTOR):
+                _inline_secrets(chain.transport_socket.typed_config, secrets)
             for network_filter in chain.filters:
                 if network_filter.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
                     manager = hcm_pb2.HttpConnectionManager()
@@ -63,8 +80,6 @@ def static_bootstrap(snapshot: Snapshot, *, admin_port: int = 9901) -> dict[str,
                         manager.route_config.CopyFrom(routes[manager.rds.route_config_name])
                     network_filter.typed_config.Pack(manager)
         listeners.append(_as_dict(listener))
-    if len(snapshot.resources(SECRET)):
-        raise ValueError("secrets cannot be inlined into a static bootstrap yet")
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {"listeners": listeners, "clusters": clusters},

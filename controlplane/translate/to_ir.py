@@ -18,7 +18,7 @@ from controlplane.ir import types as ir
 from controlplane.model import crds, kube
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.sources.store import ObjectKey, StoreView
-from controlplane.translate import names
+from controlplane.translate import names, secrets
 
 
 @dataclass
@@ -41,11 +41,12 @@ class _Rejected(Exception):
 class _Gateway:
     key: ObjectKey
     spec: crds.GatewaySpec
+    tls: dict[str, ir.Tls] = field(default_factory=dict)
 
 
-def translate(view: StoreView) -> Translation:
+def translate(view: StoreView, *, now: float | None = None) -> Translation:
     """Translate from scratch (see `Translator` for translating a stream of views)."""
-    return Translator().translate(view)
+    return Translator().translate(view, now=now)
 
 
 class Translator:
@@ -60,6 +61,11 @@ class Translator:
     def __init__(self):
         self._memo: dict[tuple, tuple[tuple, bool, Any]] = {}
         self._used: set[tuple] = set()
+        # The last Secret value that was valid, per Secret: what Envoys keep getting when a rotation
+        # brings a bad one (the postmortem's outage). Policy, not a cache: it outlives the objects.
+        self._last_valid: dict[tuple[str, str, str], Any] = {}
+        self._now: float | None = None
+        self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
         self._service_users: dict[tuple[str, str], list[ObjectKey]] = {}
 
@@ -78,8 +84,11 @@ class Translator:
             raise entry[2]
         return entry[2]
 
-    def translate(self, view: StoreView) -> Translation:
-        if self._last is not None:
+    def translate(self, view: StoreView, *, now: float | None = None) -> Translation:
+        """`now` (seconds since the epoch) checks certificate validity; None skips that check."""
+        self._now = now
+        certificates_unchanged = now is None or now < self._next_validity_change
+        if self._last is not None and certificates_unchanged:
             changed = view.changed_since(self._last[0])
             if changed is not None and all(key.kind == "EndpointSlice" for key in changed):
                 translation = self._endpoints_changed(view, changed)
@@ -114,6 +123,7 @@ class Translator:
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
+        self._next_validity_change = float("inf")
         self._service_users = {}
         conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
         origins: dict[str, ObjectKey] = {}
@@ -156,8 +166,9 @@ class Translator:
                 name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
                 origins[name] = gateway.key
                 routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
-                built = self._cached(("listener", name), (gateway.spec, *routes), _listener, name, listener, routes,
-                                     gateway.spec.limits.max_connections)
+                tls = gateway.tls.get(listener.name)
+                built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
+                                     routes, gateway.spec.limits.max_connections, tls)
                 group = groups.get(gateway.spec.node_cluster)
                 groups[gateway.spec.node_cluster] = ir.NodeGroup(
                     name=gateway.spec.node_cluster,
@@ -184,14 +195,58 @@ class Translator:
                         raise _Rejected("PortConflict", f"listener {listener.name!r} port {listener.port} is "
                                         f"already used by {owner} for node cluster {spec.node_cluster!r}: pick "
                                         "another port")
+                tls, warnings = {}, []
+                for listener in spec.listeners:
+                    if listener.tls is not None:
+                        tls[listener.name] = self._tls(view, key, listener.name, listener.tls, warnings)
             except _Rejected as rejected:
                 conditions[key] = _rejected_conditions(obj, rejected)
                 continue
             for listener in spec.listeners:
                 ports[(spec.node_cluster, listener.port)] = key
-            accepted[(key.namespace, key.name)] = _Gateway(key, spec)
+            accepted[(key.namespace, key.name)] = _Gateway(key, spec, tls)
             conditions[key] = _accepted_conditions(_generation(obj), spec.node_cluster)
+            if warnings:
+                conditions[key] = _with_unresolved(conditions[key], "InvalidSecret", "; ".join(warnings))
         return accepted
+
+    def _tls(self, view: StoreView, gateway: ObjectKey, listener: str, spec: crds.ListenerTls,
+             warnings: list[str]) -> ir.Tls:
+        certificate = self._secret(view, gateway.namespace, spec.certificate_secret, "certificate", warnings)
+        client_ca = None
+        if spec.client_ca_secret is not None:
+            client_ca = self._secret(view, gateway.namespace, spec.client_ca_secret, "client-ca", warnings)
+        return self._cached(("tls", gateway, listener), (certificate, client_ca), ir.Tls, certificate, client_ca)
+
+    def _watch_validity(self, window: secrets.Window) -> None:
+        """Remember the next moment a certificate in use changes validity: a translation at or after
+        it must not take the EndpointSlice fast path (expiry is noticed even if nothing changed)."""
+        for moment in (window.not_before.timestamp(), window.not_after.timestamp()):
+            if self._now is None or moment > self._now:
+                self._next_validity_change = min(self._next_validity_change, moment)
+
+    def _secret(self, view: StoreView, namespace: str, secret: str, use: str, warnings: list[str]):
+        """A validated Secret value; if the current one is bad, the last valid one, with a warning."""
+        obj = view.get("Secret", namespace, secret)
+        parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use == "certificate"
+                       else (secrets.client_ca, names.client_ca_secret(namespace, secret)))
+        try:
+            checked = self._cached(("secret", use, namespace, secret), (obj,), _checked_secret, parse, obj,
+                                   f"{namespace}/{secret}", name)
+            self._watch_validity(checked.window)
+            problem = checked.window.problem(self._now) if self._now is not None else None
+            if problem is not None:
+                raise _Rejected("InvalidSecret", problem, unresolved=True)
+        except _Rejected as rejected:
+            previous = self._last_valid.get((use, namespace, secret))
+            if previous is None or (self._now is not None and previous.window.problem(self._now)):
+                raise
+            warnings.append(f"{rejected.message}. Envoys keep the last valid version of this Secret until it is "
+                            "fixed")
+            self._watch_validity(previous.window)
+            return previous.value
+        self._last_valid[(use, namespace, secret)] = checked
+        return checked.value
 
 
 def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
@@ -256,9 +311,16 @@ def _routes(spec: crds.BackendSpec, backend: str) -> tuple[ir.Route, ...]:
 
 
 def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
-              max_connections: int | None) -> ir.Listener:
+              max_connections: int | None, tls: ir.Tls | None) -> ir.Listener:
     return ir.Listener(name=name, address=listener.address, port=listener.port, routes=routes,
-                       max_connections=max_connections)
+                       max_connections=max_connections, tls=tls)
+
+
+def _checked_secret(parse, obj, where: str, name: str) -> secrets.Checked:
+    try:
+        return parse(obj, where=where, name=name)
+    except secrets.SecretProblem as problem:
+        raise _Rejected("InvalidSecret", str(problem), unresolved=True) from None
 
 
 def _route(route: crds.Route, backend: str) -> ir.Route:
@@ -332,6 +394,13 @@ def _accepted_conditions(generation: int, node_cluster: str) -> tuple[crds.Condi
         _condition("Programmed", "Unknown", "Pending",
                    f"Waiting for the Envoys of node cluster {node_cluster!r} to accept the configuration.", generation),
     )
+
+
+def _with_unresolved(conditions: tuple[crds.Condition, ...], reason: str,
+                     message: str) -> tuple[crds.Condition, ...]:
+    """Accepted, but a reference is not as it should be (served from its last valid version)."""
+    accepted, _resolved, programmed = conditions
+    return accepted, _condition("ResolvedRefs", "False", reason, message, accepted.observed_generation), programmed
 
 
 def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:

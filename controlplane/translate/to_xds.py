@@ -12,7 +12,7 @@ from envoy.config.core.v3 import base_pb2
 
 from controlplane.ir import types as ir
 from controlplane.translate import builders as b
-from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Snapshot
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
@@ -51,22 +51,27 @@ class SnapshotBuilder:
         self._fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         per_backend = [self._built(backend, _backend_resources) for backend in group.backends]
         per_listener = [self._built(listener, _listener_resources) for listener in group.listeners]
+        used_secrets = {secret.name: secret for listener in group.listeners if listener.tls is not None
+                        for secret in (listener.tls.certificate, listener.tls.client_ca) if secret is not None}
+        per_secret = [self._built(secret, _secret_resources) for _name, secret in sorted(used_secrets.items())]
         self._resources = self._fresh
         self._by_name = {(r.type_url, r.name): r for _value, built in self._fresh.values() for r in built}
         lists = {CLUSTER: [r[0] for r in per_backend], ENDPOINT: [r[1] for r in per_backend],
-                 LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener]}
+                 LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener],
+                 SECRET: [r[0] for r in per_secret]}
         changed = {type_url: items for type_url, items in lists.items() if not _same(items,
                                                                                       self._last_lists.get(type_url))}
         if self._last is None:
             built = Snapshot(clusters=lists[CLUSTER], endpoints=lists[ENDPOINT], listeners=lists[LISTENER],
-                             routes=lists[ROUTE])
+                             routes=lists[ROUTE], secrets=lists[SECRET])
         else:
             built = self._last.replace(**{_ARGUMENT[type_url]: items for type_url, items in changed.items()})
         self._last, self._last_lists = built, lists
         return built
 
 
-_ARGUMENT = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes"}
+_ARGUMENT = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
+             SECRET: "secrets"}
 
 
 def _same(new: list, old: list | None) -> bool:
@@ -77,9 +82,21 @@ def _backend_resources(backend: ir.Backend) -> tuple[Resource, ...]:
     return (Resource.from_message(CLUSTER, cluster(backend)), Resource.from_message(ENDPOINT, endpoints(backend)))
 
 
+def _secret_resources(secret: ir.Certificate | ir.TrustedCa) -> tuple[Resource, ...]:
+    if isinstance(secret, ir.Certificate):
+        return (Resource.from_message(SECRET, b.certificate_secret(secret.name, secret.certificate_chain,
+                                                                   secret.private_key)),)
+    return (Resource.from_message(SECRET, b.trusted_ca_secret(secret.name, secret.certificates)),)
+
+
 def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
+    tls = None
+    if listener.tls is not None:
+        client_ca = listener.tls.client_ca
+        tls = b.downstream_tls(listener.tls.certificate.name, client_ca.name if client_ca is not None else None)
     built = b.http_listener(listener.name, address=listener.address, port=listener.port,
-                            route_config_name=listener.name, max_connections=listener.max_connections)
+                            route_config_name=listener.name, max_connections=listener.max_connections,
+                            transport_socket=tls)
     return (Resource.from_message(LISTENER, built), Resource.from_message(ROUTE, route_configuration(listener)))
 
 

@@ -178,6 +178,11 @@ def _check_consistent(sets: Mapping[str, ResourceSet]) -> None:
         problems.append(f"endpoints {', '.join(orphan_endpoints)} are not the EDS name of any cluster "
                         "(add an EDS cluster with that name or service_name, or drop the endpoints)")
         dangling[xr.ENDPOINT] = orphan_endpoints
+    missing_secrets = sorted(sets[xr.LISTENER].referenced(xr.SECRET) - sets[xr.SECRET].resources.keys())
+    if missing_secrets:
+        problems.append(f"listeners name secrets {', '.join(missing_secrets)} that the snapshot does not have "
+                        "(add them to secrets, or fix the listener's SDS secret names)")
+        dangling[xr.SECRET] = missing_secrets
     if missing_routes:
         problems.append(f"listeners name route configurations {', '.join(missing_routes)} that the snapshot "
                         "does not have (add them to routes, or fix the listener's rds.route_config_name)")

@@ -24,7 +24,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -51,6 +51,7 @@ _MESSAGE_CLASSES = {
 }
 _HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+_DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
 
 Reference = tuple[str, str]
 """(type_url, name) of a resource that another resource names."""
@@ -136,6 +137,12 @@ def _listener_references(listener: listener_pb2.Listener) -> list[Reference]:
         chains.append(listener.default_filter_chain)
     found: list[Reference] = []
     for chain in chains:
+        socket = chain.transport_socket.typed_config
+        if socket.type_url == _DOWNSTREAM_TLS_TYPE:
+            common = tls_pb2.DownstreamTlsContext.FromString(socket.value).common_tls_context
+            found.extend((SECRET, sds.name) for sds in common.tls_certificate_sds_secret_configs)
+            if common.HasField("validation_context_sds_secret_config"):
+                found.append((SECRET, common.validation_context_sds_secret_config.name))
         for network_filter in chain.filters:
             config = network_filter.typed_config
             if config.type_url == _HCM_TYPE:

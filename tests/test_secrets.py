@@ -1,0 +1,110 @@
+"""TLS Secrets are validated before any Envoy sees them; a bad rotation keeps the last valid one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from controlplane.sources.store import ObjectKey, Store
+from controlplane.translate import to_ir, to_xds
+from controlplane.xds import SECRET
+from tests.certs import ca_secret, issue, tls_secret
+from tests.objects import NS, app, gateway
+
+CA = issue("test CA", ca=True)
+SERVER = issue("localhost", issuer=CA)
+HTTPS = [{"name": "https", "port": 8443, "protocol": "HTTPS", "tls": {"certificateSecret": "edge-cert"}}]
+MTLS = [{"name": "https", "port": 8443, "protocol": "HTTPS",
+         "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "clients"}}]
+
+
+def conditions(translation, name="edge"):
+    found = translation.conditions[ObjectKey("Gateway", NS, name)]
+    return {c.type: (c.status, c.reason, c.message) for c in found}
+
+
+def translate(*objects, now=None):
+    return to_ir.translate(Store(list(objects)).view(), now=now or time.time())
+
+
+def test_an_https_listener_gets_its_certificate_over_sds():
+    result = translate(gateway(listeners=HTTPS), *app("api"), tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem))
+    assert conditions(result)["Accepted"][0] == "True"
+    snapshot = to_xds.snapshot(result.groups["edge"])
+    assert list(snapshot.resources(SECRET).resources) == ["shop/edge-cert/certificate"]
+
+
+def test_mutual_tls_adds_the_client_ca():
+    result = translate(gateway(listeners=MTLS), *app("api"), tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem),
+                       ca_secret("clients", CA.cert_pem))
+    snapshot = to_xds.snapshot(result.groups["edge"])
+    assert sorted(snapshot.resources(SECRET).resources) == ["shop/clients/client-ca", "shop/edge-cert/certificate"]
+
+
+OTHER = issue("other")
+EXPIRED = issue("localhost", issuer=CA, valid_days=1, starts_days_ago=3)
+FUTURE = issue("localhost", issuer=CA, starts_days_ago=-2)
+BAD_SECRETS = [
+    ("missing", [], "Secret shop/edge-cert does not exist"),
+    ("not a TLS secret", [tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem, secret_type="Opaque")],
+     "is of type 'Opaque': a certificate needs a kubernetes.io/tls Secret"),
+    ("key of another certificate", [tls_secret("edge-cert", SERVER.cert_pem, OTHER.key_pem)],
+     "tls.key does not match the certificate in tls.crt (subject CN=localhost)"),
+    ("expired", [tls_secret("edge-cert", EXPIRED.cert_pem, EXPIRED.key_pem)], "the certificate in tls.crt expired on"),
+    ("not yet valid", [tls_secret("edge-cert", FUTURE.cert_pem, FUTURE.key_pem)], "is not valid before"),
+    ("not PEM", [tls_secret("edge-cert", b"hello", SERVER.key_pem)], "tls.crt holds no PEM certificate"),
+    ("encrypted or garbage key", [tls_secret("edge-cert", SERVER.cert_pem, b"-----BEGIN PRIVATE KEY-----\nx\n")],
+     "tls.key is not an unencrypted PEM private key"),
+]
+
+
+@pytest.mark.parametrize("secrets, message", [case[1:] for case in BAD_SECRETS], ids=[c[0] for c in BAD_SECRETS])
+def test_a_bad_certificate_secret_refuses_its_gateway_only(secrets, message):
+    other = gateway("plain", node_cluster="other", listeners=[{"name": "http", "port": 8080}])
+    result = translate(gateway(listeners=HTTPS), other, *app("api"), *secrets)
+    accepted, resolved = conditions(result)["Accepted"], conditions(result)["ResolvedRefs"]
+    assert (accepted[0], accepted[1], resolved[0]) == ("False", "InvalidSecret", "False")
+    assert message in accepted[2]
+    assert "edge" not in result.groups and conditions(result, "plain")["Accepted"][0] == "True"
+
+
+@pytest.mark.parametrize("ca_pem, message", [(SERVER.cert_pem, "which is not a CA certificate"),
+                                             (b"", "has no ca.crt")])
+def test_a_bad_client_ca_refuses_its_gateway(ca_pem, message):
+    result = translate(gateway(listeners=MTLS), *app("api"), tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem),
+                       ca_secret("clients", ca_pem))
+    assert message in conditions(result)["Accepted"][2]
+
+
+def test_a_bad_rotation_keeps_the_last_valid_certificate_and_says_so():
+    store = Store([gateway(listeners=HTTPS), *app("api"), tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem)])
+    translator = to_ir.Translator()
+    first = to_xds.snapshot(translator.translate(store.view(), now=time.time()).groups["edge"])
+
+    store.put(tls_secret("edge-cert", SERVER.cert_pem, OTHER.key_pem))  # rotated to a wrong key
+    rotated = translator.translate(store.view(), now=time.time())
+    assert conditions(rotated)["Accepted"][0] == "True"
+    status, reason, message = conditions(rotated)["ResolvedRefs"]
+    assert (status, reason) == ("False", "InvalidSecret")
+    assert "tls.key does not match" in message and "Envoys keep the last valid version" in message
+    kept = to_xds.snapshot(rotated.groups["edge"])
+    assert kept.resources(SECRET).resources["shop/edge-cert/certificate"].version == \
+        first.resources(SECRET).resources["shop/edge-cert/certificate"].version
+
+    renewed = issue("localhost", issuer=CA)
+    store.put(tls_secret("edge-cert", renewed.cert_pem, renewed.key_pem))  # fixed: the new one goes out
+    fixed = translator.translate(store.view(), now=time.time())
+    assert conditions(fixed)["ResolvedRefs"][0] == "True"
+    assert to_xds.snapshot(fixed.groups["edge"]).resources(SECRET).resources[
+        "shop/edge-cert/certificate"].version != first.resources(SECRET).resources["shop/edge-cert/certificate"].version
+
+
+def test_expiry_is_checked_at_every_translation_not_only_when_the_secret_changes():
+    short = issue("localhost", issuer=CA, valid_days=2, starts_days_ago=1)  # expires in a day
+    store = Store([gateway(listeners=HTTPS), *app("api"), tls_secret("edge-cert", short.cert_pem, short.key_pem)])
+    translator = to_ir.Translator()
+    assert conditions(translator.translate(store.view(), now=time.time()))["Accepted"][0] == "True"
+    later = translator.translate(store.view(), now=time.time() + 2 * 86400)
+    assert conditions(later)["Accepted"][:2] == ("False", "InvalidSecret")  # no valid version left to keep
+    assert "expired on" in conditions(later)["Accepted"][2]
