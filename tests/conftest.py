@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import pytest
+
+from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.sources.files import DirectorySource
 
 from controlplane.xds import SnapshotCache, XdsServer
 from controlplane.runtime.sample_backend import SampleBackend
@@ -66,3 +72,19 @@ def api():
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def served(xds, tmp_path):
+    """The file source and pipeline feeding the xDS server, as `controlplane serve` wires them."""
+    cache, server = xds
+    (tmp_path / "manifests").mkdir()
+    source = DirectorySource(tmp_path / "manifests", interval=0.05)
+    pipeline = Pipeline(cache)
+    on_change, coalescer = store_publisher(pipeline)
+    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    yield source, pipeline, server
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

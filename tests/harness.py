@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import yaml
 
 from controlplane.runtime.envoy_process import EnvoyProcess, envoy_binary
 
@@ -22,6 +23,11 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def write(path: Path, *objects: dict) -> None:
+    """Manifests into a file (multi-document YAML), as a user would write them."""
+    path.write_text(yaml.safe_dump_all(objects))
 
 
 def assert_envoy_accepts(config_yaml: str, directory: Path) -> None:

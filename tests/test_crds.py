@@ -43,4 +43,5 @@ def test_cel_rules_mirror_the_model_validators():
     assert "has(self.pathPrefix) != has(self.path)" in rules
     gateway_rules = [v["message"] for _, node in _walk(schema.crd("Gateway"))
                      for v in node.get("x-kubernetes-validations", [])]
-    assert gateway_rules == ["listener ports must be unique", "listener names must be unique"]
+    assert gateway_rules == ["listener ports must be unique", "listener names must be unique",
+                             "tls is required for HTTPS, and only for it"]

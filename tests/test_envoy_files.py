@@ -3,39 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import pytest
-import yaml
 
-from controlplane.runtime.pipeline import Pipeline, store_publisher
-from controlplane.sources.files import DirectorySource
 from controlplane.sources.store import ObjectKey
-from tests.harness import eventually, free_port
+from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 from tests.test_envoy_xds import body_of
 
 pytestmark = pytest.mark.envoy
-
-
-def write(path, *objects) -> None:
-    path.write_text(yaml.safe_dump_all(objects))
-
-
-@pytest.fixture
-async def served(xds, tmp_path):
-    """The file source and pipeline feeding the xDS server, as `controlplane serve` wires them."""
-    cache, server = xds
-    (tmp_path / "manifests").mkdir()
-    source = DirectorySource(tmp_path / "manifests", interval=0.05)
-    pipeline = Pipeline(cache)
-    on_change, coalescer = store_publisher(pipeline)
-    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
-    yield source, pipeline, server
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def test_manifests_become_traffic_and_follow_changes(served, envoys, backends):
