@@ -20,7 +20,8 @@ import yaml
 from controlplane.runtime import demo
 from controlplane.sources.files import DirectorySource, ManifestError
 from controlplane.translate import render, to_ir, to_xds
-from controlplane.translate.bootstrap import ads_bootstrap
+from controlplane.translate.bootstrap import XdsClientTls, ads_bootstrap
+from controlplane.xds.server_tls import ServerTls
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="watch one namespace (default: all)")
     run_serve.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
                            help="default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account")
+    run_serve.add_argument("--xds-tls-cert", type=Path, metavar="PATH",
+                           help="serve xDS over TLS with this certificate (PEM; re-read when it changes)")
+    run_serve.add_argument("--xds-tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
+    run_serve.add_argument("--xds-client-ca", type=Path, metavar="PATH",
+                           help="require Envoys to present a certificate signed by this CA (mutual TLS)")
 
     run_render = commands.add_parser("render", help="print the Envoy resources a node group gets")
     run_render.add_argument("--source", required=True, metavar="PATH", help="a directory of YAML manifests")
@@ -68,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--node-id", default="envoy")
     bootstrap.add_argument("--admin-port", type=int, default=9901)
     bootstrap.add_argument("--delta", action="store_true", help="use Delta xDS instead of State-of-the-World")
+    bootstrap.add_argument("--xds-ca", metavar="PATH", help="connect over TLS, trusting this CA (a path in Envoy's "
+                           "container); the server certificate must name the --xds-address host")
+    bootstrap.add_argument("--xds-client-cert", metavar="PATH", help="Envoy's certificate, for mutual TLS")
+    bootstrap.add_argument("--xds-client-key", metavar="PATH", help="Envoy's private key, for mutual TLS")
     return parser
 
 
@@ -100,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _render(source, args.node_cluster, args.format)
     host, port = args.xds_address
+    if (args.xds_client_cert or args.xds_client_key) and not args.xds_ca:
+        print("controlplane bootstrap: --xds-client-cert/--xds-client-key need --xds-ca", file=sys.stderr)
+        return 2
+    tls = XdsClientTls(args.xds_ca, args.xds_client_cert, args.xds_client_key) if args.xds_ca else None
     print(yaml.safe_dump(ads_bootstrap(node_id=args.node_id, node_cluster=args.node_cluster, xds_host=host,
-                                       xds_port=port, admin_port=args.admin_port, delta=args.delta),
+                                       xds_port=port, admin_port=args.admin_port, delta=args.delta, tls=tls),
                          sort_keys=False), end="")
     return 0
 
@@ -114,16 +128,21 @@ def _serve(args) -> int:
             source, leader = _kubernetes_source(args.kubeconfig, args.namespace)
         else:
             source = DirectorySource(Path(args.source))
+        xds_tls = None
+        if args.xds_tls_cert or args.xds_tls_key or args.xds_client_ca:
+            if not (args.xds_tls_cert and args.xds_tls_key):
+                raise SettingsError("--xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs both)")
+            xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
         asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
-                          leader=leader))
-    except (OSError, ManifestError, KubeConfigError) as error:
+                          leader=leader, xds_tls=xds_tls))
+    except (OSError, ManifestError, SettingsError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1
     return 0
 
 
-class KubeConfigError(Exception):
-    pass
+class SettingsError(Exception):
+    """A setting `serve` cannot start with; the message says which and what to do."""
 
 
 def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
@@ -138,7 +157,7 @@ def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
         else:
             config.load_incluster_config()
     except (config.ConfigException, OSError) as error:
-        raise KubeConfigError(f"cannot configure the Kubernetes client ({error}): pass --kubeconfig, set "
+        raise SettingsError(f"cannot configure the Kubernetes client ({error}): pass --kubeconfig, set "
                               "KUBECONFIG, or run in a pod with a service account") from None
     api_client = client.ApiClient()
     # The Lease lives in the control plane's own namespace (the Deployment sets POD_NAMESPACE).

@@ -17,6 +17,7 @@ import httpx
 import yaml
 
 from controlplane.runtime.envoy_process import EnvoyProcess, envoy_binary
+from controlplane.translate.bootstrap import XdsClientTls
 
 
 def free_port() -> int:
@@ -42,9 +43,10 @@ def assert_envoy_accepts(config_yaml: str, directory: Path) -> None:
 class Envoy(EnvoyProcess):
     """A real Envoy for a test, with an async admin client."""
 
-    def __init__(self, workdir: Path, *, xds_port: int, node_cluster: str, delta: bool, node_id: str = "envoy-1"):
+    def __init__(self, workdir: Path, *, xds_port: int, node_cluster: str, delta: bool, node_id: str = "envoy-1",
+                 xds_tls: XdsClientTls | None = None):
         super().__init__(workdir, xds_port=xds_port, admin_port=free_port(), node_cluster=node_cluster,
-                         delta=delta, node_id=node_id)
+                         delta=delta, node_id=node_id, xds_tls=xds_tls)
         self.admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.admin_port}", timeout=5)
 
     async def config_dump(self) -> dict:

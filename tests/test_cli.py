@@ -89,3 +89,22 @@ def test_render_bootstrap_inlines_tls_secrets_and_envoy_accepts_it(tmp_path, cap
     assert "sds" not in bootstrap.lower() and "tlsCertificates" in bootstrap
     (tmp_path / "out").mkdir()
     assert_envoy_accepts(bootstrap, tmp_path / "out")
+
+
+def test_bootstrap_for_mutual_tls_to_the_control_plane_is_valid_for_envoy(tmp_path, capsys):
+    from tests.certs import issue
+    authority = issue("xDS CA", ca=True)
+    envoy_cert = issue("gateway", issuer=authority, client=True)
+    for name, pem in {"ca": authority.cert_pem, "cert": envoy_cert.cert_pem, "key": envoy_cert.key_pem}.items():
+        (tmp_path / f"{name}.pem").write_bytes(pem)
+    assert cli.main([*EXAMPLE_ARGS, "--xds-ca", str(tmp_path / "ca.pem"), "--xds-client-cert",
+                     str(tmp_path / "cert.pem"), "--xds-client-key", str(tmp_path / "key.pem")]) == 0
+    bootstrap = capsys.readouterr().out
+    assert "UpstreamTlsContext" in bootstrap and "controlplane.controlplane-system.svc" in bootstrap
+    (tmp_path / "out").mkdir()
+    assert_envoy_accepts(bootstrap, tmp_path / "out")
+
+
+def test_client_certificate_without_a_ca_is_refused(capsys):
+    assert cli.main([*EXAMPLE_ARGS, "--xds-client-cert", "c.pem", "--xds-client-key", "k.pem"]) == 2
+    assert "need --xds-ca" in capsys.readouterr().err

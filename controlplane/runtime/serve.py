@@ -16,6 +16,7 @@ from controlplane.runtime.pipeline import Pipeline, periodically, store_publishe
 from controlplane.runtime.status import StatusWriter
 from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache, XdsServer
+from controlplane.xds.server_tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,11 @@ def tune_gc() -> None:
 
 
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
-                leader: LeaderElection | None = None, grace: float = 5.0) -> None:
+                leader: LeaderElection | None = None, xds_tls: ServerTls | None = None, grace: float = 5.0) -> None:
     """Serve until SIGTERM. With `leader` (Kubernetes), the elected replica also writes CRD status."""
     tune_gc()
     cache = SnapshotCache()
-    server = XdsServer(cache, address=xds_address)
+    server = XdsServer(cache, address=xds_address, tls=xds_tls)
     await server.start()
     writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None)

@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import dataclass
 from typing import Any
 
 XDS_CLUSTER = "xds_cluster"
 
 
+@dataclass(frozen=True)
+class XdsClientTls:
+    """How Envoy checks the control plane (CA file), and optionally proves itself (mutual TLS).
+
+    Paths are as Envoy sees them (files mounted into its container)."""
+
+    ca: str
+    certificate: str | None = None
+    private_key: str | None = None
+
+    def transport_socket(self, server_name: str) -> dict[str, Any]:
+        """Envoy checks the chain and that the certificate names `server_name` (DNS name or IP)."""
+        san_type = "IP_ADDRESS" if _is_ip(server_name) else "DNS"
+        common: dict[str, Any] = {"validation_context": {
+            "trusted_ca": {"filename": self.ca},
+            "match_typed_subject_alt_names": [{"san_type": san_type, "matcher": {"exact": server_name}}]}}
+        if self.certificate and self.private_key:
+            common["tls_certificates"] = [{"certificate_chain": {"filename": self.certificate},
+                                           "private_key": {"filename": self.private_key}}]
+        return {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": server_name, "common_tls_context": common}}
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: int, admin_port: int,
-                  delta: bool = False) -> dict[str, Any]:
+                  delta: bool = False, tls: XdsClientTls | None = None) -> dict[str, Any]:
     """Everything comes over one ADS stream; only the xDS cluster itself is static.
 
     The xDS cluster speaks HTTP/2 with TCP keepalives so a dead control plane is noticed, and
     Envoy keeps serving its last configuration while it reconnects. The admin interface stays on
     127.0.0.1: it can change Envoy's state and must not be reachable from the network.
     """
-    return {
+    bootstrap = {
         "node": {"id": node_id, "cluster": node_cluster},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "dynamic_resources": {
@@ -43,3 +77,6 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
                 "address": {"socket_address": {"address": xds_host, "port_value": xds_port}}}}]}]},
         }]},
     }
+    if tls is not None:
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket(xds_host)
+    return bootstrap

@@ -22,6 +22,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from controlplane.xds import resources as xr
 from controlplane.xds.cache import ConfigWatcher, EnvoyStatus, GroupState
 from controlplane.xds.protocol import Step, StreamProtocol
+from controlplane.xds.server_tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,11 @@ class XdsServer:
     """Serves a `ConfigWatcher` (usually a `SnapshotCache`) to Envoys over gRPC."""
 
     def __init__(self, cache: ConfigWatcher, *, address: str = "127.0.0.1:18000",
-                 options: tuple[tuple[str, int], ...] = SERVER_OPTIONS):
+                 options: tuple[tuple[str, int], ...] = SERVER_OPTIONS, tls: ServerTls | None = None):
         self._cache = cache
         self._address = address
         self._options = options
+        self._tls = tls
         self._server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -91,12 +93,16 @@ class XdsServer:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         server = grpc.aio.server(options=self._options)
         server.add_generic_rpc_handlers(self._handlers())
-        self.port = server.add_insecure_port(self._address)
+        if self._tls is not None:
+            self.port = server.add_secure_port(self._address, self._tls.credentials())
+        else:
+            self.port = server.add_insecure_port(self._address)
         if not self.port:
             raise OSError(f"cannot bind the xDS server to {self._address}: is the port in use?")
         await server.start()
         self._server = server
-        log.info("xDS server listening on %s (port %d)", self._address, self.port)
+        log.info("xDS server listening on %s (port %d, %s)", self._address, self.port,
+                 "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca else "TLS")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -1,0 +1,57 @@
+"""TLS for the xDS server, from files that may be rotated while it runs.
+
+The xDS stream carries private keys (SDS), so it must not travel in plaintext. The certificate
+and key are read from files (a mounted Kubernetes Secret); gRPC asks for the configuration on
+every new handshake and gets a new one when the files changed, so the control plane's own
+certificate rotates without a restart. With a client CA, Envoys must present a certificate
+signed by it (mutual TLS between Envoy and the control plane).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    certificate: Path
+    private_key: Path
+    client_ca: Path | None = None
+
+    def credentials(self) -> grpc.ServerCredentials:
+        files = [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
+        for path in files:
+            if not path.is_file():
+                raise OSError(f"xDS TLS: {path} does not exist or is not a file")
+        seen = [self._stamp()]
+
+        def fetch():
+            stamp = self._stamp()
+            if stamp == seen[0]:
+                return None  # unchanged: gRPC keeps the current configuration
+            try:
+                configuration = self._configuration()
+            except OSError as error:
+                log.error("xDS TLS: cannot read the rotated files (%s); keeping the current certificate", error)
+                return None
+            seen[0] = stamp
+            log.info("xDS TLS: certificate files changed; new connections use the new certificate")
+            return configuration
+
+        return grpc.dynamic_ssl_server_credentials(self._configuration(), fetch,
+                                                   require_client_authentication=self.client_ca is not None)
+
+    def _configuration(self):
+        return grpc.ssl_server_certificate_configuration(
+            [(self.private_key.read_bytes(), self.certificate.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None)
+
+    def _stamp(self) -> tuple:
+        paths = [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
+        return tuple((path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None for path in paths)
