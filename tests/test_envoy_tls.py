@@ -32,7 +32,8 @@ async def https_body(port: int, context: ssl.SSLContext) -> str | None:
         async with httpx.AsyncClient(verify=context, timeout=2) as http:
             response = await http.get(f"https://127.0.0.1:{port}/")
         return response.text.strip() if response.status_code == 200 else f"HTTP {response.status_code}"
-    except httpx.HTTPError:
+    except (httpx.HTTPError, ssl.SSLError, OSError):
+        # TLS 1.3 reports "certificate required" after the handshake, on first read, as ssl.SSLError
         return None
 
 
