@@ -53,9 +53,11 @@ class Translator:
     """Translates views, reusing what it computed for objects that are unchanged.
 
     Unchanged means the very same object: sources replace an object when it changes and keep it
-    otherwise, so identity is exact and cheap. Each memo entry holds its inputs themselves and is
-    compared with `is` (a recycled id() can never hit). The result is exactly `translate(view)`:
-    the memo is a cache, not state; entries of objects that are gone are dropped after each pass.
+    otherwise. Each memo entry holds its inputs and compares them as a tuple, which tries identity
+    first, so unchanged objects cost a pointer comparison, and an equal copy still hits correctly
+    (a recycled id() can never hit). The result is exactly `translate(view)`: the memo is a cache;
+    entries of objects that are gone are dropped after each full pass. One piece of policy state
+    is kept on purpose: the last valid version of each TLS Secret (see `_secret`).
     """
 
     def __init__(self):
