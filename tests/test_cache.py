@@ -80,3 +80,15 @@ def test_set_snapshot_notifies_watchers_of_that_group_only():
     assert cache.snapshot("a") is not None and cache.snapshot("nobody") is None
     with pytest.raises(TypeError, match="needs a Snapshot"):
         cache.set_snapshot("a", {"clusters": []})
+
+
+def test_listener_naming_a_missing_sds_secret_is_refused():
+    from controlplane.xds import SECRET
+    listener = b.http_listener("https", address="0.0.0.0", port=443, route_config_name="r",
+                               transport_socket=b.downstream_tls("edge/cert", "edge/ca"))
+    routes = [b.route_configuration("r", [])]
+    with pytest.raises(SnapshotError) as refused:
+        Snapshot(listeners=[listener], routes=routes, secrets=[b.certificate_secret("edge/cert", b"c", b"k")])
+    assert refused.value.dangling == {SECRET: ["edge/ca"]}
+    Snapshot(listeners=[listener], routes=routes, secrets=[b.certificate_secret("edge/cert", b"c", b"k"),
+                                                           b.trusted_ca_secret("edge/ca", b"ca")])
