@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
@@ -51,3 +53,14 @@ async def test_fetch_returns_the_named_resources_and_refuses_unknown_groups(xds)
             await stub.FetchEndpoints(d.DiscoveryRequest(node=base_pb2.Node(id="x", cluster="nobody")))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no snapshot yet for node group 'nobody'" in refused.value.details()
+
+
+async def test_wait_for_termination_returns_when_the_server_stops():
+    from controlplane.xds import SnapshotCache, XdsServer
+    server = XdsServer(SnapshotCache(), address="127.0.0.1:0")
+    await server.start()
+    waiting = asyncio.create_task(server.wait_for_termination())
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await server.stop(0)
+    await asyncio.wait_for(waiting, timeout=5)

@@ -140,9 +140,6 @@ class Snapshot:
     def resources(self, type_url: str) -> ResourceSet:
         return self._sets[type_url]
 
-    def names(self, type_url: str) -> list[str]:
-        return list(self._sets[type_url].resources)
-
     @cached_property
     def version(self) -> str:
         return xr.content_version(frozenset(

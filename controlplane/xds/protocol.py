@@ -96,10 +96,6 @@ class StreamProtocol:
         self._types = {type_url: _TypeState() for type_url in xr.PUSH_ORDER if type_url in types}
         self._nonces = itertools.count(1)
 
-    @property
-    def delta(self) -> bool:
-        return self._delta
-
     def type_status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items() if state.requested}
 

@@ -1,0 +1,43 @@
+"""Bursts of events become one translation, and a steady stream of events cannot starve Envoy."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from controlplane.runtime.pipeline import Coalescer
+
+
+@contextlib.asynccontextmanager
+async def running(coalescer: Coalescer):
+    task = asyncio.create_task(coalescer.run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_burst_is_one_action():
+    calls: list[float] = []
+    coalescer = Coalescer(lambda: calls.append(asyncio.get_running_loop().time()), hold_off=0.05, max_delay=1.0)
+    async with running(coalescer):
+        for _ in range(20):  # a rollout touching 20 EndpointSlices within 20 ms
+            coalescer.poke()
+            await asyncio.sleep(0.001)
+        await asyncio.sleep(0.2)
+    assert len(calls) == 1
+
+
+async def test_events_that_never_pause_still_publish_while_they_go_on():
+    pokes = 0
+    published_after: list[int] = []  # how many events had arrived at each publication
+    coalescer = Coalescer(lambda: published_after.append(pokes), hold_off=0.05, max_delay=0.2)
+    async with running(coalescer):
+        for _ in range(100):  # bounded: an event every 10 ms or more, never a 50 ms pause: >= 1 s in all
+            pokes += 1
+            coalescer.poke()
+            await asyncio.sleep(0.01)
+    # The maximum delay, not the end of the events, triggered publications: several, during the stream.
+    assert len(published_after) >= 2 and published_after[0] < 100
