@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import pytest
 
-from controlplane.runtime.pipeline import Pipeline, store_publisher
-from controlplane.sources.files import DirectorySource
-
-from controlplane.xds import SnapshotCache, XdsServer
+from controlplane.runtime.pipeline import Pipeline, cancel, feed
 from controlplane.runtime.sample_backend import SampleBackend
+from controlplane.sources.files import DirectorySource
+from controlplane.xds import SnapshotCache, XdsServer
 from tests.harness import Envoy
 from tests.kube_api_server import KubeAPIServer
 
@@ -81,10 +77,6 @@ async def served(xds, tmp_path):
     (tmp_path / "manifests").mkdir()
     source = DirectorySource(tmp_path / "manifests", interval=0.05)
     pipeline = Pipeline(cache)
-    on_change, coalescer = store_publisher(pipeline)
-    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    _coalescer, tasks = feed(source, pipeline)
     yield source, pipeline, server
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await cancel(tasks)

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-
 from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.sources.store import ObjectKey
 from tests.harness import eventually
 from tests.kube_api_server import KubeAPIServer
 from tests.objects import NS, app, endpoint_slice, gateway, ready
-
 
 
 class Recorder:

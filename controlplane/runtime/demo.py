@@ -20,7 +20,7 @@ from pathlib import Path
 
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.runtime.envoy_process import EnvoyProcess
-from controlplane.runtime.pipeline import Pipeline, store_publisher
+from controlplane.runtime.pipeline import Pipeline, cancel, feed
 from controlplane.runtime.sample_backend import SampleBackend
 from controlplane.sources.files import DirectorySource
 from controlplane.sources.store import StoreView
@@ -87,8 +87,7 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
     cache = SnapshotCache()
     server = XdsServer(cache, address=f"127.0.0.1:{ports.xds}")
     await server.start()
-    on_change, coalescer = store_publisher(Pipeline(cache))
-    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+    _coalescer, tasks = feed(source, Pipeline(cache))
     workdir = Path(tempfile.mkdtemp(prefix="controlplane-demo-"))
     envoy = EnvoyProcess(workdir, xds_port=ports.xds, admin_port=ports.admin, node_cluster=NODE_CLUSTER,
                          node_id="demo-envoy")  # on the main thread: Envoy dies with the thread that starts it
@@ -114,10 +113,7 @@ Envoy's log: {envoy.log_path}. Press Ctrl-C to stop.""", flush=True)
         return 0
     finally:
         envoy.stop()
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(tasks)
         with contextlib.suppress(Exception):
             await server.stop(0.5)
         for backend in backends:

@@ -7,10 +7,9 @@ objects that are not accepted, per kind and reason.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
-
-import threading
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 

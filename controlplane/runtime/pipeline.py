@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from controlplane.sources.store import ObjectKey, Store, StoreView
 from controlplane.translate import to_ir, to_xds
@@ -95,7 +96,26 @@ class Coalescer:
             self._action()
 
 
-def store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coalescer]:
+class Source(Protocol):
+    """Files or Kubernetes: calls `on_change(store)` with everything known, after every change."""
+
+    async def watch(self, on_change: Callable[[Store], None]) -> None: ...
+
+
+def feed(source: Source, pipeline: Pipeline) -> tuple[Coalescer, list[asyncio.Task]]:
+    """Start feeding `pipeline` from `source`: the source's watch and the coalescer, as tasks."""
+    on_change, coalescer = _store_publisher(pipeline)
+    return coalescer, [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change))]
+
+
+async def cancel(tasks: list[asyncio.Task]) -> None:
+    """Stop `tasks` and wait for them; their failures were reported where they happened."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coalescer]:
     """A source callback that hands the latest store to `pipeline`, coalescing bursts."""
     latest: list[Store] = []
 

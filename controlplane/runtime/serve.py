@@ -3,28 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable
-from typing import Protocol
 
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
-from controlplane.runtime.pipeline import Pipeline, periodically, store_publisher
+from controlplane.runtime.pipeline import Pipeline, Source, cancel, feed, periodically
 from controlplane.runtime.status import StatusWriter
-from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache, XdsServer
 from controlplane.xds.server_tls import ServerTls
 
 log = logging.getLogger(__name__)
-
-
-class Source(Protocol):
-    """Files or Kubernetes: calls `on_change(store)` with everything known, after every change."""
-
-    async def watch(self, on_change: Callable[[Store], None]) -> None: ...
 
 
 def tune_gc() -> None:
@@ -50,9 +40,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
                       ready=lambda: pipeline.last is not None)
         log.info("metrics on http://%s/metrics", metrics_address)
-    on_change, coalescer = store_publisher(pipeline)
-    tasks = [asyncio.create_task(coalescer.run()), asyncio.create_task(source.watch(on_change)),
-             asyncio.create_task(periodically(coalescer.poke, 60))]
+    coalescer, tasks = feed(source, pipeline)
+    tasks.append(asyncio.create_task(periodically(coalescer.poke, 60)))
     if leader is not None:
         tasks += [asyncio.create_task(leader.run()), asyncio.create_task(writer.run())]
     stop = asyncio.Event()
@@ -64,10 +53,7 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         if task in tasks and task.exception() is not None:
             log.error("stopping: %s", task.exception())
     log.info("shutting down: closing xDS streams within %.0fs; Envoys keep their configuration", grace)
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+    await cancel(tasks)
     if leader is not None:
         await asyncio.to_thread(leader.release)
     await server.stop(grace)

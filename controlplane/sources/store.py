@@ -39,14 +39,9 @@ class StoreView:
     an earlier view of the same store (so translation can redo only what a change touches)."""
 
     def __init__(self, objects: Mapping[ObjectKey, Mapping[str, Any]],
-                 slices: Mapping[tuple[str, str], Mapping[ObjectKey, Mapping[str, Any]]] | None = None, *,
-                 changes: _ChangeLog | None = None, version: int = 0):
+                 slices: Mapping[tuple[str, str], Mapping[ObjectKey, Mapping[str, Any]]], *,
+                 changes: _ChangeLog, version: int):
         self._objects = MappingProxyType(dict(objects))
-        if slices is None:
-            slices = {}
-            for key, obj in self._objects.items():
-                if key.kind == "EndpointSlice" and (service := _service_of(obj)):
-                    slices.setdefault((key.namespace, service), {})[key] = obj
         self._slices = slices
         self._sorted: dict[str, list[tuple[ObjectKey, Mapping[str, Any]]]] = {}
         self._sorted_slices: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -78,7 +73,7 @@ class StoreView:
 
     def changed_since(self, earlier: StoreView) -> set[ObjectKey] | None:
         """Keys written between `earlier` and this view (of the same store), or None if unknown."""
-        if self._changes is None or earlier._changes is not self._changes:
+        if earlier._changes is not self._changes:
             return None
         return self._changes.between(earlier.version, self.version)
 

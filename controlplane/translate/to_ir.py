@@ -162,7 +162,7 @@ class Translator:
             node_groups[key] = node_cluster
             conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
 
-        groups: dict[str, ir.NodeGroup] = {}
+        group_listeners: dict[str, list[ir.Listener]] = {}
         for gateway in gateways.values():
             for listener in gateway.spec.listeners:
                 name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
@@ -171,18 +171,13 @@ class Translator:
                 tls = gateway.tls.get(listener.name)
                 built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
                                      routes, gateway.spec.limits.max_connections, tls)
-                group = groups.get(gateway.spec.node_cluster)
-                groups[gateway.spec.node_cluster] = ir.NodeGroup(
-                    name=gateway.spec.node_cluster,
-                    listeners=tuple(sorted((*(group.listeners if group else ()), built), key=lambda l: l.name)),
-                    backends=())
-        for node_cluster, group in groups.items():
-            groups[node_cluster] = ir.NodeGroup(group.name, group.listeners, tuple(
-                sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
+                group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
+        groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=lambda l: l.name)),
+                                             tuple(sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
+                  for node_cluster, listeners_ in sorted(group_listeners.items())}
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
-        return Translation(groups=dict(sorted(groups.items())), conditions=conditions, origins=origins,
-                           node_groups=node_groups)
+        return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups)
 
     def _accepted_gateways(self, view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
         """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""

@@ -30,17 +30,17 @@ class SnapshotBuilder:
 
     def __init__(self):
         self._resources: dict[int, tuple[object, tuple[Resource, ...]]] = {}
-        self._last: Snapshot | None = None
+        self._last = Snapshot()  # so the first snapshot, like every other, is a replace of what changed
         self._last_lists: dict[str, list[Resource]] = {}
         self._by_name: dict[tuple[str, str], Resource] = {}
 
-    def _built(self, value, build) -> tuple[Resource, ...]:
+    def _built(self, value, build, fresh: dict) -> tuple[Resource, ...]:
         entry = self._resources.get(id(value))
         if entry is None or entry[0] is not value:
             # A rebuilt value often serializes some resources to the same bytes (a Backend whose
             # endpoints moved keeps its cluster): keep those Resource objects, so their type is reused.
             entry = (value, tuple(self._same_as_before(resource) for resource in build(value)))
-        self._fresh[id(value)] = entry
+        fresh[id(value)] = entry
         return entry[1]
 
     def _same_as_before(self, resource: Resource) -> Resource:
@@ -48,24 +48,20 @@ class SnapshotBuilder:
         return before if before is not None and before.version == resource.version else resource
 
     def snapshot(self, group: ir.NodeGroup) -> Snapshot:
-        self._fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
-        per_backend = [self._built(backend, _backend_resources) for backend in group.backends]
-        per_listener = [self._built(listener, _listener_resources) for listener in group.listeners]
+        fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        per_backend = [self._built(backend, _backend_resources, fresh) for backend in group.backends]
+        per_listener = [self._built(listener, _listener_resources, fresh) for listener in group.listeners]
         used_secrets = {secret.name: secret for listener in group.listeners if listener.tls is not None
                         for secret in (listener.tls.certificate, listener.tls.client_ca) if secret is not None}
-        per_secret = [self._built(secret, _secret_resources) for _name, secret in sorted(used_secrets.items())]
-        self._resources = self._fresh
-        self._by_name = {(r.type_url, r.name): r for _value, built in self._fresh.values() for r in built}
+        per_secret = [self._built(secret, _secret_resources, fresh) for _name, secret in sorted(used_secrets.items())]
+        self._resources = fresh
+        self._by_name = {(r.type_url, r.name): r for _value, built in fresh.values() for r in built}
         lists = {CLUSTER: [r[0] for r in per_backend], ENDPOINT: [r[1] for r in per_backend],
                  LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener],
                  SECRET: [r[0] for r in per_secret]}
-        changed = {type_url: items for type_url, items in lists.items() if not _same(items,
-                                                                                      self._last_lists.get(type_url))}
-        if self._last is None:
-            built = Snapshot(clusters=lists[CLUSTER], endpoints=lists[ENDPOINT], listeners=lists[LISTENER],
-                             routes=lists[ROUTE], secrets=lists[SECRET])
-        else:
-            built = self._last.replace(**{_ARGUMENT[type_url]: items for type_url, items in changed.items()})
+        changed = {_ARGUMENT[type_url]: items for type_url, items in lists.items()
+                   if not _same(items, self._last_lists.get(type_url))}
+        built = self._last.replace(**changed)
         self._last, self._last_lists = built, lists
         return built
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any as AnyType, Protocol
+from typing import Any, Protocol
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds import resources as xr
 
-ResourceInput = AnyType
+ResourceInput = Any
 """A protobuf message from xds-protos, an envoy-data-plane message, or an `xr.Resource`."""
 
 
@@ -118,8 +118,7 @@ class Snapshot:
     def __init__(self, *, clusters: Iterable[ResourceInput] = (), endpoints: Iterable[ResourceInput] = (),
                  listeners: Iterable[ResourceInput] = (), routes: Iterable[ResourceInput] = (),
                  secrets: Iterable[ResourceInput] = ()):
-        given = {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners,
-                 xr.ROUTE: routes, xr.SECRET: secrets}
+        given = _by_type(clusters, endpoints, listeners, routes, secrets)
         self._sets = {type_url: _resource_set(type_url, items) for type_url, items in given.items()}
         _check_consistent(self._sets)
 
@@ -129,8 +128,7 @@ class Snapshot:
                 routes: Iterable[ResourceInput] | None = None,
                 secrets: Iterable[ResourceInput] | None = None) -> Snapshot:
         """A new snapshot with the given types replaced; the others are shared, not re-serialized."""
-        given = {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners,
-                 xr.ROUTE: routes, xr.SECRET: secrets}
+        given = _by_type(clusters, endpoints, listeners, routes, secrets)
         new = object.__new__(Snapshot)
         new._sets = {type_url: self._sets[type_url] if items is None else _resource_set(type_url, items)
                      for type_url, items in given.items()}
@@ -148,6 +146,11 @@ class Snapshot:
     def __repr__(self) -> str:
         counts = ", ".join(f"{xr.SHORT_NAMES[t]}={len(s)}" for t, s in self._sets.items())
         return f"Snapshot({counts}, version={self.version})"
+
+
+def _by_type(clusters, endpoints, listeners, routes, secrets) -> dict[str, Any]:
+    return {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners, xr.ROUTE: routes,
+            xr.SECRET: secrets}
 
 
 def _resource_set(type_url: str, items: Iterable[ResourceInput]) -> ResourceSet:

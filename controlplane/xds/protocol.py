@@ -151,9 +151,7 @@ class StreamProtocol:
 
     def _take_delta_subscription(self, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         subscribe, unsubscribe = set(request.resource_names_subscribe), set(request.resource_names_unsubscribe)
-        if not state.requested and (not subscribe or "*" in subscribe):
-            state.wildcard = True
-        if "*" in subscribe:
+        if "*" in subscribe or (not state.requested and not subscribe):  # explicit, or legacy wildcard
             state.wildcard = True
         if "*" in unsubscribe:
             state.wildcard = False
