@@ -31,3 +31,17 @@ def test_kinds_we_do_not_read_are_skipped_and_files_reload_only_when_changed(tmp
     (tmp_path / "sub" / "b.yml").write_text("kind: Service\nmetadata: {name: web}\n")
     assert source.load() is True
     assert sorted(str(key) for key in source.store().view()) == ["Service default/web", "Service shop/api"]
+
+
+def test_a_file_caught_between_truncate_and_write_is_not_applied(tmp_path):
+    manifest = tmp_path / "api.yaml"
+    manifest.write_text("kind: Service\nmetadata: {name: api}\n")
+    source = DirectorySource(tmp_path)
+    source.load()
+    manifest.write_text("")  # what a reader sees between an editor's truncate and its write
+    assert source.load(settled_only=True) is False
+    manifest.write_text("kind: Service\n  bad: [x\n")  # the write lands: a typo
+    assert source.load(settled_only=True) is False  # still changing
+    assert source.load(settled_only=True) is True  # unchanged for one poll: read
+    assert "line 2" in str(source.errors[manifest])
+    assert [str(key) for key in source.store().view()] == ["Service default/api"]  # kept, not emptied

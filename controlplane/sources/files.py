@@ -4,6 +4,11 @@ The same manifests a cluster would hold (Gateways, Backends, Services, EndpointS
 in `*.yaml`/`*.yml` files, multi-document allowed. The directory is polled for changes (stdlib
 only, works on every filesystem). A file that stops parsing keeps its last good objects and
 its error is reported with the file and line: a typo never empties a Gateway.
+
+While watching, a changed file is read only once it has stopped changing for one poll interval.
+Editors and `>` redirections truncate a file before writing it: reading it in between would
+apply an empty file, deleting its objects, and a parse error that follows would then keep that
+empty state as the "last good" one.
 """
 
 from __future__ import annotations
@@ -65,7 +70,8 @@ class DirectorySource:
             raise ManifestError(self.directory, "is not a directory of manifests")
         self.interval = interval
         self._by_file: dict[Path, list[Mapping[str, Any]]] = {}
-        self._seen: dict[Path, tuple[int, int]] = {}
+        self._polled: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file at the last poll
+        self._applied: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file when it was read
         self.errors: dict[Path, ManifestError] = {}
 
     def _files(self) -> dict[Path, tuple[int, int]]:
@@ -78,17 +84,22 @@ class DirectorySource:
             found[path] = (stat.st_mtime_ns, stat.st_size)
         return found
 
-    def load(self) -> bool:
-        """Re-read changed files; returns whether the set of objects may have changed."""
+    def load(self, *, settled_only: bool = False) -> bool:
+        """Re-read changed files; returns whether the set of objects may have changed.
+
+        With `settled_only`, a changed file waits until a later call finds it unchanged.
+        """
         files = self._files()
-        if files == self._seen:
-            return False
-        for path in set(self._by_file) - set(files):
-            del self._by_file[path]
+        previous_poll, self._polled = self._polled, files
+        removed = set(self._applied) - set(files)
+        for path in removed:
+            del self._applied[path]
+            self._by_file.pop(path, None)
             self.errors.pop(path, None)
-        for path, stamp in files.items():
-            if self._seen.get(path) == stamp:
-                continue
+        changed = [path for path, stamp in files.items() if self._applied.get(path) != stamp
+                   and (not settled_only or previous_poll.get(path) == stamp)]
+        for path in changed:
+            self._applied[path] = files[path]
             try:
                 self._by_file[path] = parse_file(path)
                 self.errors.pop(path, None)
@@ -96,8 +107,7 @@ class DirectorySource:
                 self.errors[path] = error
                 kept = len(self._by_file.get(path, []))
                 log.error("%s; keeping the %d objects it had before: fix the file to apply changes", error, kept)
-        self._seen = files
-        return True
+        return bool(removed or changed)
 
     def store(self) -> Store:
         store, seen, duplicates = Store(), set(), []
@@ -118,5 +128,5 @@ class DirectorySource:
         on_change(self.store())
         while True:
             await asyncio.sleep(self.interval)
-            if await asyncio.to_thread(self.load):
+            if await asyncio.to_thread(self.load, settled_only=True):
                 on_change(self.store())
