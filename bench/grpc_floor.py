@@ -1,7 +1,8 @@
 """The memory floor of grpc.aio itself: RSS per idle bidirectional stream, one connection each.
 
 Context for the per-stream figure of bench/xds_fanout.py: what a stream costs before the
-control plane keeps any state for it (an echo server, N clients in a child process).
+control plane keeps any state for it. Each client sends what an Envoy sends first (~60 KB: its
+node), gets an xDS-sized response (18 KB) and ACKs it (2 KB); the server keeps nothing.
 
     python bench/grpc_floor.py [--streams 1000]
 """
@@ -25,8 +26,9 @@ async def clients(port: int, count: int) -> None:
     for _ in range(count):
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         call = channel.stream_stream(METHOD)()
-        await call.write(b"hello")
+        await call.write(b"n" * 60_000)
         await call.read()
+        await call.write(b"a" * 2_000)
         held.append((channel, call))
     print("ready", flush=True)
     await asyncio.Event().wait()
@@ -35,13 +37,14 @@ async def clients(port: int, count: int) -> None:
 async def measure(count: int) -> float:
     raise_fd_limit()
 
-    async def echo(requests, context):
+    async def respond_to_first(requests, context):
         async for request in requests:
-            await context.write(request)
+            if len(request) > 10_000:
+                await context.write(b"r" * 18_000)
 
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(echo)})])
+        "bench.Echo", {"Stream": grpc.stream_stream_rpc_method_handler(respond_to_first)})])
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     baseline = rss_bytes()

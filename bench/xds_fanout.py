@@ -1,9 +1,11 @@
 """xDS fan-out: N simulated Envoys, one endpoint changes; how long until all have it, and memory.
 
 The control plane (SnapshotCache + XdsServer) runs in this process, so its memory is measured
-alone. The simulated Envoys run in a child process (`--role clients`), each with its own gRPC
+alone, and tuned as `controlplane serve` runs it (garbage collector, free memory given back).
+The simulated Envoys run in a child process (`--role clients`), each with its own gRPC
 channel (its own HTTP/2 connection, like a real Envoy), subscribed over ADS to 100 clusters
-(CDS wildcard) and their 100 endpoint sets (EDS by name), ACKing every response.
+(CDS wildcard) and their 100 endpoint sets (EDS by name), ACKing every response. Their first
+request carries a node as large as a real Envoy's (its list of extensions).
 
 Each round changes one endpoint of one cluster and records, per client, the time from
 `set_snapshot` to the client having received the new EDS response and written its ACK
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import resource
@@ -32,6 +35,7 @@ import grpc  # noqa: E402
 from envoy.config.core.v3 import base_pb2  # noqa: E402
 from envoy.service.discovery.v3 import discovery_pb2 as d  # noqa: E402
 
+from controlplane.runtime.serve import release_free_memory, tune_gc  # noqa: E402
 from controlplane.translate import builders as b  # noqa: E402
 from controlplane.xds import CLUSTER, ENDPOINT, Snapshot, SnapshotCache, XdsServer  # noqa: E402
 
@@ -40,6 +44,8 @@ GROUP = "bench"
 
 
 def rss_bytes() -> int:
+    """Resident memory with free heap pages given back, as `controlplane serve` does every minute."""
+    release_free_memory()
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -47,6 +53,28 @@ def rss_bytes() -> int:
 def raise_fd_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def envoy_like_node(index: int) -> base_pb2.Node:
+    """A node the size of a real Envoy 1.40's: it lists its 516 extensions (61 KB on the wire).
+
+    The server must not keep it: held per stream, it was most of a stream's memory."""
+    node = base_pb2.Node()
+    node.CopyFrom(_node_template())
+    node.id = f"envoy-{index}"
+    return node
+
+
+@functools.cache
+def _node_template() -> base_pb2.Node:
+    categories = ("envoy.filters.http", "envoy.filters.network", "envoy.filters.listener", "envoy.clusters",
+                  "envoy.transport_sockets.upstream", "envoy.access_loggers", "envoy.tracers", "envoy.matching")
+    extensions = [base_pb2.Extension(name=f"{category}.extension_{number:03d}", category=category,
+                                     type_urls=[f"envoy.extensions.{category[6:]}.extension_{number:03d}.v3.Config"])
+                  for number in range(516) for category in [categories[number % len(categories)]]]
+    node = base_pb2.Node(cluster=GROUP, user_agent_name="envoy", extensions=extensions)
+    node.user_agent_build_version.version.major_number, node.user_agent_build_version.version.minor_number = 1, 40
+    return node
 
 
 def endpoints(clusters: int, round_number: int):
@@ -64,7 +92,7 @@ async def simulated_envoy(port: int, index: int, delta: bool, names: list[str], 
                           ready: asyncio.Event, reconnects: list[int]) -> None:
     """Subscribe like Envoy over ADS and ACK everything; like Envoy, reconnect when the stream fails."""
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    node = base_pb2.Node(id=f"envoy-{index}", cluster=GROUP)
+    node = envoy_like_node(index)
     for attempt in range(10):
         try:
             await _one_stream(channel, node, delta, names, received, ready)
@@ -143,6 +171,7 @@ async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None
 
 async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
     raise_fd_limit()
+    tune_gc()  # as `controlplane serve` runs
     cache = SnapshotCache()
     server = XdsServer(cache, address="127.0.0.1:0")
     port = await server.start()

@@ -75,6 +75,7 @@ async def test_endpoint_change_moves_traffic_and_cluster_removal(xds, envoys, ba
     cache.set_snapshot(GROUP, web_snapshot(port, {"api": [new.address], "admin": [admin.address]},
                                            {"/admin": "admin", "/": "api"}))
     assert await eventually(lambda: _resolves_to(body_of(port), "new"), what="traffic moved to the new backend")
+    assert await body_of(port, "/admin") == "admin"  # SotW sent api's endpoints alone: Envoy kept admin's
 
     cache.set_snapshot(GROUP, web_snapshot(port, {"api": [new.address]}))
     assert await eventually(lambda: _resolves_to(envoy.dynamic_names("clusters"), {"api"}),

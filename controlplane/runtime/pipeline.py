@@ -132,8 +132,9 @@ def _store_publisher(pipeline: Pipeline) -> tuple[Callable[[Store], None], Coale
 
 
 async def periodically(action: Callable[[], None], every: float) -> None:
-    """Call `action` every `every` seconds: re-publishing with nothing changed is cheap, and it is
-    how a certificate that expires while nothing else happens is noticed and reported."""
+    """Call `action` every `every` seconds. For the pipeline's `poke`: re-publishing with nothing
+    changed is cheap, and it is how a certificate that expires while nothing else happens is
+    noticed and reported."""
     while True:
         await asyncio.sleep(every)
         action()

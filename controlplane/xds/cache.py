@@ -67,9 +67,26 @@ class Selection:
     @cached_property
     def sotw_body(self) -> bytes:
         """A DiscoveryResponse without its nonce; the stream appends one (fields merge)."""
+        return self._sotw_body(tuple(sorted(self.resources)))
+
+    @cached_property
+    def _partial_bodies(self) -> dict[tuple[str, ...], bytes]:
+        return {}
+
+    def sotw_body_of(self, names: tuple[str, ...]) -> bytes:
+        """Like `sotw_body`, with only the resources `names`: what changed, for the types that
+        State-of-the-World sends as changes. Memoised: a fleet that had the same content before
+        gets the same changes."""
+        body = self._partial_bodies.get(names)
+        if body is None:
+            body = self._sotw_body(names)
+            if len(self._partial_bodies) < 64:  # bounded: streams lagging behind in odd ways are few
+                self._partial_bodies[names] = body
+        return body
+
+    def _sotw_body(self, names: tuple[str, ...]) -> bytes:
         header = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=self.type_url)
-        fragments = [self.resources[name].sotw_fragment for name in sorted(self.resources)]
-        return header.SerializeToString() + b"".join(fragments)
+        return header.SerializeToString() + b"".join(self.resources[name].sotw_fragment for name in names)
 
 
 class ResourceSet:
@@ -210,7 +227,7 @@ class NackRecord:
     at: float
 
 
-@dataclass
+@dataclass(slots=True)
 class TypeStatus:
     version_sent: str = ""
     version_acked: str = ""

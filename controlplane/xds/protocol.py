@@ -13,6 +13,11 @@ Invariants this class keeps, per stream and per resource type:
   ACKed that cluster and, for EDS clusters, its endpoints; a cluster that an accepted route or
   listener still names is kept until Envoy has accepted the routes that drop it.
 - A subscribed name that does not exist yet is remembered and sent when a snapshot has it.
+- Only what changed is sent: Delta by design; State-of-the-World too for the types Envoy
+  subscribes to by name (endpoints, routes, secrets), as the xDS protocol allows ("Grouping
+  Resources into Responses"): resources left out of such a response are kept, not removed. Only
+  clusters and listeners, and wildcard subscriptions, are sent whole. One changed endpoint is one
+  endpoint set on the wire, not every endpoint set of the Envoy.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from controlplane.xds import resources as xr
 from controlplane.xds.cache import NackRecord, ResourceSet, Selection, TypeStatus
 
 _EMPTY: Mapping[str, xr.Resource] = {}
+_SENT_WHOLE = (xr.CLUSTER, xr.LISTENER)  # SotW: a response holds all of them; what is left out is removed
 
 
 class ConfigSource(Protocol):
@@ -68,14 +74,14 @@ class Step:
     nacks: list[Nack] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(slots=True)
 class _InFlight:
     nonce: str
     selection: Selection
     changed: tuple[str, ...]
 
 
-@dataclass
+@dataclass(slots=True)
 class _TypeState:
     requested: bool = False
     wildcard: bool = False
@@ -122,6 +128,9 @@ class StreamProtocol:
                 step.acks.append(Ack(in_flight.selection))
         elif not request.response_nonce and not state.requested:
             self._resume(request, state)
+        if self._sends_changes_only(request.type_url, state) and not self._delta and state.acked is not None \
+                and not state.acked.names <= state.subscribed:
+            self._forget(state, state.acked.names - state.subscribed)  # after the ACK: it may add names
         state.requested = True
         self._pump(step)
         return step
@@ -158,10 +167,14 @@ class StreamProtocol:
         if subscribe or unsubscribe:
             state.subscribed = _shared(frozenset((state.subscribed | subscribe) - unsubscribe - {"*"}))
         if unsubscribe and state.acked is not None:
-            # Envoy forgets what it unsubscribes from: a later subscribe must send it again.
-            kept = {n: r for n, r in state.acked.resources.items() if n not in unsubscribe}
-            state.acked = Selection(state.acked.type_url, kept)
-            state.sent = None
+            self._forget(state, unsubscribe)
+
+    @staticmethod
+    def _forget(state: _TypeState, names: set[str] | frozenset[str]) -> None:
+        """Envoy forgets what it unsubscribes from: a later subscribe must send it again."""
+        kept = {n: r for n, r in state.acked.resources.items() if n not in names}
+        state.acked = Selection(state.acked.type_url, kept)
+        state.sent = None
 
     def _resume(self, request, state: _TypeState) -> None:
         """A reconnecting Envoy says what it has: matching content is not sent again."""
@@ -206,20 +219,30 @@ class StreamProtocol:
                 removed = tuple(sorted(acked.names - desired.names))
             if not self._ready(desired, changed):
                 continue
-            if self._delta and not changed and not removed and state.status.version_sent:
-                state.sent = desired  # nothing to tell; the first response is always sent
+            changes_only = self._sends_changes_only(type_url, state)
+            # Removals are news on Delta only: a SotW endpoint set goes with its cluster.
+            nothing_to_tell = not changed and not (removed and self._delta)
+            if changes_only and nothing_to_tell and state.status.version_sent:
+                state.sent = desired  # the first response is always sent
                 continue
-            step.responses.append(self._respond(type_url, state, desired, changed, removed))
+            body_names = changed if changes_only else None
+            step.responses.append(self._respond(type_url, state, desired, changed, removed, body_names))
 
-    def _respond(self, type_url: str, state: _TypeState, desired: Selection,
-                 changed: tuple[str, ...], removed: tuple[str, ...]) -> Response:
+    def _sends_changes_only(self, type_url: str, state: _TypeState) -> bool:
+        return self._delta or (not state.wildcard and type_url not in _SENT_WHOLE)
+
+    def _respond(self, type_url: str, state: _TypeState, desired: Selection, changed: tuple[str, ...],
+                 removed: tuple[str, ...], body_names: tuple[str, ...] | None) -> Response:
+        """`body_names`: the resources a SotW response carries (None: all of them)."""
         nonce = str(next(self._nonces))
         if self._delta:
             header = discovery_pb2.DeltaDiscoveryResponse(
                 system_version_info=desired.version, type_url=type_url, nonce=nonce, removed_resources=removed)
             payload = header.SerializeToString() + b"".join(desired.resources[n].delta_fragment for n in changed)
         else:
-            payload = desired.sotw_body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
+            whole = body_names is None or len(body_names) == len(desired.resources)
+            body = desired.sotw_body if whole else desired.sotw_body_of(body_names)
+            payload = body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
         state.in_flight = _InFlight(nonce, desired, changed)
         state.sent = desired
         state.status.version_sent = desired.version

@@ -153,23 +153,23 @@ class XdsServer:
         reader = asyncio.create_task(_read_into(requests, queue))
         stop_watching = disconnect = None
         try:
-            first = await queue.get()
-            if first is _END:
+            item = await queue.get()
+            if item is _END:
                 return
-            group_name = self._cache.node_group(first.node)
+            group_name = self._cache.node_group(item.node)
             group = self._cache.group(group_name)
             protocol = StreamProtocol(group, delta=delta, types=types)
-            live = _LiveStream(first.node, group_name, transport, protocol)
+            live = _LiveStream(item.node, group_name, transport, protocol)
             disconnect = self._cache.connect(live)
             stop_watching = self._cache.watch(group_name, _refresher(queue))
             log.info("Envoy %s (node group %r) connected over %s", live.node_id, group_name, transport)
-            item = first
             while item is not _END:
                 if item is _REFRESH:
                     queue.refresh_pending = False
                     step = protocol.refresh()
                 else:
                     step = protocol.receive(item, now=time.time())
+                item = None  # no request outlives its step (see _read_into)
                 await self._apply(step, group, live, context)
                 item = await queue.get()
             log.info("Envoy %s (node group %r) disconnected", live.node_id, group_name)
@@ -194,8 +194,33 @@ class XdsServer:
             await context.write(response.payload)
 
 
-class _RequestQueue(asyncio.Queue):
-    refresh_pending = False
+class _RequestQueue:
+    """A stream's inbox: its requests, and "the snapshot changed", for its one consumer task.
+
+    An `asyncio.Queue` would do, at ~3 KB per stream for its three deques and event; this is the
+    little of it one consumer needs.
+    """
+
+    __slots__ = ("_items", "_waiter", "refresh_pending")
+
+    def __init__(self):
+        self._items: list = []
+        self._waiter: asyncio.Future | None = None
+        self.refresh_pending = False
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self):
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.pop(0)
 
 
 def _refresher(queue: _RequestQueue):
@@ -217,10 +242,13 @@ def _refresher(queue: _RequestQueue):
     return on_change
 
 
-async def _read_into(requests: AsyncIterator, queue: asyncio.Queue) -> None:
+async def _read_into(requests: AsyncIterator, queue: _RequestQueue) -> None:
     try:
         async for request in requests:
             queue.put_nowait(request)
+            # Not held while waiting for the next one: Envoy's first request carries its node, whose
+            # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
+            request = None
     except (asyncio.CancelledError, grpc.aio.AioRpcError):
         pass
     finally:
