@@ -111,28 +111,36 @@ async def _one_stream(channel, node, delta: bool, names: list[str], received: li
         await call.write(d.DeltaDiscoveryRequest(node=node, type_url=CLUSTER))
     else:
         call = channel.stream_stream(ADS + "StreamAggregatedResources",
-                                     request_serializer=d.DiscoveryRequest.SerializeToString,
+                                     request_serializer=_encoded,
                                      response_deserializer=d.DiscoveryResponse.FromString)()
-        await call.write(d.DiscoveryRequest(node=node, type_url=CLUSTER))
+        await call.write(d.DiscoveryRequest(node=node, type_url=CLUSTER).SerializeToString())
+        # A SotW ACK repeats every subscribed name. Envoy encodes that in C++; here the names are
+        # encoded once and the message assembled from bytes, so that 1,000 simulated Envoys cost
+        # the cores they share with the control plane as little as they can.
+        names_part = d.DiscoveryRequest(resource_names=names).SerializeToString()
     subscribed = False
     async for response in call:
         if delta:
             await call.write(d.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce))
         else:
-            await call.write(d.DiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce,
-                                                version_info=response.version_info,
-                                                resource_names=names if response.type_url == ENDPOINT else []))
+            ack = d.DiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce,
+                                     version_info=response.version_info)
+            await call.write(ack.SerializeToString() + (names_part if response.type_url == ENDPOINT else b""))
         if response.type_url == CLUSTER and not subscribed:
             subscribed = True
             if delta:
                 await call.write(d.DeltaDiscoveryRequest(type_url=ENDPOINT, resource_names_subscribe=names))
             else:
-                await call.write(d.DiscoveryRequest(type_url=ENDPOINT, resource_names=names))
+                await call.write(names_part + d.DiscoveryRequest(type_url=ENDPOINT).SerializeToString())
         elif response.type_url == ENDPOINT:
             if ready.is_set():
                 received.append(time.monotonic())
             else:
                 ready.set()
+
+
+def _encoded(message: bytes) -> bytes:
+    return message
 
 
 async def run_clients(port: int, count: int, delta: bool, clusters: int) -> None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3 import base_pb2
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as d
@@ -82,29 +83,64 @@ class _Request:
     error_detail: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(code=0, message=""))
 
 
+class _FakeStream:
+    """`XdsServer._serve` driven directly: requests in through a queue, written payloads out."""
+
+    def __init__(self, server, type_url: str):
+        self.incoming: asyncio.Queue = asyncio.Queue()
+        self.written: list[d.DiscoveryResponse] = []
+
+        async def requests():
+            while True:
+                yield await self.incoming.get()
+
+        async def write(payload: bytes) -> None:
+            self.written.append(d.DiscoveryResponse.FromString(payload))
+
+        self.task = asyncio.create_task(server._serve(requests(), SimpleNamespace(write=write), types=(type_url,),
+                                                      delta=False, transport="clusters"))
+
+    async def responses(self, count: int) -> list[d.DiscoveryResponse]:
+        await eventually(lambda: len(self.written) >= count, what=f"{count} responses")
+        return self.written
+
+
 async def test_a_stream_does_not_hold_on_to_envoys_requests(xds):
     """Envoy's first request carries its node, ~60 KB with its extensions: kept, it would be most of
     a stream's memory (bench/xds_fanout.py)."""
     cache, server = xds
     cache.set_snapshot("gateway", two_services())
-    incoming: asyncio.Queue = asyncio.Queue()
-    written: list[bytes] = []
-
-    async def requests():
-        while True:
-            yield await incoming.get()
-
-    async def write(payload: bytes) -> None:
-        written.append(payload)
-
-    stream = asyncio.create_task(server._serve(requests(), SimpleNamespace(write=write), types=(CLUSTER,),
-                                               delta=False, transport="clusters"))
+    stream = _FakeStream(server, CLUSTER)
     first = _Request(CLUSTER)
     first_alive = weakref.ref(first)
-    incoming.put_nowait(first)
+    stream.incoming.put_nowait(first)
     del first
-    await eventually(lambda: written, what="the response to the first request")
+    await stream.responses(1)
     gc.collect()
     assert first_alive() is None
     assert [s.node_id for s in cache.status()] == ["client-1"]  # what the status view needs is kept
-    stream.cancel()
+    stream.task.cancel()
+
+
+async def test_a_burst_of_snapshots_is_one_push_and_snapshots_may_come_from_any_thread(xds):
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    stream = _FakeStream(server, CLUSTER)
+    stream.incoming.put_nowait(_Request(CLUSTER))
+    first = (await stream.responses(1))[0]
+    stream.incoming.put_nowait(_Request(CLUSTER, response_nonce=first.nonce, version_info=first.version_info))
+    await eventually(lambda: cache.status()[0].types[CLUSTER].version_acked, what="the ACK")
+
+    for timeout_ms in (2000, 3000, 4000):
+        cache.set_snapshot("gateway", Snapshot(clusters=[b.eds_cluster("api", connect_timeout_ms=timeout_ms)],
+                                               endpoints=[b.load_assignment("api", [("10.0.0.1", 80)])]))
+    pushed = (await stream.responses(2))[1]
+    await asyncio.sleep(0.2)
+    assert len(stream.written) == 2  # one push, with the last snapshot
+    assert [Cluster.FromString(r.value).connect_timeout.seconds for r in pushed.resources] == [4]
+
+    stream.incoming.put_nowait(_Request(CLUSTER, response_nonce=pushed.nonce, version_info=pushed.version_info))
+    await asyncio.to_thread(cache.set_snapshot, "gateway", two_services())
+    from_thread = (await stream.responses(3))[2]
+    assert sorted(Cluster.FromString(r.value).name for r in from_thread.resources) == ["api", "web"]
+    stream.task.cancel()

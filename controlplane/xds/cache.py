@@ -69,6 +69,23 @@ class Selection:
         """A DiscoveryResponse without its nonce; the stream appends one (fields merge)."""
         return self._sotw_body(tuple(sorted(self.resources)))
 
+    def changes_since(self, previous: Selection) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(names new or changed since `previous`, names gone since), each sorted.
+
+        Every stream of a fleet moves between the same two selections on a push: memoised by the
+        previous content's version (not the object, which the memo would keep alive)."""
+        found = self._changes.get(previous.version)
+        if found is None:
+            changed = tuple(sorted(self.name_of[version] for version in self.versions - previous.versions))
+            found = (changed, tuple(sorted(previous.names - self.names)))
+            if len(self._changes) < 16:
+                self._changes[previous.version] = found
+        return found
+
+    @cached_property
+    def _changes(self) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+        return {}
+
     @cached_property
     def _partial_bodies(self) -> dict[tuple[str, ...], bytes]:
         return {}

@@ -90,6 +90,7 @@ class _TypeState:
     in_flight: _InFlight | None = None
     sent: Selection | None = None
     acked: Selection | None = None
+    settled_on: ResourceSet | None = None  # the resource set of the last pump that left nothing to send
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -138,7 +139,7 @@ class StreamProtocol:
     def refresh(self) -> Step:
         """The node group's snapshot changed."""
         step = Step()
-        self._pump(step)
+        self._pump(step, skip_unchanged_sets=True)
         return step
 
     # -- subscriptions ---------------------------------------------------------------------------
@@ -187,7 +188,7 @@ class StreamProtocol:
                 state.acked = Selection(request.type_url, known)
             return
         if request.version_info:
-            desired = self._desired(request.type_url, state)
+            desired = self._desired(request.type_url, state, self._source.resources(request.type_url))
             if desired is not None and desired.version == request.version_info:
                 state.acked = state.sent = desired
                 state.status.version_acked = state.status.version_sent = desired.version
@@ -201,32 +202,38 @@ class StreamProtocol:
 
     # -- outputs ---------------------------------------------------------------------------------
 
-    def _pump(self, step: Step) -> None:
+    def _pump(self, step: Step, *, skip_unchanged_sets: bool = False) -> None:
+        """Send what each type needs. With `skip_unchanged_sets` (a new snapshot): a type already
+        settled on the very same resource set has nothing new, which skips most types of most
+        pushes (an endpoint moved: clusters, listeners, routes and secrets are the same sets)."""
         for type_url, state in self._types.items():
             if not state.requested or state.in_flight is not None:
                 continue
-            desired = self._desired(type_url, state)
-            if desired is None or desired.same_content(state.sent):
+            resource_set = self._source.resources(type_url)
+            if skip_unchanged_sets and resource_set is state.settled_on and resource_set is not None:
                 continue
-            acked = state.acked
-            if desired.same_content(acked):
-                continue  # Envoy has exactly this (it NACKed the newer content we sent)
-            # Set operations on memoised version sets: this runs for every stream on every push.
-            if acked is None:
-                changed, removed = tuple(desired.resources), ()
-            else:
-                changed = tuple(sorted(desired.name_of[v] for v in desired.versions - acked.versions))
-                removed = tuple(sorted(acked.names - desired.names))
-            if not self._ready(desired, changed):
-                continue
-            changes_only = self._sends_changes_only(type_url, state)
-            # Removals are news on Delta only: a SotW endpoint set goes with its cluster.
-            nothing_to_tell = not changed and not (removed and self._delta)
-            if changes_only and nothing_to_tell and state.status.version_sent:
-                state.sent = desired  # the first response is always sent
-                continue
-            body_names = changed if changes_only else None
-            step.responses.append(self._respond(type_url, state, desired, changed, removed, body_names))
+            state.settled_on = resource_set if self._pump_type(type_url, state, resource_set, step) else None
+
+    def _pump_type(self, type_url: str, state: _TypeState, resource_set: ResourceSet | None, step: Step) -> bool:
+        """Respond if this type needs it; returns False while a response waits for Envoy (`_ready`)."""
+        desired = self._desired(type_url, state, resource_set)
+        if desired is None or desired.same_content(state.sent):
+            return True
+        acked = state.acked
+        if desired.same_content(acked):
+            return True  # Envoy has exactly this (it NACKed the newer content we sent)
+        changed, removed = (tuple(desired.resources), ()) if acked is None else desired.changes_since(acked)
+        if not self._ready(desired, changed):
+            return False
+        changes_only = self._sends_changes_only(type_url, state)
+        # Removals are news on Delta only: a SotW endpoint set goes with its cluster.
+        nothing_to_tell = not changed and not (removed and self._delta)
+        if changes_only and nothing_to_tell and state.status.version_sent:
+            state.sent = desired  # the first response is always sent
+            return True
+        body_names = changed if changes_only else None
+        step.responses.append(self._respond(type_url, state, desired, changed, removed, body_names))
+        return True
 
     def _sends_changes_only(self, type_url: str, state: _TypeState) -> bool:
         return self._delta or (not state.wildcard and type_url not in _SENT_WHOLE)
@@ -248,9 +255,8 @@ class StreamProtocol:
         state.status.version_sent = desired.version
         return Response(type_url, nonce, desired.version, payload)
 
-    def _desired(self, type_url: str, state: _TypeState) -> Selection | None:
+    def _desired(self, type_url: str, state: _TypeState, resource_set: ResourceSet | None) -> Selection | None:
         """What Envoy should have for this type now, or None while the group has no snapshot."""
-        resource_set = self._source.resources(type_url)
         if resource_set is None:
             return None
         selection = resource_set.select(None if state.wildcard else state.subscribed)
@@ -283,17 +289,17 @@ class StreamProtocol:
         """Resources gone from the snapshot that Envoy must keep for now (make before break)."""
         if state.acked is None or state.acked is selection or type_url not in (xr.CLUSTER, xr.ENDPOINT):
             return _EMPTY
-        gone = state.acked.names - selection.names
+        gone = selection.changes_since(state.acked)[1]
         if not gone:
             return _EMPTY
         if type_url == xr.CLUSTER:
             named = {name for kind in (xr.ROUTE, xr.LISTENER) if kind in self._types
                      for resource in self._accepted(kind).values() for name in resource.referenced(xr.CLUSTER)}
-            gone &= named
+            gone = named.intersection(gone)
         elif not state.wildcard:
             # Endpoints of a cluster Envoy still has stay until Envoy unsubscribes: a missing
             # endpoint set never becomes an empty one.
-            gone &= state.subscribed
+            gone = state.subscribed.intersection(gone)
         return {name: state.acked.resources[name] for name in gone}
 
     def _accepted(self, type_url: str) -> Mapping[str, xr.Resource]:

@@ -3,8 +3,12 @@
 It serves the Aggregated Discovery Service (State-of-the-World and Delta) and the standalone
 cluster, endpoint, listener, route and secret services. Responses leave as the bytes the
 protocol assembled from shared, pre-serialized fragments: nothing is re-encoded per stream.
-Requests are read by one task per stream into a queue that also carries "the snapshot changed"
-(coalesced: a burst of snapshots is one wake-up), so a stream does one thing at a time.
+
+One task per stream reads and handles its requests; a new snapshot is handled by a callback on
+the event loop (coalesced: a burst of snapshots is one refresh). Both run the protocol without
+waiting and queue what it produces; a short-lived task writes it, in order. A second long-lived
+task per stream, or a queue between two, cost ~10% more CPU per push and ~3 KB per stream
+(bench/xds_fanout.py at 1,000 streams).
 """
 
 from __future__ import annotations
@@ -58,23 +62,73 @@ _STANDALONE = (
 )
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
-_END = object()
-_REFRESH = object()
+class _Stream:
+    """One connected Envoy: its protocol, what it has to write, and what `status()` reports."""
 
+    __slots__ = ("node_id", "group", "transport", "protocol", "connected_since", "_group_state", "_context",
+                 "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled")
 
-class _LiveStream:
-    """One connected Envoy: what `SnapshotCache.status()` reports about it."""
-
-    def __init__(self, node, group: str, transport: str, protocol: StreamProtocol):
+    def __init__(self, node, group: GroupState, transport: str, protocol: StreamProtocol, context):
         self.node_id = node.id
-        self.group = group
+        self.group = group.name
         self.transport = transport
         self.protocol = protocol
         self.connected_since = time.time()
+        self._group_state = group
+        self._context = context
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._unwritten: list[bytes] = []
+        self._writer: asyncio.Task | None = None
+        self._refresh_scheduled = False
 
     def status(self) -> EnvoyStatus:
         return EnvoyStatus(node_id=self.node_id, node_group=self.group, connected_since=self.connected_since,
                            transport=self.transport, types=dict(self.protocol.type_status()))
+
+    def handle(self, step: Step) -> None:
+        """Record what Envoy accepted and rejected, and queue the responses for writing."""
+        for ack in step.acks:
+            self._group_state.record_ack(ack.selection)
+        for nack in step.nacks:
+            self._group_state.record_nack(nack.record.type_url, nack.rejected)
+            log.warning("Envoy %s (node group %r) rejected %s version %s (%s): %s. It keeps its last accepted "
+                        "configuration; fix the resource and publish a new snapshot.",
+                        self.node_id, self.group, xr.SHORT_NAMES[nack.record.type_url], nack.record.version,
+                        ", ".join(nack.record.resource_names) or "no names", nack.record.message)
+        if step.responses:
+            self._unwritten.extend(response.payload for response in step.responses)
+            if self._writer is None:
+                self._writer = self._loop.create_task(self._write_unwritten())
+
+    def snapshot_changed(self) -> None:
+        """The cache's watcher, from any thread: one refresh per burst of snapshots."""
+        if threading.get_ident() == self._loop_thread:
+            self._schedule_refresh()
+        else:
+            self._loop.call_soon_threadsafe(self._schedule_refresh)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+
+    def _schedule_refresh(self) -> None:
+        if not self._refresh_scheduled:
+            self._refresh_scheduled = True
+            self._loop.call_soon(self._refresh)
+
+    def _refresh(self) -> None:
+        self._refresh_scheduled = False
+        self.handle(self.protocol.refresh())
+
+    async def _write_unwritten(self) -> None:
+        try:
+            while self._unwritten:
+                await self._context.write(self._unwritten.pop(0))
+        except Exception as error:  # the stream is ending: its reading side sees that too and cleans up
+            log.debug("Envoy %s: stopped writing to its stream (%r)", self.node_id, error)
+        finally:
+            self._writer = None
 
 
 class XdsServer:
@@ -149,107 +203,28 @@ class XdsServer:
 
     async def _serve(self, requests: AsyncIterator, context, *, types: tuple[str, ...], delta: bool,
                      transport: str) -> None:
-        queue = _RequestQueue()
-        reader = asyncio.create_task(_read_into(requests, queue))
+        stream: _Stream | None = None
         stop_watching = disconnect = None
         try:
-            item = await queue.get()
-            if item is _END:
-                return
-            group_name = self._cache.node_group(item.node)
-            group = self._cache.group(group_name)
-            protocol = StreamProtocol(group, delta=delta, types=types)
-            live = _LiveStream(item.node, group_name, transport, protocol)
-            disconnect = self._cache.connect(live)
-            stop_watching = self._cache.watch(group_name, _refresher(queue))
-            log.info("Envoy %s (node group %r) connected over %s", live.node_id, group_name, transport)
-            while item is not _END:
-                if item is _REFRESH:
-                    queue.refresh_pending = False
-                    step = protocol.refresh()
-                else:
-                    step = protocol.receive(item, now=time.time())
-                item = None  # no request outlives its step (see _read_into)
-                await self._apply(step, group, live, context)
-                item = await queue.get()
-            log.info("Envoy %s (node group %r) disconnected", live.node_id, group_name)
+            async for request in requests:
+                if stream is None:
+                    group = self._cache.group(self._cache.node_group(request.node))
+                    stream = _Stream(request.node, group, transport, StreamProtocol(group, delta=delta, types=types),
+                                     context)
+                    disconnect = self._cache.connect(stream)
+                    stop_watching = self._cache.watch(group.name, stream.snapshot_changed)
+                    log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport)
+                stream.handle(stream.protocol.receive(request, now=time.time()))
+                # Not held while waiting for the next one: Envoy's first request carries its node, whose
+                # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
+                request = None
+        except grpc.aio.AioRpcError:
+            pass  # the connection broke: Envoy reconnects, and this stream ends like a closed one
         finally:
-            reader.cancel()
             if stop_watching is not None:
                 stop_watching()
             if disconnect is not None:
                 disconnect()
-
-    @staticmethod
-    async def _apply(step: Step, group: GroupState, live: _LiveStream, context) -> None:
-        for ack in step.acks:
-            group.record_ack(ack.selection)
-        for nack in step.nacks:
-            group.record_nack(nack.record.type_url, nack.rejected)
-            log.warning("Envoy %s (node group %r) rejected %s version %s (%s): %s. It keeps its last accepted "
-                        "configuration; fix the resource and publish a new snapshot.",
-                        live.node_id, live.group, xr.SHORT_NAMES[nack.record.type_url], nack.record.version,
-                        ", ".join(nack.record.resource_names) or "no names", nack.record.message)
-        for response in step.responses:
-            await context.write(response.payload)
-
-
-class _RequestQueue:
-    """A stream's inbox: its requests, and "the snapshot changed", for its one consumer task.
-
-    An `asyncio.Queue` would do, at ~3 KB per stream for its three deques and event; this is the
-    little of it one consumer needs.
-    """
-
-    __slots__ = ("_items", "_waiter", "refresh_pending")
-
-    def __init__(self):
-        self._items: list = []
-        self._waiter: asyncio.Future | None = None
-        self.refresh_pending = False
-
-    def put_nowait(self, item) -> None:
-        self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def get(self):
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.pop(0)
-
-
-def _refresher(queue: _RequestQueue):
-    """A cache watcher that wakes the stream once per burst of snapshots, from any thread."""
-    loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-
-    def wake() -> None:
-        if queue.refresh_pending:
-            return
-        queue.refresh_pending = True
-        queue.put_nowait(_REFRESH)
-
-    def on_change() -> None:
-        if threading.get_ident() == loop_thread:
-            wake()
-        else:
-            loop.call_soon_threadsafe(wake)
-    return on_change
-
-
-async def _read_into(requests: AsyncIterator, queue: _RequestQueue) -> None:
-    try:
-        async for request in requests:
-            queue.put_nowait(request)
-            # Not held while waiting for the next one: Envoy's first request carries its node, whose
-            # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
-            request = None
-    except (asyncio.CancelledError, grpc.aio.AioRpcError):
-        pass
-    finally:
-        queue.put_nowait(_END)
+            if stream is not None:
+                stream.close()
+                log.info("Envoy %s (node group %r) disconnected", stream.node_id, stream.group)
