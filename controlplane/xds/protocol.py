@@ -129,9 +129,11 @@ class StreamProtocol:
                 step.acks.append(Ack(in_flight.selection))
         elif not request.response_nonce and not state.requested:
             self._resume(request, state)
-        if self._sends_changes_only(request.type_url, state) and not self._delta and state.acked is not None \
+        if not self._delta and self._sends_changes_only(request.type_url, state) and state.acked is not None \
                 and not state.acked.names <= state.subscribed:
-            self._forget(state, state.acked.names - state.subscribed)  # after the ACK: it may add names
+            # A SotW request's names replace the subscription: what it dropped is forgotten (after
+            # taking the ACK, which may bring names the new subscription no longer has).
+            self._forget(state, state.acked.names - state.subscribed)
         state.requested = True
         self._pump(step)
         return step

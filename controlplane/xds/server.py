@@ -66,7 +66,7 @@ class _Stream:
     """One connected Envoy: its protocol, what it has to write, and what `status()` reports."""
 
     __slots__ = ("node_id", "group", "transport", "protocol", "connected_since", "_group_state", "_context",
-                 "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled")
+                 "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled", "_closed")
 
     def __init__(self, node, group: GroupState, transport: str, protocol: StreamProtocol, context):
         self.node_id = node.id
@@ -81,6 +81,7 @@ class _Stream:
         self._unwritten: list[bytes] = []
         self._writer: asyncio.Task | None = None
         self._refresh_scheduled = False
+        self._closed = False
 
     def status(self) -> EnvoyStatus:
         return EnvoyStatus(node_id=self.node_id, node_group=self.group, connected_since=self.connected_since,
@@ -109,17 +110,19 @@ class _Stream:
             self._loop.call_soon_threadsafe(self._schedule_refresh)
 
     def close(self) -> None:
+        self._closed = True
         if self._writer is not None:
             self._writer.cancel()
 
     def _schedule_refresh(self) -> None:
-        if not self._refresh_scheduled:
+        if not self._refresh_scheduled and not self._closed:
             self._refresh_scheduled = True
             self._loop.call_soon(self._refresh)
 
     def _refresh(self) -> None:
         self._refresh_scheduled = False
-        self.handle(self.protocol.refresh())
+        if not self._closed:
+            self.handle(self.protocol.refresh())
 
     async def _write_unwritten(self) -> None:
         try:
