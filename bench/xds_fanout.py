@@ -9,7 +9,8 @@ request carries a node as large as a real Envoy's (its list of extensions).
 
 Each round changes one endpoint of one cluster and records, per client, the time from
 `set_snapshot` to the client having received the new EDS response and written its ACK
-(CLOCK_MONOTONIC is system-wide on Linux, so the two processes' clocks agree).
+(CLOCK_MONOTONIC is system-wide on Linux, so the two processes' clocks agree), and the control
+plane's CPU time per stream for the round (compare with bench/grpc_floor.py).
 
     python bench/xds_fanout.py                          # N = 100, 1,000, 5,000; SotW and Delta
     python bench/xds_fanout.py --clients 1000 --modes delta --rounds 10
@@ -199,13 +200,16 @@ async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
     per_stream = (rss_bytes() - baseline) / count
 
     started: list[float] = []
+    cpu = 0.0
     for round_number in range(1, rounds + 1):
         snapshot = snapshot.replace(endpoints=endpoints(clusters, round_number))
         started.append(time.monotonic())
+        cpu_before = time.process_time()
         cache.set_snapshot(GROUP, snapshot)
         child.stdin.write(f"{round_number}\n".encode())
         await child.stdin.drain()
         assert (await child.stdout.readline()).decode().split() == ["round", str(round_number)]
+        cpu += time.process_time() - cpu_before
         await asyncio.sleep(0.2)
     child.stdin.write(b"done\n")
     await child.stdin.drain()
@@ -222,6 +226,7 @@ async def measure(count: int, delta: bool, rounds: int, clusters: int) -> dict:
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "all_acked_ms": statistics.median(slowest_per_round),
         "rss_mib": rss_bytes() / 2**20, "per_stream_kib": per_stream / 1024,
+        "cpu_us_per_stream": cpu / rounds / count * 1e6,
         "reconnects": report["reconnects"],
     }
 
@@ -244,7 +249,7 @@ def main() -> None:
     print(f"{os.cpu_count()} CPUs; {args.clusters} clusters x 10 endpoints per client; "
           f"one endpoint changes per round; {args.rounds} rounds")
     print(f"{'N':>6} {'mode':>6} {'p50 ms':>8} {'p99 ms':>8} {'all ACKed ms':>13} {'KiB/stream':>11} {'RSS MiB':>8} "
-          f"{'reconnects':>10}")
+          f"{'reconnects':>10} {'CPU µs/stream':>14}")
     for count in args.clients.split(","):
         for mode in args.modes.split(","):
             # A fresh process per row, so that each row's memory starts from the same place.
@@ -256,7 +261,7 @@ def main() -> None:
             result = json.loads(row.stdout.splitlines()[-1])
             print(f"{result['clients']:>6} {result['mode']:>6} {result['p50_ms']:>8.1f} {result['p99_ms']:>8.1f} "
                   f"{result['all_acked_ms']:>13.1f} {result['per_stream_kib']:>11.1f} {result['rss_mib']:>8.0f} "
-                  f"{result['reconnects']:>10}",
+                  f"{result['reconnects']:>10} {result['cpu_us_per_stream']:>14.0f}",
                   flush=True)
 
 
