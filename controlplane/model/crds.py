@@ -76,7 +76,8 @@ class GatewaySpec(Spec):
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> GatewaySpec:
-        for what, values in (("name", [l.name for l in self.listeners]), ("port", [l.port for l in self.listeners])):
+        for what in ("name", "port"):
+            values = [getattr(listener, what) for listener in self.listeners]
             repeated = sorted({str(v) for v in values if values.count(v) > 1})
             if repeated:
                 raise ValueError(f"listener {what}s must be unique; repeated: {', '.join(repeated)}")

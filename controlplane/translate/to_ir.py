@@ -8,6 +8,7 @@ Backend never takes its Gateway's other Backends down with it.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,8 +173,9 @@ class Translator:
                 built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
                                      routes, gateway.spec.limits.max_connections, tls)
                 group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
-        groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=lambda l: l.name)),
-                                             tuple(sorted(backends.get(node_cluster, []), key=lambda b: b.name)))
+        by_name = operator.attrgetter("name")
+        groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=by_name)),
+                                             tuple(sorted(backends.get(node_cluster, []), key=by_name)))
                   for node_cluster, listeners_ in sorted(group_listeners.items())}
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]

@@ -62,6 +62,7 @@ _STANDALONE = (
 )
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
+
 class _Stream:
     """One connected Envoy: its protocol, what it has to write, and what `status()` reports."""
 
