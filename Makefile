@@ -28,6 +28,7 @@ crds: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/xds_fanout.py
+	$(BIN)/python bench/grpc_floor.py
 	$(BIN)/python bench/translate.py
 
 clean:
