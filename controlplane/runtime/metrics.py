@@ -37,7 +37,7 @@ class ControlPlaneCollector:
             connected.add_metric([group], count)
         nacked = Counter((s.node_group, SHORT_NAMES[type_url]) for s in statuses
                          for type_url, t in s.types.items()
-                         if t.last_nack is not None and t.last_nack.version == t.version_sent)
+                         if t.rejected is not None)
         for (group, kind), count in sorted(nacked.items()):
             rejecting.add_metric([group, kind], count)
         rejected = GaugeMetricFamily("controlplane_objects_not_accepted",

@@ -15,20 +15,35 @@ from collections.abc import Callable, Iterable
 
 from controlplane.model import crds
 from controlplane.runtime.leader import LeaderElection
-from controlplane.sources.kube_api import ApiError, Kind, KubeApi, timestamp
+from controlplane.sources.kube_api import ApiError, KubeApi, timestamp
+from controlplane.sources.kubernetes import WATCHED
 from controlplane.sources.store import ObjectKey
 from controlplane.translate.to_ir import Translation
 from controlplane.xds import EnvoyStatus, SnapshotCache
 
 log = logging.getLogger(__name__)
 
-KINDS = {"Gateway": Kind("Gateway", crds.GROUP, crds.VERSION, "gateways"),
-         "Backend": Kind("Backend", crds.GROUP, crds.VERSION, "backends")}
+KINDS = {kind.kind: kind for kind in WATCHED if kind.group == crds.GROUP}
+
+
+class _GroupEnvoys:
+    """What the Envoys of one node group did, read once per status pass (not once per object)."""
+
+    def __init__(self, envoys: list[EnvoyStatus]):
+        self.count = len(envoys)
+        self.rejections = [(envoy.node_id, nack, frozenset(nack.resource_names)) for envoy in envoys
+                           for state in envoy.types.values() if (nack := state.rejected) is not None]
+        self.all_accepted = all(state.version_acked == state.version_sent
+                                for envoy in envoys for state in envoy.types.values())
 
 
 def with_programmed(translation: Translation, envoys: Iterable[EnvoyStatus]) -> dict[ObjectKey, list[crds.Condition]]:
     """Every object's conditions, its Programmed condition decided by the Envoys' ACKs and NACKs."""
-    envoys = list(envoys)
+    by_group: dict[str, list[EnvoyStatus]] = {}
+    for envoy in envoys:
+        by_group.setdefault(envoy.node_group, []).append(envoy)
+    groups = {group: _GroupEnvoys(members) for group, members in by_group.items()}
+    nobody = _GroupEnvoys([])
     produced: dict[ObjectKey, set[str]] = {}
     for resource, origin in translation.origins.items():
         produced.setdefault(origin, set()).add(resource)
@@ -37,31 +52,27 @@ def with_programmed(translation: Translation, envoys: Iterable[EnvoyStatus]) -> 
         conditions = list(conditions)
         group = translation.node_groups.get(key)
         if group is not None and conditions[0].status == "True":
-            conditions[2] = _programmed(conditions[2], group, produced.get(key, set()),
-                                        [e for e in envoys if e.node_group == group])
+            conditions[2] = _programmed(conditions[2], group, produced.get(key, set()), groups.get(group, nobody))
         result[key] = conditions
     return result
 
 
-def _programmed(pending: crds.Condition, group: str, resources: set[str],
-                envoys: list[EnvoyStatus]) -> crds.Condition:
+def _programmed(pending: crds.Condition, group: str, resources: set[str], envoys: _GroupEnvoys) -> crds.Condition:
     generation = pending.observed_generation
-    for envoy in envoys:
-        for state in envoy.types.values():
-            nack = state.last_nack
-            if nack is not None and nack.version == state.version_sent and resources & set(nack.resource_names):
-                rejected = ", ".join(sorted(resources & set(nack.resource_names)))
-                return crds.Condition(type="Programmed", status="False", reason="Rejected",
-                                      message=f"Envoy {envoy.node_id} rejected {rejected}: {nack.message}. It keeps "
-                                              "serving its last accepted configuration; fix this object.",
-                                      observed_generation=generation)
-    if not envoys:
+    for node_id, nack, names in envoys.rejections:
+        if resources & names:
+            rejected = ", ".join(sorted(resources & names))
+            return crds.Condition(type="Programmed", status="False", reason="Rejected",
+                                  message=f"Envoy {node_id} rejected {rejected}: {nack.message}. It keeps "
+                                          "serving its last accepted configuration; fix this object.",
+                                  observed_generation=generation)
+    if not envoys.count:
         return crds.Condition(type="Programmed", status="Unknown", reason="NoEnvoys",
                               message=f"No Envoy of node cluster {group!r} is connected.",
                               observed_generation=generation)
-    if all(state.version_acked == state.version_sent for envoy in envoys for state in envoy.types.values()):
+    if envoys.all_accepted:
         return crds.Condition(type="Programmed", status="True", reason="Programmed",
-                              message=f"Accepted by {len(envoys)} Envoy(s) of node cluster {group!r}.",
+                              message=f"Accepted by {envoys.count} Envoy(s) of node cluster {group!r}.",
                               observed_generation=generation)
     return pending
 

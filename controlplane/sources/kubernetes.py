@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from kubernetes import client as k8s
 
+from controlplane.model import crds
 from controlplane.sources.kube_api import ApiError, Kind, KubeApi
 from controlplane.sources.store import ObjectKey, Store
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 WATCHED = (
-    Kind("Gateway", "xds.controlplane.dev", "v1alpha1", "gateways"),
-    Kind("Backend", "xds.controlplane.dev", "v1alpha1", "backends"),
+    Kind("Gateway", crds.GROUP, crds.VERSION, crds.PLURALS["Gateway"]),
+    Kind("Backend", crds.GROUP, crds.VERSION, crds.PLURALS["Backend"]),
     Kind("Service", "", "v1", "services"),
     Kind("EndpointSlice", "discovery.k8s.io", "v1", "endpointslices"),
     Kind("Secret", "", "v1", "secrets"),

@@ -112,9 +112,7 @@ class Translator:
         for namespace, service in services:
             for key in self._service_users.get((namespace, service), ()):
                 spec = self._memo[("spec", key)][2]
-                slices = view.endpoint_slices(namespace, service)
-                backend = self._cached(("backend", key), (spec, view.get("Service", namespace, service), *slices),
-                                       _backend, view, key, spec)
+                backend = self._backend(view, key, spec)
                 replaced[backend.name] = backend
         if not replaced:
             return last
@@ -146,9 +144,7 @@ class Translator:
                                     "is not accepted: create it in the Backend's namespace, or fix spec.gateway",
                                     unresolved=True)
                 targets = _target_listeners(gateway, spec)
-                service = view.get("Service", key.namespace, spec.service.name)
-                slices = view.endpoint_slices(key.namespace, spec.service.name)
-                backend = self._cached(("backend", key), (spec, service, *slices), _backend, view, key, spec)
+                backend = self._backend(view, key, spec)
                 routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name)
                 _claim_routes(key, routes, targets, claimed)
             except _Rejected as rejected:
@@ -180,6 +176,12 @@ class Translator:
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
         return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups)
+
+    def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec) -> ir.Backend:
+        """A Backend's cluster and endpoints, rebuilt only when its spec, Service or slices changed."""
+        service = view.get("Service", key.namespace, spec.service.name)
+        slices = view.endpoint_slices(key.namespace, spec.service.name)
+        return self._cached(("backend", key), (spec, service, *slices), _build_backend, key, spec, service, slices)
 
     def _accepted_gateways(self, view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
         """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
@@ -259,8 +261,8 @@ def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[O
     return [(gateway.key, spec.listener)]
 
 
-def _backend(view: StoreView, key: ObjectKey, spec: crds.BackendSpec) -> ir.Backend:
-    service_obj = view.get("Service", key.namespace, spec.service.name)
+def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[str, Any] | None,
+             slices: list[Mapping[str, Any]]) -> ir.Backend:
     if service_obj is None:
         raise _Rejected("ServiceNotFound", f"Service {key.namespace}/{spec.service.name} does not exist: create it, "
                         "or fix spec.service.name", unresolved=True)
@@ -273,15 +275,15 @@ def _backend(view: StoreView, key: ObjectKey, spec: crds.BackendSpec) -> ir.Back
                         f"{spec.service.port!r} (its ports: {offered}): fix spec.service.port", unresolved=True)
     breakers = spec.circuit_breakers
     return ir.Backend(name=names.cluster(key.namespace, key.name),
-                      endpoints=_endpoints(view, key.namespace, spec.service.name, port),
+                      endpoints=_endpoints(slices, port),
                       default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
                       connect_timeout_ms=spec.connect_timeout_ms)
 
 
-def _endpoints(view: StoreView, namespace: str, service: str, port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
+def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
     """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
     found: dict[tuple[str, int], ir.Endpoint] = {}
-    for raw in view.endpoint_slices(namespace, service):
+    for raw in slices:
         endpoint_slice = kube.EndpointSlice.model_validate(raw)
         if endpoint_slice.address_type not in ("IPv4", "IPv6"):
             continue

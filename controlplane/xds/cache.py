@@ -250,6 +250,12 @@ class TypeStatus:
     version_acked: str = ""
     last_nack: NackRecord | None = None
 
+    @property
+    def rejected(self) -> NackRecord | None:
+        """The NACK of the version sent last: Envoy is rejecting it now (not an earlier one)."""
+        nack = self.last_nack
+        return nack if nack is not None and nack.version == self.version_sent else None
+
 
 @dataclass
 class EnvoyStatus:
@@ -355,5 +361,6 @@ class SnapshotCache:
 
     def status(self) -> list[EnvoyStatus]:
         """Every connected Envoy's status, sorted by node group and node id."""
-        return sorted((stream.status() for stream in self._streams),
+        # A copy first: metrics are scraped from another thread while streams come and go.
+        return sorted((stream.status() for stream in list(self._streams)),
                       key=lambda s: (s.node_group, s.node_id, s.connected_since))
