@@ -9,6 +9,7 @@ from controlplane.translate import builders as b
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from controlplane.xds.cache import GroupState
 from controlplane.xds.protocol import StreamProtocol
+from controlplane.xds.resources import parse, resource_name
 
 
 def snapshot(clusters: dict[str, int], routes: dict[str, str] | None = None, *, timeout_ms: int = 1000) -> Snapshot:
@@ -48,14 +49,7 @@ def names_in(response) -> list[str]:
 
 
 def _name(any_message) -> str:
-    from envoy.config.cluster.v3 import cluster_pb2
-    from envoy.config.endpoint.v3 import endpoint_pb2
-    from envoy.config.listener.v3 import listener_pb2
-    from envoy.config.route.v3 import route_pb2
-    classes = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-               LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration}
-    message = classes[any_message.type_url].FromString(any_message.value)
-    return message.cluster_name if any_message.type_url == ENDPOINT else message.name
+    return resource_name(any_message.type_url, parse(any_message.type_url, any_message.value))
 
 
 def ack(protocol: StreamProtocol, response, names=()):

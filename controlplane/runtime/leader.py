@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from controlplane.sources.kube_api import ApiError, Kind, KubeApi, parse_timestamp, timestamp
+from controlplane.sources.kube_api import ApiError, Kind, KubeApi, brief, parse_timestamp, timestamp
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ class LeaderElection:
                 if leading != was_leader:
                     log.info("%s the status writer", "now" if leading else "no longer")
             except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
-                log.warning("leader election: %s; retrying in %.0fs", str(error).split("\n")[0][:300],
-                            self.retry_period)
+                log.warning("leader election: %s; retrying in %.0fs", brief(error), self.retry_period)
             await asyncio.sleep(self.retry_period)
 
     def _lease_body(self, now: float, *, transitions: int, acquired: str | None = None) -> dict:

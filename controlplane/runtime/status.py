@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 
 from controlplane.model import crds
 from controlplane.runtime.leader import LeaderElection
-from controlplane.sources.kube_api import ApiError, KubeApi, timestamp
+from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
 from controlplane.sources.kubernetes import WATCHED
 from controlplane.sources.store import ObjectKey
 from controlplane.translate.to_ir import Translation
@@ -96,7 +96,7 @@ class StatusWriter:
                 try:
                     await asyncio.to_thread(self.write_changed, self._translation, self._cache.status())
                 except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
-                    log.warning("writing status: %s; retrying in %.0fs", str(error).split("\n")[0][:300], interval)
+                    log.warning("writing status: %s; retrying in %.0fs", brief(error), interval)
             else:
                 self._written.clear()  # a new term starts from what is in the API server
             await asyncio.sleep(interval)

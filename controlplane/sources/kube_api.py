@@ -32,6 +32,13 @@ class ApiError(Exception):
         self.status = status
 
 
+def brief(error: Exception) -> str:
+    """One line for a log: the API's answer, or the error's type and first line (clients' are long)."""
+    if isinstance(error, ApiError):
+        return str(error)
+    return f"{type(error).__name__}: {error}".split("\n")[0][:300]
+
+
 @dataclass(frozen=True)
 class Kind:
     kind: str

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from kubernetes import client as k8s
 
 from controlplane.model import crds
-from controlplane.sources.kube_api import ApiError, Kind, KubeApi
+from controlplane.sources.kube_api import ApiError, Kind, KubeApi, brief
 from controlplane.sources.store import ObjectKey, Store
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class _Reflector:
                     return
                 delay = self.backoff.next_delay()
                 log.warning("%s: %s; retrying in %.1fs (serving the last known state)%s", self.kind.plural,
-                            _describe(error), delay, _hint(error))
+                            brief(error), delay, _hint(error))
                 self.source.stopping.wait(delay)
 
     def _list(self) -> None:
@@ -191,12 +191,6 @@ def _events(response) -> Iterator[dict]:
         for line in lines:
             if line.strip():
                 yield json.loads(line)
-
-
-def _describe(error: Exception) -> str:
-    if isinstance(error, ApiError):
-        return str(error)
-    return f"{type(error).__name__}: {error}".split("\n")[0][:300]
 
 
 def _hint(error: Exception) -> str:

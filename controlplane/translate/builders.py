@@ -122,11 +122,11 @@ def downstream_tls(certificate_secret_name: str, client_ca_secret_name: str | No
     so a rotation reaches Envoy without touching the listener."""
     common = tls_pb2.CommonTlsContext(tls_certificate_sds_secret_configs=[
         secret_pb2.SdsSecretConfig(name=certificate_secret_name, sds_config=ads_config_source())])
-    if client_ca_secret_name is not None:
-        common.validation_context_sds_secret_config.CopyFrom(
-            secret_pb2.SdsSecretConfig(name=client_ca_secret_name, sds_config=ads_config_source()))
     context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
     if client_ca_secret_name is not None:
+        common = context.common_tls_context
+        common.validation_context_sds_secret_config.CopyFrom(
+            secret_pb2.SdsSecretConfig(name=client_ca_secret_name, sds_config=ads_config_source()))
         context.require_client_certificate.value = True
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
 

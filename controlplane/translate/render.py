@@ -13,22 +13,16 @@ from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format
 
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
-from controlplane.xds.resources import SHORT_NAMES
-
-_CLASSES = {CLUSTER: cluster_pb2.Cluster, ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-            LISTENER: listener_pb2.Listener, ROUTE: route_pb2.RouteConfiguration, SECRET: secret_pb2.Secret}
+from controlplane.xds.resources import SHORT_NAMES, parse
 
 
 def _messages(snapshot: Snapshot, type_url: str) -> list:
-    return [_CLASSES[type_url].FromString(resource.body)
-            for resource in snapshot.resources(type_url).resources.values()]
+    return [parse(type_url, resource.body) for resource in snapshot.resources(type_url).resources.values()]
 
 
 def _as_dict(message) -> dict[str, Any]:

@@ -42,7 +42,7 @@ PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
 SHORT_NAMES = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
                SECRET: "secrets"}
 
-_MESSAGE_CLASSES = {
+MESSAGE_CLASSES = {
     CLUSTER: cluster_pb2.Cluster,
     ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
     LISTENER: listener_pb2.Listener,
@@ -55,6 +55,16 @@ _DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Down
 
 Reference = tuple[str, str]
 """(type_url, name) of a resource that another resource names."""
+
+
+def parse(type_url: str, body: bytes) -> AnyType:
+    """The upb message of one resource type from its wire bytes."""
+    return MESSAGE_CLASSES[type_url].FromString(body)
+
+
+def resource_name(type_url: str, message: AnyType) -> str:
+    """A resource's name: endpoint sets are named by their cluster_name, the rest by name."""
+    return message.cluster_name if type_url == ENDPOINT else message.name
 
 
 def serialize(message: AnyType) -> bytes:
@@ -86,11 +96,11 @@ class Resource:
 
     @classmethod
     def from_message(cls, type_url: str, message: AnyType) -> Resource:
-        if type_url not in _MESSAGE_CLASSES:
+        if type_url not in MESSAGE_CLASSES:
             raise ValueError(f"unsupported resource type {type_url!r}")
         body = serialize(message)
-        parsed = _MESSAGE_CLASSES[type_url].FromString(body)
-        name = parsed.cluster_name if type_url == ENDPOINT else parsed.name
+        parsed = parse(type_url, body)
+        name = resource_name(type_url, parsed)
         if not name:
             raise ValueError(f"a {SHORT_NAMES[type_url][:-1]} without a name: every resource needs one")
         version = hashlib.blake2b(body, digest_size=8).hexdigest()
