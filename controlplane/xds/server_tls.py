@@ -25,8 +25,7 @@ class ServerTls:
     client_ca: Path | None = None
 
     def credentials(self) -> grpc.ServerCredentials:
-        files = [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
-        for path in files:
+        for path in self._paths():
             if not path.is_file():
                 raise OSError(f"xDS TLS: {path} does not exist or is not a file")
         seen = [self._stamp()]
@@ -52,6 +51,17 @@ class ServerTls:
             [(self.private_key.read_bytes(), self.certificate.read_bytes())],
             root_certificates=self.client_ca.read_bytes() if self.client_ca else None)
 
+    def _paths(self) -> list[Path]:
+        return [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
+
     def _stamp(self) -> tuple:
-        paths = [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
-        return tuple((path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None for path in paths)
+        """(mtime, size) of each file, None for a missing one: read on every TLS handshake."""
+        return tuple(_stat_stamp(path) for path in self._paths())
+
+
+def _stat_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
