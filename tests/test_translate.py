@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from controlplane.xds.resources import parse
 from tests.objects import NS, app, backend, endpoint_slice, gateway, ready, service
 
 
@@ -44,6 +46,10 @@ BAD_BACKENDS = [
      "spec.circuitBreakers.default.maxConection: unknown field"),
     ("absurd budget", [*app("api", circuitBreakers={"default": {"maxConnections": -3}})], "Invalid",
      "spec.circuitBreakers.default.maxConnections: Input should be greater than or equal to 1"),
+    ("websocket typo", [*app("api", websocket={"circuitBreaker": {"maxConnections": 5}})], "Invalid",
+     "spec.websocket.circuitBreaker: unknown field"),
+    ("absurd websocket budget", [*app("api", websocket={"circuitBreakers": {"maxRequests": 0}})], "Invalid",
+     "spec.websocket.circuitBreakers.maxRequests: Input should be greater than or equal to 1"),
     ("both paths", [*app("api", routes=[{"path": "/a", "pathPrefix": "/a"}])], "Invalid",
      "set exactly one of pathPrefix and path"),
     ("relative path", [*app("api", routes=[{"pathPrefix": "api"}])], "Invalid", "spec.routes[0].pathPrefix"),
@@ -123,6 +129,29 @@ def test_routes_are_ordered_most_specific_first():
     assert result.groups["edge"].listeners[0].routes[0].high_priority
 
 
+def test_only_a_websocket_block_lets_upgrades_through_and_onto_a_budget_of_their_own():
+    result = translate(gateway(), app("api", routes=[{"path": "/login", "priority": "High"}, {"pathPrefix": "/api"}],
+                                      websocket={"circuitBreakers": {"maxConnections": 7}}),
+                       app("shop", "10.0.0.2", routes=[{"pathPrefix": "/shop"}]))
+    snapshot = to_xds.snapshot(result.groups["edge"])
+    clusters = {r.name: r for r in snapshot.resources(CLUSTER).resources.values()}
+    assert sorted(clusters) == ["shop/api", "shop/api/websocket", "shop/shop"]
+    assert clusters["shop/api/websocket"].referenced(ENDPOINT) == ["shop/api"]  # the same endpoints, sent once
+    assert sorted(snapshot.resources(ENDPOINT).resources) == ["shop/api", "shop/shop"]
+    websocket = parse(CLUSTER, clusters["shop/api/websocket"].body)
+    assert [t.max_connections.value for t in websocket.circuit_breakers.thresholds] == [7]
+
+    (route_configuration,) = snapshot.resources(ROUTE).resources.values()
+    (virtual_host,) = parse(ROUTE, route_configuration.body).virtual_hosts
+    routes = [(route.match.path or route.match.prefix, route.route.cluster,
+               [upgrade.upgrade_type for upgrade in route.route.upgrade_configs]) for route in virtual_host.routes]
+    assert routes == [("/login", "shop/api/websocket", ["websocket"]), ("/login", "shop/api", []),
+                      ("/shop", "shop/shop", []),  # no block: upgrades to it are refused (403)
+                      ("/api", "shop/api/websocket", ["websocket"]), ("/api", "shop/api", [])]
+    (listener,) = snapshot.resources(LISTENER).resources.values()
+    assert b"websocket" not in listener.body  # nothing enables upgrades listener-wide
+
+
 def test_translation_is_deterministic():
     objects = [gateway(), *app("a"), *app("b", "10.0.0.2"), *app("c", "10.0.0.3")]
     first = to_xds.snapshot(translate(objects).groups["edge"])
@@ -140,7 +169,8 @@ spec_like = st.fixed_dictionaries({}, optional={
     "gateway": json_values | st.just("edge"), "listener": json_values,
     "service": json_values | st.fixed_dictionaries({"name": st.just("api"), "port": json_values}),
     "routes": json_values | st.lists(route_like, max_size=3),
-    "circuitBreakers": json_values, "connectTimeoutMs": json_values, "extra": json_values})
+    "circuitBreakers": json_values, "connectTimeoutMs": json_values, "extra": json_values,
+    "websocket": json_values | st.fixed_dictionaries({}, optional={"circuitBreakers": json_values})})
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -36,6 +36,15 @@ class Backend:
     default_budget: Budget = Budget()
     high_budget: Budget = Budget()
     connect_timeout_ms: int = 1000
+    websocket: WebSocketCluster | None = None
+
+
+@dataclass(frozen=True)
+class WebSocketCluster:
+    """A Backend's WebSocket upgrades: a second cluster over the same endpoints, with its own budget."""
+
+    name: str
+    budget: Budget = Budget()
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class Route:
     path: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
     high_priority: bool = False
+    websocket_backend: str | None = None  # the cluster of this route's WebSocket upgrades; None refuses them
 
     @cached_property
     def match_key(self) -> tuple:

@@ -127,6 +127,18 @@ class CircuitBreakers(Spec):
     high: Thresholds = Field(Thresholds(), description="The separate budget of High-priority routes.")
 
 
+class WebSocket(Spec):
+    """WebSocket upgrades on a Backend's routes, proxied on a cluster of their own.
+
+    The split exists because of an outage: agents' WebSocket connections grew past the backend's
+    connection budget, the circuit breaker opened, and logins failed with them. WebSockets drawing
+    on their own budget can exhaust only that budget."""
+
+    circuit_breakers: Thresholds = Field(Thresholds(), description="The WebSocket cluster's own budget: "
+                                         "WebSocket connections beyond it are refused (503), and the "
+                                         "Backend's other requests are unaffected.")
+
+
 class ServiceRef(Spec):
     name: DnsLabel
     port: Port | DnsLabel = Field(description="The Service port, by number or by name.")
@@ -139,6 +151,9 @@ class BackendSpec(Spec):
     routes: list[Route] = Field(min_length=1, max_length=128)
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     connect_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    websocket: WebSocket | None = Field(None, description="When set, WebSocket upgrades on these routes are "
+                                        "accepted and sent to the cluster <namespace>/<name>/websocket, with "
+                                        "its own circuit-breaker budget. When unset, Envoy refuses them (403).")
 
 
 class Condition(Spec):

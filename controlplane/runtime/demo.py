@@ -101,6 +101,7 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
 Control plane (xDS) on 127.0.0.1:{ports.xds}, serving the manifests in {manifests}/ to a real Envoy.
 
     curl {url}                       # answered by {' or '.join(b.name for b in backends)}, through Envoy
+    .venv/bin/python -m websockets {url.replace('http://', 'ws://', 1)}agents   # a WebSocket echo, its own budget
     curl http://127.0.0.1:{ports.admin}/config_dump   # what the control plane told Envoy
 
 Edit {manifests}/*.yaml (say, remove an endpoint) and Envoy follows within a second.

@@ -1,13 +1,22 @@
 """A sample HTTP backend on 127.0.0.1 for the demo and the tests: it answers with its own name.
 
-A thread per server and per connection (the standard library's ThreadingHTTPServer), so it runs
-beside an asyncio control plane without touching its loop.
+It also accepts WebSocket upgrades and echoes each message prefixed with its name, so the demo
+and the tests show WebSockets through Envoy on their own cluster. A thread per server and per
+connection (the standard library's ThreadingHTTPServer), so it runs beside an asyncio control
+plane without touching its loop; no WebSocket library, so the demo needs none.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import BinaryIO
+
+_WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+_TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 class SampleBackend:
@@ -21,12 +30,36 @@ class SampleBackend:
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 backend.hits += 1
+                if (self.headers.get("upgrade") or "").lower() == "websocket":
+                    self._echo_websocket()
+                    return
                 body = f"{backend.name}\n".encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain")
                 self.send_header("content-length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def _echo_websocket(self):
+                key = (self.headers.get("sec-websocket-key") or "").encode()
+                self.send_response(101)
+                self.send_header("upgrade", "websocket")
+                self.send_header("connection", "Upgrade")
+                self.send_header("sec-websocket-accept",
+                                 base64.b64encode(hashlib.sha1(key + _WEBSOCKET_GUID).digest()).decode())
+                self.end_headers()
+                self.wfile.flush()
+                self.close_connection = True
+                prefix = f"{backend.name}: ".encode()
+                while (frame := _read_frame(self.rfile)) is not None:
+                    opcode, payload = frame
+                    if opcode == _CLOSE:
+                        _write_frame(self.wfile, _CLOSE, payload[:2])
+                        return
+                    if opcode == _PING:
+                        _write_frame(self.wfile, _PONG, payload)
+                    elif opcode in (_TEXT, _BINARY):
+                        _write_frame(self.wfile, opcode, prefix + payload)
 
             def log_message(self, *args):
                 pass
@@ -43,3 +76,31 @@ class SampleBackend:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def _read_frame(stream: BinaryIO) -> tuple[int, bytes] | None:
+    """One client frame (opcode, unmasked payload); None when the connection ended. Clients send
+    small unfragmented messages here, so continuation frames are not reassembled."""
+    header = stream.read(2)
+    if len(header) < 2:
+        return None
+    opcode, length = header[0] & 0x0F, header[1] & 0x7F
+    if length >= 126:
+        size = 2 if length == 126 else 8
+        length = int.from_bytes(stream.read(size), "big")
+    mask = stream.read(4) if header[1] & 0x80 else b"\0\0\0\0"
+    payload = stream.read(length)
+    return opcode, bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+def _write_frame(stream: BinaryIO, opcode: int, payload: bytes) -> None:
+    """A final, unmasked server frame."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x80 | opcode, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    stream.write(header + payload)
+    stream.flush()

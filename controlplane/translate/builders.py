@@ -55,13 +55,15 @@ def thresholds(priority: int, *, max_connections: int | None = None, max_pending
         **{field: wrappers_pb2.UInt32Value(value=value) for field, value in limits.items() if value is not None})
 
 
-def eds_cluster(name: str, *, connect_timeout_ms: int = 1000,
+def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: str | None = None,
                 budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = ()) -> cluster_pb2.Cluster:
-    """A cluster whose endpoints come over EDS under the cluster's own name."""
+    """A cluster whose endpoints come over EDS, under the cluster's own name or `endpoints_name`
+    (clusters that share endpoints share one ClusterLoadAssignment: sent once, one Envoy watch)."""
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_config_source()),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_config_source(),
+                                                                service_name=endpoints_name or ""),
         connect_timeout=_milliseconds(connect_timeout_ms),
     )
     if budgets:
@@ -88,11 +90,31 @@ def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
 
     High priority routes draw on the cluster's HIGH circuit-breaker budget, so they keep
     working when the default budget is exhausted (logins during a WebSocket surge)."""
+    return rc.Route(match=_route_match(prefix, path, headers), route=rc.RouteAction(
+        cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT))
+
+
+def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None = None,
+                    headers: Sequence[tuple[str, str]] = ()) -> rc.Route:
+    """The WebSocket upgrades among the requests `route(prefix, path, headers)` matches, to `cluster`.
+
+    Upgrades are enabled on this route only (the connection manager enables none), so a route
+    without its WebSocket twin refuses upgrades and they never reach its cluster's budget. Envoy's
+    route timeout (15 s) bounds the handshake only, a wait for the budget included (504); an open
+    WebSocket lasts until it has been idle for the stream idle timeout (5 minutes)."""
+    match = _route_match(prefix, path, headers)
+    match.headers.append(rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
+        exact="websocket", ignore_case=True)))
+    return rc.Route(match=match, route=rc.RouteAction(
+        cluster=cluster,
+        upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")]))
+
+
+def _route_match(prefix: str | None, path: str | None, headers: Sequence[tuple[str, str]]) -> rc.RouteMatch:
     match = rc.RouteMatch(prefix=prefix) if path is None else rc.RouteMatch(path=path)
     match.headers.extend(rc.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
                          for name, value in headers)
-    return rc.Route(match=match, route=rc.RouteAction(
-        cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT))
+    return match
 
 
 def virtual_host(name: str, routes: Sequence[rc.Route], *,

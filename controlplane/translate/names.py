@@ -9,6 +9,11 @@ def cluster(namespace: str, backend: str) -> str:
     return f"{namespace}/{backend}"
 
 
+def websocket_cluster(namespace: str, backend: str) -> str:
+    """Cannot collide with `cluster`: Kubernetes names have no '/'."""
+    return f"{namespace}/{backend}/websocket"
+
+
 def listener(namespace: str, gateway: str, listener_name: str) -> str:
     return f"{namespace}/{gateway}/{listener_name}"
 

@@ -145,7 +145,8 @@ class Translator:
                                     unresolved=True)
                 targets = _target_listeners(gateway, spec)
                 backend = self._backend(view, key, spec)
-                routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name)
+                websocket = backend.websocket.name if backend.websocket is not None else None
+                routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name, websocket)
                 _claim_routes(key, routes, targets, claimed)
             except _Rejected as rejected:
                 conditions[key] = _rejected_conditions(obj, rejected)
@@ -274,10 +275,14 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
         raise _Rejected("ServicePortNotFound", f"Service {key.namespace}/{spec.service.name} has no port "
                         f"{spec.service.port!r} (its ports: {offered}): fix spec.service.port", unresolved=True)
     breakers = spec.circuit_breakers
+    websocket = None
+    if spec.websocket is not None:
+        websocket = ir.WebSocketCluster(names.websocket_cluster(key.namespace, key.name),
+                                        _budget(spec.websocket.circuit_breakers))
     return ir.Backend(name=names.cluster(key.namespace, key.name),
                       endpoints=_endpoints(slices, port),
                       default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
-                      connect_timeout_ms=spec.connect_timeout_ms)
+                      connect_timeout_ms=spec.connect_timeout_ms, websocket=websocket)
 
 
 def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
@@ -307,8 +312,8 @@ def _budget(thresholds: crds.Thresholds) -> ir.Budget:
                      max_requests=thresholds.max_requests, max_retries=thresholds.max_retries)
 
 
-def _routes(spec: crds.BackendSpec, backend: str) -> tuple[ir.Route, ...]:
-    return tuple(_route(route, backend) for route in spec.routes)
+def _routes(spec: crds.BackendSpec, backend: str, websocket: str | None) -> tuple[ir.Route, ...]:
+    return tuple(_route(route, backend, websocket) for route in spec.routes)
 
 
 def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
@@ -324,10 +329,10 @@ def _checked_secret(parse, obj, where: str, name: str) -> secrets.Checked:
         raise _Rejected("InvalidSecret", str(problem), unresolved=True) from None
 
 
-def _route(route: crds.Route, backend: str) -> ir.Route:
+def _route(route: crds.Route, backend: str, websocket: str | None) -> ir.Route:
     return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
                     headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
-                    high_priority=route.priority == crds.Priority.HIGH)
+                    high_priority=route.priority == crds.Priority.HIGH, websocket_backend=websocket)
 
 
 def _claim_routes(key: ObjectKey, routes: list[ir.Route], targets: list[tuple[ObjectKey, str]],

@@ -4,6 +4,10 @@ Each Backend is an EDS cluster with two circuit-breaker budgets: DEFAULT for ord
 HIGH for routes marked `priority: High`, so a flood of ordinary traffic cannot exhaust the budget
 that critical paths (login) draw on. Each Gateway listener is an HTTP listener with its route
 configuration over RDS; its routes are already ordered most specific first.
+
+A Backend with a `websocket` block gets a second cluster over the same endpoints, with a budget of
+its own, and each of its routes a twin just before it that matches WebSocket upgrades and sends
+them there: a surge of WebSockets exhausts the WebSocket budget, never the one logins draw on.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class SnapshotBuilder:
         per_secret = [self._built(secret, _secret_resources, fresh) for _name, secret in sorted(used_secrets.items())]
         self._resources = fresh
         self._by_name = {(r.type_url, r.name): r for _value, built in fresh.values() for r in built}
-        lists = {CLUSTER: [r[0] for r in per_backend], ENDPOINT: [r[1] for r in per_backend],
+        lists = {CLUSTER: [r for built in per_backend for r in built[1:]], ENDPOINT: [r[0] for r in per_backend],
                  LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener],
                  SECRET: [r[0] for r in per_secret]}
         changed = {_ARGUMENT[type_url]: items for type_url, items in lists.items()
@@ -75,7 +79,11 @@ def _same(new: list, old: list | None) -> bool:
 
 
 def _backend_resources(backend: ir.Backend) -> tuple[Resource, ...]:
-    return (Resource.from_message(CLUSTER, cluster(backend)), Resource.from_message(ENDPOINT, endpoints(backend)))
+    """The Backend's endpoints, then its clusters: its own and, if it has one, its WebSocket cluster."""
+    built = [Resource.from_message(ENDPOINT, endpoints(backend)), Resource.from_message(CLUSTER, cluster(backend))]
+    if backend.websocket is not None:
+        built.append(Resource.from_message(CLUSTER, websocket_cluster(backend)))
+    return tuple(built)
 
 
 def _secret_resources(secret: ir.Certificate | ir.TrustedCa) -> tuple[Resource, ...]:
@@ -101,15 +109,27 @@ def cluster(backend: ir.Backend):
         _thresholds(base_pb2.DEFAULT, backend.default_budget), _thresholds(base_pb2.HIGH, backend.high_budget)])
 
 
+def websocket_cluster(backend: ir.Backend):
+    """Over the Backend's endpoints (its ClusterLoadAssignment), with the WebSocket budget only."""
+    websocket = backend.websocket
+    return b.eds_cluster(websocket.name, connect_timeout_ms=backend.connect_timeout_ms, endpoints_name=backend.name,
+                         budgets=[_thresholds(base_pb2.DEFAULT, websocket.budget)])
+
+
 def endpoints(backend: ir.Backend):
     return b.load_assignment(backend.name, [(e.address, e.port) for e in backend.endpoints],
                              draining={(e.address, e.port) for e in backend.endpoints if e.draining})
 
 
 def route_configuration(listener: ir.Listener):
-    routes = [b.route(route.backend, prefix=route.path_prefix, path=route.path,
-                      headers=[(h.name, h.value) for h in route.headers], high_priority=route.high_priority)
-              for route in listener.routes]
+    routes = []
+    for route in listener.routes:
+        headers = [(h.name, h.value) for h in route.headers]
+        if route.websocket_backend is not None:  # its upgrades first: the same match, plus `upgrade: websocket`
+            routes.append(b.websocket_route(route.websocket_backend, prefix=route.path_prefix, path=route.path,
+                                            headers=headers))
+        routes.append(b.route(route.backend, prefix=route.path_prefix, path=route.path, headers=headers,
+                              high_priority=route.high_priority))
     return b.route_configuration(listener.name, [b.virtual_host("all", routes)])
 
 
