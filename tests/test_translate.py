@@ -136,6 +136,7 @@ def test_only_a_websocket_block_lets_upgrades_through_and_onto_a_budget_of_their
     snapshot = to_xds.snapshot(result.groups["edge"])
     clusters = {r.name: r for r in snapshot.resources(CLUSTER).resources.values()}
     assert sorted(clusters) == ["shop/api", "shop/api/websocket", "shop/shop"]
+    assert result.origins["shop/api/websocket"] == ObjectKey("Backend", NS, "api")  # Envoy's NACKs land there
     assert clusters["shop/api/websocket"].referenced(ENDPOINT) == ["shop/api"]  # the same endpoints, sent once
     assert sorted(snapshot.resources(ENDPOINT).resources) == ["shop/api", "shop/shop"]
     websocket = parse(CLUSTER, clusters["shop/api/websocket"].body)

@@ -157,6 +157,8 @@ class Translator:
                 listeners[target].extend(routes)
             backends.setdefault(node_cluster, []).append(backend)
             origins[backend.name] = key
+            if backend.websocket is not None:
+                origins[backend.websocket.name] = key
             node_groups[key] = node_cluster
             conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
 
