@@ -33,7 +33,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def issue(common_name: str, *, issuer: Issued | None = None, ca: bool = False, client: bool = False,
-          valid_days: float = 30, starts_days_ago: float = 1) -> Issued:
+          valid_days: float = 30, starts_days_ago: float = 1, dns_names: tuple[str, ...] = ("localhost",)) -> Issued:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(_name(common_name))
@@ -47,7 +47,7 @@ def issue(common_name: str, *, issuer: Issued | None = None, ca: bool = False, c
         builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         if not client:
             builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
+                [*map(x509.DNSName, dns_names), x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
     signer = issuer.key if issuer else key
     return Issued(builder.sign(signer, hashes.SHA256()), key)
 

@@ -35,8 +35,8 @@ async def xds():
 def backends():
     started: list[SampleBackend] = []
 
-    def start(name: str) -> SampleBackend:
-        backend = SampleBackend(name)
+    def start(name: str, **options) -> SampleBackend:
+        backend = SampleBackend(name, **options)
         started.append(backend)
         return backend
     yield start

@@ -74,7 +74,7 @@ def test_a_missing_source_directory_is_a_one_line_error(tmp_path, capsys):
     assert "is not a directory of manifests" in capsys.readouterr().err
 
 
-def test_render_bootstrap_inlines_tls_secrets_and_envoy_accepts_it(tmp_path, capsys):
+def test_render_bootstrap_inlines_listener_and_upstream_tls_secrets_and_envoy_accepts_it(tmp_path, capsys):
     from tests.certs import ca_secret, issue, tls_secret
     from tests.harness import write
     from tests.objects import app, gateway
@@ -83,10 +83,12 @@ def test_render_bootstrap_inlines_tls_secrets_and_envoy_accepts_it(tmp_path, cap
     write(tmp_path / "all.yaml", gateway(listeners=[
         {"name": "https", "port": 8443, "protocol": "HTTPS",
          "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
-        *app("api"), tls_secret("edge-cert", server.cert_pem, server.key_pem), ca_secret("agents", authority.cert_pem))
+        *app("api", tls={"caSecret": "agents", "hostname": "api.shop.svc", "clientCertificateSecret": "edge-cert"}),
+        tls_secret("edge-cert", server.cert_pem, server.key_pem), ca_secret("agents", authority.cert_pem))
     assert cli.main(["render", "--source", str(tmp_path), "--node-cluster", "edge", "--format", "bootstrap"]) == 0
     bootstrap = capsys.readouterr().out
     assert "sds" not in bootstrap.lower() and "tlsCertificates" in bootstrap
+    assert "UpstreamTlsContext" in bootstrap and "matchTypedSubjectAltNames" in bootstrap
     (tmp_path / "out").mkdir()
     assert_envoy_accepts(bootstrap, tmp_path / "out")
 

@@ -12,6 +12,7 @@ from controlplane.sources.store import ObjectKey
 from tests.certs import ca_secret, issue, tls_secret
 from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
+from tests.test_envoy_xds import body_of
 
 pytestmark = pytest.mark.envoy
 
@@ -94,10 +95,62 @@ async def test_https_mutual_tls_and_rotations(served, envoys, backends, tmp_path
     assert await https_body(mtls, with_client_certificate) == "api"
 
 
-def _resolved(pipeline) -> str:
-    conditions = pipeline.last.conditions[ObjectKey("Gateway", NS, "edge")]
-    return next(c.status for c in conditions if c.type == "ResolvedRefs")
+def _condition(pipeline, kind: str, name: str, condition: str):
+    return next(c for c in pipeline.last.conditions[ObjectKey(kind, NS, name)] if c.type == condition)
+
+
+def _resolved(pipeline, kind: str = "Gateway", name: str = "edge") -> str:
+    return _condition(pipeline, kind, name, "ResolvedRefs").status
+
+
+async def status_of(port: int, path: str) -> int:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return (await http.get(f"http://127.0.0.1:{port}{path}")).status_code
 
 
 async def _presents(port: int, context: ssl.SSLContext, expected: bytes) -> bool:
     return await presented_certificate(port, context) == expected
+
+
+async def test_upstream_tls_checks_the_endpoints_certificate_and_presents_ours(served, envoys, backends, tmp_path):
+    source, pipeline, server = served
+    endpoint_ca = issue("endpoints CA", ca=True)
+    endpoint = issue("api.shop.svc", issuer=endpoint_ca, dns_names=("api.shop.svc",))
+    (tmp_path / "endpoint.pem").write_bytes(endpoint.cert_pem + endpoint.key_pem)
+    requires_our_certificate = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    requires_our_certificate.load_cert_chain(str(tmp_path / "endpoint.pem"))
+    requires_our_certificate.load_verify_locations(cadata=CA.cert_pem.decode())
+    requires_our_certificate.verify_mode = ssl.CERT_REQUIRED
+    api = backends("api-over-tls", tls=requires_our_certificate)
+    gateway_client = issue("edge gateway", issuer=CA, client=True)
+
+    port = free_port()
+    checked = {"caSecret": "endpoints-ca", "hostname": "api.shop.svc", "clientCertificateSecret": "edge-client"}
+    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
+                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "api.yaml", service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
+          backend("api", routes=[{"pathPrefix": "/"}], tls=checked),
+          backend("impostor", service="api", routes=[{"pathPrefix": "/impostor"}],
+                  tls={**checked, "hostname": "payments.shop.svc"}),
+          backend("anonymous", service="api", routes=[{"pathPrefix": "/anonymous"}],
+                  tls={"caSecret": "endpoints-ca", "hostname": "api.shop.svc"}))
+    write(source.directory / "secrets.yaml", ca_secret("endpoints-ca", endpoint_ca.cert_pem),
+          tls_secret("edge-client", gateway_client.cert_pem, gateway_client.key_pem))
+    envoy = envoys(server.port, node_cluster="edge")
+    assert await eventually(lambda: body_of(port, "/"), what="traffic over upstream mutual TLS") == "api-over-tls"
+
+    assert await status_of(port, "/impostor") == 503  # the endpoint's certificate does not name payments.shop.svc
+    assert await status_of(port, "/anonymous") == 503  # no client certificate: the endpoint refuses Envoy
+    stats = await envoy.stats()
+    assert stats[f"cluster.{NS}/impostor.ssl.fail_verify_san"] >= 1
+    assert stats[f"cluster.{NS}/api.ssl.handshake"] >= 1
+
+    # A rotation of the endpoints' CA to something that is not a CA: refused, the last valid one is kept.
+    write(source.directory / "secrets.yaml", ca_secret("endpoints-ca", endpoint.cert_pem),
+          tls_secret("edge-client", gateway_client.cert_pem, gateway_client.key_pem))
+    await eventually(lambda: _resolved(pipeline, "Backend", "api") == "False", what="the Backend to report the CA")
+    assert "not a CA certificate" in _condition(pipeline, "Backend", "api", "ResolvedRefs").message
+    await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(timeout=2) as fresh:  # a new connection: a new handshake, with the kept CA
+        assert (await fresh.get(f"http://127.0.0.1:{port}/", headers={"connection": "close"})).text.strip() \
+            == "api-over-tls"

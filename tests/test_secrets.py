@@ -8,7 +8,7 @@ import pytest
 
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
-from controlplane.xds import SECRET
+from controlplane.xds import CLUSTER, SECRET
 from tests.certs import ca_secret, issue, tls_secret
 from tests.objects import NS, app, gateway
 
@@ -39,7 +39,7 @@ def test_mutual_tls_adds_the_client_ca():
     result = translate(gateway(listeners=MTLS), *app("api"), tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem),
                        ca_secret("clients", CA.cert_pem))
     snapshot = to_xds.snapshot(result.groups["edge"])
-    assert sorted(snapshot.resources(SECRET).resources) == ["shop/clients/client-ca", "shop/edge-cert/certificate"]
+    assert sorted(snapshot.resources(SECRET).resources) == ["shop/clients/ca", "shop/edge-cert/certificate"]
 
 
 OTHER = issue("other")
@@ -108,3 +108,35 @@ def test_expiry_is_checked_at_every_translation_not_only_when_the_secret_changes
     later = translator.translate(store.view(), now=time.time() + 2 * 86400)
     assert conditions(later)["Accepted"][:2] == ("False", "InvalidSecret")  # no valid version left to keep
     assert "expired on" in conditions(later)["Accepted"][2]
+
+
+UPSTREAM = {"caSecret": "endpoints-ca", "hostname": "api.shop.svc", "clientCertificateSecret": "edge-client"}
+CLIENT = issue("edge gateway", issuer=CA, client=True)
+
+
+def backend_conditions(translation, name="api"):
+    return {c.type: (c.status, c.reason, c.message) for c in translation.conditions[ObjectKey("Backend", NS, name)]}
+
+
+def test_upstream_tls_sends_the_endpoints_ca_and_our_client_certificate_over_sds():
+    result = translate(gateway(), *app("api", tls=UPSTREAM), ca_secret("endpoints-ca", CA.cert_pem),
+                       tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem))
+    snapshot = to_xds.snapshot(result.groups["edge"])
+    assert sorted(snapshot.resources(SECRET).resources) == ["shop/edge-client/certificate", "shop/endpoints-ca/ca"]
+    assert sorted(snapshot.resources(CLUSTER).resources["shop/api"].referenced(SECRET)) == [
+        "shop/edge-client/certificate", "shop/endpoints-ca/ca"]
+
+
+@pytest.mark.parametrize("secrets, message", [
+    ([tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem)], "Secret shop/endpoints-ca does not exist"),
+    ([ca_secret("endpoints-ca", SERVER.cert_pem), tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem)],
+     "which is not a CA certificate"),
+    ([ca_secret("endpoints-ca", CA.cert_pem), tls_secret("edge-client", CLIENT.cert_pem, OTHER.key_pem)],
+     "tls.key does not match the certificate"),
+], ids=["missing CA", "CA that is not a CA", "client key of another certificate"])
+def test_a_bad_upstream_tls_secret_refuses_its_backend_only(secrets, message):
+    result = translate(gateway(), *app("api", tls=UPSTREAM), *app("plain", "10.0.0.2"), *secrets)
+    accepted = backend_conditions(result)["Accepted"]
+    assert accepted[:2] == ("False", "InvalidSecret") and message in accepted[2]
+    assert backend_conditions(result, "plain")["Accepted"][0] == "True"
+    assert [b.name for b in result.groups["edge"].backends] == ["shop/plain"]

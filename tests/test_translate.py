@@ -50,6 +50,8 @@ BAD_BACKENDS = [
      "spec.websocket.circuitBreaker: unknown field"),
     ("absurd websocket budget", [*app("api", websocket={"circuitBreakers": {"maxRequests": 0}})], "Invalid",
      "spec.websocket.circuitBreakers.maxRequests: Input should be greater than or equal to 1"),
+    ("bad TLS hostname", [*app("api", tls={"caSecret": "ca", "hostname": "https://api"})], "Invalid",
+     "spec.tls.hostname: String should match pattern"),
     ("both paths", [*app("api", routes=[{"path": "/a", "pathPrefix": "/a"}])], "Invalid",
      "set exactly one of pathPrefix and path"),
     ("relative path", [*app("api", routes=[{"pathPrefix": "api"}])], "Invalid", "spec.routes[0].pathPrefix"),
@@ -171,7 +173,9 @@ spec_like = st.fixed_dictionaries({}, optional={
     "service": json_values | st.fixed_dictionaries({"name": st.just("api"), "port": json_values}),
     "routes": json_values | st.lists(route_like, max_size=3),
     "circuitBreakers": json_values, "connectTimeoutMs": json_values, "extra": json_values,
-    "websocket": json_values | st.fixed_dictionaries({}, optional={"circuitBreakers": json_values})})
+    "websocket": json_values | st.fixed_dictionaries({}, optional={"circuitBreakers": json_values}),
+    "tls": json_values | st.fixed_dictionaries({"caSecret": json_values | st.just("ca"),
+                                                "hostname": json_values | st.just("api.shop.svc")})})
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

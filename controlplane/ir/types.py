@@ -37,6 +37,7 @@ class Backend:
     high_budget: Budget = Budget()
     connect_timeout_ms: int = 1000
     websocket: WebSocketCluster | None = None
+    tls: UpstreamTls | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ class Certificate:
 
 @dataclass(frozen=True)
 class TrustedCa:
-    """Validated CA certificates (PEM) that client certificates must chain to (mutual TLS)."""
+    """Validated CA certificates (PEM) that peer certificates must chain to: a listener's clients
+    (mutual TLS) or a Backend's endpoints (upstream TLS)."""
 
     name: str
     certificates: bytes
@@ -89,6 +91,15 @@ class TrustedCa:
 class Tls:
     certificate: Certificate
     client_ca: TrustedCa | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamTls:
+    """TLS to a Backend's endpoints: SNI `hostname`, which their certificates must name and chain to `ca`."""
+
+    hostname: str
+    ca: TrustedCa
+    client_certificate: Certificate | None = None
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
+DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Budget = Annotated[int, Field(ge=1, le=10_000_000)]
 
@@ -139,6 +140,16 @@ class WebSocket(Spec):
                                          "Backend's other requests are unaffected.")
 
 
+class UpstreamTls(Spec):
+    """TLS from Envoy to the Backend's endpoints, their certificates checked like a browser would."""
+
+    ca_secret: DnsLabel = Field(description="A Secret with ca.crt: the endpoints' certificates must chain to it.")
+    hostname: DnsName = Field(description="The name Envoy sends as SNI and requires in the endpoints' "
+                              "certificates (a DNS subjectAltName), such as api.shop.svc.cluster.local.")
+    client_certificate_secret: DnsLabel | None = Field(None, description="A kubernetes.io/tls Secret whose "
+                                                       "certificate Envoy presents to the endpoints (mutual TLS).")
+
+
 class ServiceRef(Spec):
     name: DnsLabel
     port: Port | DnsLabel = Field(description="The Service port, by number or by name.")
@@ -151,6 +162,7 @@ class BackendSpec(Spec):
     routes: list[Route] = Field(min_length=1, max_length=128)
     circuit_breakers: CircuitBreakers = CircuitBreakers()
     connect_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    tls: UpstreamTls | None = Field(None, description="TLS to the endpoints; plain text when unset.")
     websocket: WebSocket | None = Field(None, description="When set, WebSocket upgrades on these routes are "
                                         "accepted and sent to the cluster <namespace>/<name>/websocket, with "
                                         "its own circuit-breaker budget. When unset, Envoy refuses them (403).")

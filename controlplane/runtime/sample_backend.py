@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ssl
 import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,7 +21,8 @@ _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 class SampleBackend:
-    def __init__(self, name: str, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, name: str, *, host: str = "127.0.0.1", port: int = 0, tls: ssl.SSLContext | None = None):
+        """`tls`: serve HTTPS with this server context (a backend behind upstream TLS)."""
         self.name = name
         self.hits = 0
         backend = self
@@ -66,6 +68,8 @@ class SampleBackend:
 
         self._server = ThreadingHTTPServer((host, port), Handler)
         self._server.daemon_threads = True
+        if tls is not None:  # a failed handshake is an OSError in accept(): that client is dropped, no one else
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name=f"backend-{name}", daemon=True).start()
 

@@ -56,7 +56,8 @@ def thresholds(priority: int, *, max_connections: int | None = None, max_pending
 
 
 def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: str | None = None,
-                budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = ()) -> cluster_pb2.Cluster:
+                budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = (),
+                transport_socket: base_pb2.TransportSocket | None = None) -> cluster_pb2.Cluster:
     """A cluster whose endpoints come over EDS, under the cluster's own name or `endpoints_name`
     (clusters that share endpoints share one ClusterLoadAssignment: sent once, one Envoy watch)."""
     cluster = cluster_pb2.Cluster(
@@ -68,6 +69,8 @@ def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: st
     )
     if budgets:
         cluster.circuit_breakers.thresholds.extend(budgets)
+    if transport_socket is not None:
+        cluster.transport_socket.CopyFrom(transport_socket)
     return cluster
 
 
@@ -142,15 +145,32 @@ def downstream_tls(certificate_secret_name: str, client_ca_secret_name: str | No
                    ) -> base_pb2.TransportSocket:
     """TLS for a listener, its certificate (and client CA: mutual TLS) fetched over SDS by name,
     so a rotation reaches Envoy without touching the listener."""
-    common = tls_pb2.CommonTlsContext(tls_certificate_sds_secret_configs=[
-        secret_pb2.SdsSecretConfig(name=certificate_secret_name, sds_config=ads_config_source())])
+    common = tls_pb2.CommonTlsContext(tls_certificate_sds_secret_configs=[_sds(certificate_secret_name)])
     context = tls_pb2.DownstreamTlsContext(common_tls_context=common)
     if client_ca_secret_name is not None:
-        common = context.common_tls_context
-        common.validation_context_sds_secret_config.CopyFrom(
-            secret_pb2.SdsSecretConfig(name=client_ca_secret_name, sds_config=ads_config_source()))
+        context.common_tls_context.validation_context_sds_secret_config.CopyFrom(_sds(client_ca_secret_name))
         context.require_client_certificate.value = True
     return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
+
+
+def upstream_tls(hostname: str, ca_secret_name: str, client_certificate_secret_name: str | None = None
+                 ) -> base_pb2.TransportSocket:
+    """TLS from Envoy to a cluster's endpoints: SNI `hostname`; their certificates must chain to the CA
+    (over SDS) and name `hostname` (a DNS subjectAltName); with a client certificate, mutual TLS."""
+    names = tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+        default_validation_context=common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[
+            common_pb2.SubjectAltNameMatcher(san_type=common_pb2.SubjectAltNameMatcher.DNS,
+                                             matcher=string_pb2.StringMatcher(exact=hostname))]),
+        validation_context_sds_secret_config=_sds(ca_secret_name))
+    common = tls_pb2.CommonTlsContext(combined_validation_context=names)
+    if client_certificate_secret_name is not None:
+        common.tls_certificate_sds_secret_configs.append(_sds(client_certificate_secret_name))
+    context = tls_pb2.UpstreamTlsContext(sni=hostname, common_tls_context=common)
+    return base_pb2.TransportSocket(name="envoy.transport_sockets.tls", typed_config=_any(context))
+
+
+def _sds(secret_name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=secret_name, sds_config=ads_config_source())
 
 
 def http_listener(name: str, *, address: str, port: int, route_config_name: str,

@@ -26,5 +26,5 @@ def certificate_secret(namespace: str, secret: str) -> str:
     return f"{namespace}/{secret}/certificate"
 
 
-def client_ca_secret(namespace: str, secret: str) -> str:
-    return f"{namespace}/{secret}/client-ca"
+def trusted_ca_secret(namespace: str, secret: str) -> str:
+    return f"{namespace}/{secret}/ca"

@@ -35,9 +35,15 @@ def resources_document(snapshot: Snapshot) -> dict[str, list[dict[str, Any]]]:
             for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
 
 
-def _inline_secrets(typed_config, secrets) -> None:
-    """SDS references replaced by the secrets themselves (a static bootstrap has no SDS)."""
-    context = tls_pb2.DownstreamTlsContext()
+def _inline_secrets(transport_socket, secrets) -> None:
+    """SDS references of a TLS transport socket replaced by the secrets themselves (a static
+    bootstrap has no SDS); a combined validation context becomes one plain validation context."""
+    typed_config = transport_socket.typed_config
+    context_class = next((c for c in (tls_pb2.DownstreamTlsContext, tls_pb2.UpstreamTlsContext)
+                          if typed_config.Is(c.DESCRIPTOR)), None)
+    if context_class is None:
+        return
+    context = context_class()
     typed_config.Unpack(context)
     common = context.common_tls_context
     for sds in common.tls_certificate_sds_secret_configs:
@@ -45,6 +51,11 @@ def _inline_secrets(typed_config, secrets) -> None:
     common.ClearField("tls_certificate_sds_secret_configs")
     if common.HasField("validation_context_sds_secret_config"):
         common.validation_context.CopyFrom(secrets[common.validation_context_sds_secret_config.name].validation_context)
+    elif common.HasField("combined_validation_context"):
+        combined = common.combined_validation_context
+        validation = secrets[combined.validation_context_sds_secret_config.name].validation_context
+        validation.MergeFrom(combined.default_validation_context)
+        common.validation_context.CopyFrom(validation)
     typed_config.Pack(context)
 
 
@@ -60,12 +71,12 @@ def static_bootstrap(snapshot: Snapshot, *, admin_port: int = 9901) -> dict[str,
             cluster.type = cluster_pb2.Cluster.STATIC
             cluster.load_assignment.CopyFrom(assignments.get(eds_name, endpoint_pb2.ClusterLoadAssignment(
                 cluster_name=cluster.name)))
+        _inline_secrets(cluster.transport_socket, secrets)
         clusters.append(_as_dict(cluster))
     listeners = []
     for listener in _messages(snapshot, LISTENER):
         for chain in listener.filter_chains:
-            if chain.transport_socket.typed_config.Is(tls_pb2.DownstreamTlsContext.DESCRIPTOR):
-                _inline_secrets(chain.transport_socket.typed_config, secrets)
+            _inline_secrets(chain.transport_socket, secrets)
             for network_filter in chain.filters:
                 if network_filter.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
                     manager = hcm_pb2.HttpConnectionManager()

@@ -1,10 +1,11 @@
 """TLS Secrets, checked before any Envoy sees them. Pure: the time to check against is an argument.
 
 A certificate Secret must be `kubernetes.io/tls`, with a PEM certificate chain in tls.crt and the
-matching, unencrypted PEM private key in tls.key, valid now (parsing is done once per Secret;
-the validity window is checked on every translation, with the time given). A client CA Secret needs PEM CA
-certificates in ca.crt, valid now. Each problem is one sentence naming the Secret, the key and
-what to do: this is the check a bad rotation meets before it can break mTLS for every client.
+matching, unencrypted PEM private key in tls.key, valid now (parsing is done once per Secret; the
+validity window is checked on every translation, with the time given). A CA Secret (the client CA
+of mutual TLS, or the CA of a Backend's endpoints) needs PEM CA certificates in ca.crt, valid now.
+Each problem is one sentence naming the Secret, the key and what to do: this is the check a bad
+rotation meets before it can break mTLS for every client.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ def certificate(secret: Mapping[str, Any] | None, *, where: str, name: str) -> C
                    _window([leaf], where, "tls.crt"))
 
 
-def client_ca(secret: Mapping[str, Any] | None, *, where: str, name: str) -> Checked:
+def trusted_ca(secret: Mapping[str, Any] | None, *, where: str, name: str) -> Checked:
     if secret is None:
-        raise SecretProblem(f"Secret {where} does not exist: create it with the client CA in ca.crt, or fix the name")
+        raise SecretProblem(f"Secret {where} does not exist: create it with the CA certificate in ca.crt, or fix "
+                            "the name")
     pem = _data(secret, where, "ca.crt")
     authorities = _certificates(pem, where, "ca.crt")
     for certificate_ in authorities:
@@ -59,7 +61,7 @@ def client_ca(secret: Mapping[str, Any] | None, *, where: str, name: str) -> Che
             is_ca = False
         if not is_ca:
             raise SecretProblem(f"Secret {where}: ca.crt holds {certificate_.subject.rfc4514_string()}, which is not a "
-                                "CA certificate; put the CA that issues the client certificates")
+                                "CA certificate; put the CA that issues the certificates to trust")
     return Checked(ir.TrustedCa(name=name, certificates=pem), _window(authorities, where, "ca.crt"))
 
 

@@ -112,7 +112,7 @@ class Translator:
         for namespace, service in services:
             for key in self._service_users.get((namespace, service), ()):
                 spec = self._memo[("spec", key)][2]
-                backend = self._backend(view, key, spec)
+                backend = self._backend(view, key, spec, warnings=[])  # Secrets unchanged: so are the warnings
                 replaced[backend.name] = backend
         if not replaced:
             return last
@@ -144,7 +144,8 @@ class Translator:
                                     "is not accepted: create it in the Backend's namespace, or fix spec.gateway",
                                     unresolved=True)
                 targets = _target_listeners(gateway, spec)
-                backend = self._backend(view, key, spec)
+                warnings: list[str] = []
+                backend = self._backend(view, key, spec, warnings=warnings)
                 websocket = backend.websocket.name if backend.websocket is not None else None
                 routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name, websocket)
                 _claim_routes(key, routes, targets, claimed)
@@ -161,6 +162,8 @@ class Translator:
                 origins[backend.websocket.name] = key
             node_groups[key] = node_cluster
             conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+            if warnings:
+                conditions[key] = _with_unresolved(conditions[key], "InvalidSecret", "; ".join(warnings))
 
         group_listeners: dict[str, list[ir.Listener]] = {}
         for gateway in gateways.values():
@@ -180,11 +183,24 @@ class Translator:
             del self._memo[stale]
         return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups)
 
-    def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec) -> ir.Backend:
-        """A Backend's cluster and endpoints, rebuilt only when its spec, Service or slices changed."""
+    def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, *,
+                 warnings: list[str]) -> ir.Backend:
+        """A Backend's cluster and endpoints, rebuilt only when its spec, Service, slices or TLS changed."""
         service = view.get("Service", key.namespace, spec.service.name)
         slices = view.endpoint_slices(key.namespace, spec.service.name)
-        return self._cached(("backend", key), (spec, service, *slices), _build_backend, key, spec, service, slices)
+        tls = self._upstream_tls(view, key, spec.tls, warnings) if spec.tls is not None else None
+        return self._cached(("backend", key), (spec, service, tls, *slices), _build_backend, key, spec, service,
+                            slices, tls)
+
+    def _upstream_tls(self, view: StoreView, backend: ObjectKey, spec: crds.UpstreamTls,
+                      warnings: list[str]) -> ir.UpstreamTls:
+        ca = self._secret(view, backend.namespace, spec.ca_secret, "ca", warnings)
+        client_certificate = None
+        if spec.client_certificate_secret is not None:
+            client_certificate = self._secret(view, backend.namespace, spec.client_certificate_secret, "certificate",
+                                              warnings)
+        return self._cached(("upstream-tls", backend), (spec.hostname, ca, client_certificate), ir.UpstreamTls,
+                            spec.hostname, ca, client_certificate)
 
     def _accepted_gateways(self, view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
         """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
@@ -219,7 +235,7 @@ class Translator:
         certificate = self._secret(view, gateway.namespace, spec.certificate_secret, "certificate", warnings)
         client_ca = None
         if spec.client_ca_secret is not None:
-            client_ca = self._secret(view, gateway.namespace, spec.client_ca_secret, "client-ca", warnings)
+            client_ca = self._secret(view, gateway.namespace, spec.client_ca_secret, "ca", warnings)
         return self._cached(("tls", gateway, listener), (certificate, client_ca), ir.Tls, certificate, client_ca)
 
     def _watch_validity(self, window: secrets.Window) -> None:
@@ -233,7 +249,7 @@ class Translator:
         """A validated Secret value; if the current one is bad, the last valid one, with a warning."""
         obj = view.get("Secret", namespace, secret)
         parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use == "certificate"
-                       else (secrets.client_ca, names.client_ca_secret(namespace, secret)))
+                       else (secrets.trusted_ca, names.trusted_ca_secret(namespace, secret)))
         try:
             checked = self._cached(("secret", use, namespace, secret), (obj,), _checked_secret, parse, obj,
                                    f"{namespace}/{secret}", name)
@@ -265,7 +281,7 @@ def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[O
 
 
 def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[str, Any] | None,
-             slices: list[Mapping[str, Any]]) -> ir.Backend:
+                   slices: list[Mapping[str, Any]], tls: ir.UpstreamTls | None) -> ir.Backend:
     if service_obj is None:
         raise _Rejected("ServiceNotFound", f"Service {key.namespace}/{spec.service.name} does not exist: create it, "
                         "or fix spec.service.name", unresolved=True)
@@ -284,7 +300,7 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
     return ir.Backend(name=names.cluster(key.namespace, key.name),
                       endpoints=_endpoints(slices, port),
                       default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
-                      connect_timeout_ms=spec.connect_timeout_ms, websocket=websocket)
+                      connect_timeout_ms=spec.connect_timeout_ms, websocket=websocket, tls=tls)
 
 
 def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:

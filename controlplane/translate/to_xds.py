@@ -57,6 +57,8 @@ class SnapshotBuilder:
         per_listener = [self._built(listener, _listener_resources, fresh) for listener in group.listeners]
         used_secrets = {secret.name: secret for listener in group.listeners if listener.tls is not None
                         for secret in (listener.tls.certificate, listener.tls.client_ca) if secret is not None}
+        used_secrets.update((secret.name, secret) for backend in group.backends if backend.tls is not None
+                            for secret in (backend.tls.ca, backend.tls.client_certificate) if secret is not None)
         per_secret = [self._built(secret, _secret_resources, fresh) for _name, secret in sorted(used_secrets.items())]
         self._resources = fresh
         self._by_name = {(r.type_url, r.name): r for _value, built in fresh.values() for r in built}
@@ -106,14 +108,24 @@ def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
 
 def cluster(backend: ir.Backend):
     return b.eds_cluster(backend.name, connect_timeout_ms=backend.connect_timeout_ms, budgets=[
-        _thresholds(base_pb2.DEFAULT, backend.default_budget), _thresholds(base_pb2.HIGH, backend.high_budget)])
+        _thresholds(base_pb2.DEFAULT, backend.default_budget), _thresholds(base_pb2.HIGH, backend.high_budget)],
+        transport_socket=_upstream_tls(backend))
 
 
 def websocket_cluster(backend: ir.Backend):
     """Over the Backend's endpoints (its ClusterLoadAssignment), with the WebSocket budget only."""
     websocket = backend.websocket
     return b.eds_cluster(websocket.name, connect_timeout_ms=backend.connect_timeout_ms, endpoints_name=backend.name,
-                         budgets=[_thresholds(base_pb2.DEFAULT, websocket.budget)])
+                         budgets=[_thresholds(base_pb2.DEFAULT, websocket.budget)],
+                         transport_socket=_upstream_tls(backend))
+
+
+def _upstream_tls(backend: ir.Backend):
+    tls = backend.tls
+    if tls is None:
+        return None
+    client_certificate = tls.client_certificate.name if tls.client_certificate is not None else None
+    return b.upstream_tls(tls.hostname, tls.ca.name, client_certificate)
 
 
 def endpoints(backend: ir.Backend):

@@ -212,10 +212,11 @@ def _check_consistent(sets: Mapping[str, ResourceSet]) -> None:
         problems.append(f"endpoints {', '.join(orphan_endpoints)} are not the EDS name of any cluster "
                         "(add an EDS cluster with that name or service_name, or drop the endpoints)")
         dangling[xr.ENDPOINT] = orphan_endpoints
-    missing_secrets = sorted(sets[xr.LISTENER].referenced(xr.SECRET) - sets[xr.SECRET].resources.keys())
+    named_secrets = sets[xr.LISTENER].referenced(xr.SECRET) | sets[xr.CLUSTER].referenced(xr.SECRET)
+    missing_secrets = sorted(named_secrets - sets[xr.SECRET].resources.keys())
     if missing_secrets:
-        problems.append(f"listeners name secrets {', '.join(missing_secrets)} that the snapshot does not have "
-                        "(add them to secrets, or fix the listener's SDS secret names)")
+        problems.append(f"listeners or clusters name secrets {', '.join(missing_secrets)} that the snapshot does "
+                        "not have (add them to secrets, or fix the SDS secret names of their TLS contexts)")
         dangling[xr.SECRET] = missing_secrets
     if missing_routes:
         problems.append(f"listeners name route configurations {', '.join(missing_routes)} that the snapshot "

@@ -52,6 +52,7 @@ MESSAGE_CLASSES = {
 _HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 _DOWNSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+_UPSTREAM_TLS_TYPE = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 Reference = tuple[str, str]
 """(type_url, name) of a resource that another resource names."""
@@ -136,9 +137,23 @@ def _references(type_url: str, message: AnyType) -> list[Reference]:
 
 
 def _cluster_references(cluster: cluster_pb2.Cluster) -> list[Reference]:
+    found: list[Reference] = []
     if cluster.WhichOneof("cluster_discovery_type") == "type" and cluster.type == cluster_pb2.Cluster.EDS:
-        return [(ENDPOINT, cluster.eds_cluster_config.service_name or cluster.name)]
-    return []
+        found.append((ENDPOINT, cluster.eds_cluster_config.service_name or cluster.name))
+    socket = cluster.transport_socket.typed_config
+    if socket.type_url == _UPSTREAM_TLS_TYPE:
+        found.extend(_sds_secrets(tls_pb2.UpstreamTlsContext.FromString(socket.value).common_tls_context))
+    return found
+
+
+def _sds_secrets(common: tls_pb2.CommonTlsContext) -> list[Reference]:
+    """The secrets a TLS context fetches over SDS: certificates and the validation context."""
+    found = [(SECRET, sds.name) for sds in common.tls_certificate_sds_secret_configs]
+    if common.HasField("validation_context_sds_secret_config"):
+        found.append((SECRET, common.validation_context_sds_secret_config.name))
+    elif common.HasField("combined_validation_context"):
+        found.append((SECRET, common.combined_validation_context.validation_context_sds_secret_config.name))
+    return found
 
 
 def _listener_references(listener: listener_pb2.Listener) -> list[Reference]:
@@ -149,10 +164,7 @@ def _listener_references(listener: listener_pb2.Listener) -> list[Reference]:
     for chain in chains:
         socket = chain.transport_socket.typed_config
         if socket.type_url == _DOWNSTREAM_TLS_TYPE:
-            common = tls_pb2.DownstreamTlsContext.FromString(socket.value).common_tls_context
-            found.extend((SECRET, sds.name) for sds in common.tls_certificate_sds_secret_configs)
-            if common.HasField("validation_context_sds_secret_config"):
-                found.append((SECRET, common.validation_context_sds_secret_config.name))
+            found.extend(_sds_secrets(tls_pb2.DownstreamTlsContext.FromString(socket.value).common_tls_context))
         for network_filter in chain.filters:
             config = network_filter.typed_config
             if config.type_url == _HCM_TYPE:
