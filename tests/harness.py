@@ -56,6 +56,9 @@ class Envoy(EnvoyProcess):
         text = (await self.admin.get("/stats", params={"format": "json"})).json()
         return {s["name"]: s["value"] for s in text["stats"] if "value" in s}
 
+    async def stat(self, name: str) -> int:
+        return (await self.stats())[name]
+
     async def dynamic_names(self, kind: str) -> set[str]:
         """Names of the dynamic clusters or listeners Envoy has active ('clusters'/'listeners')."""
         dump = await self.config_dump()
@@ -68,6 +71,12 @@ class Envoy(EnvoyProcess):
     async def close(self) -> None:
         await self.admin.aclose()
         self.stop()
+
+
+async def status_of(port: int, path: str) -> int:
+    """The HTTP status of a GET through Envoy's listener on `port`."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        return (await http.get(f"http://127.0.0.1:{port}{path}")).status_code
 
 
 async def eventually(check: Callable, *, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):

@@ -10,7 +10,7 @@ import pytest
 
 from controlplane.sources.store import ObjectKey
 from tests.certs import ca_secret, issue, tls_secret
-from tests.harness import eventually, free_port, write
+from tests.harness import eventually, free_port, status_of, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 from tests.test_envoy_xds import body_of
 
@@ -102,10 +102,6 @@ def _condition(pipeline, kind: str, name: str, condition: str):
 def _resolved(pipeline, kind: str = "Gateway", name: str = "edge") -> str:
     return _condition(pipeline, kind, name, "ResolvedRefs").status
 
-
-async def status_of(port: int, path: str) -> int:
-    async with httpx.AsyncClient(timeout=5) as http:
-        return (await http.get(f"http://127.0.0.1:{port}{path}")).status_code
 
 
 async def _presents(port: int, context: ssl.SSLContext, expected: bytes) -> bool:

@@ -57,7 +57,7 @@ async def test_a_websocket_surge_exhausts_only_the_websocket_budget(served, envo
         assert await agent.recv() == f"api: hello {number}"
     websocket_cluster, api_cluster = f"cluster.{NS}/api/websocket", f"cluster.{NS}/api"
     waiting = asyncio.create_task(open_websocket(port, "/agents"))  # no connection left: it waits its turn
-    await eventually(lambda: _stat(envoy, f"{websocket_cluster}.upstream_rq_pending_active"),
+    await eventually(lambda: envoy.stat(f"{websocket_cluster}.upstream_rq_pending_active"),
                      what="the third WebSocket to wait for the budget")
     assert await refused_with(port, "/agents") == 503  # the queue is full too: refused at once
 
@@ -80,7 +80,3 @@ async def test_a_websocket_surge_exhausts_only_the_websocket_budget(served, envo
     assert await refused_with(port, "/legacy") == 403  # no websocket block: upgrades never reach the backend
     assert legacy.hits == hits
     assert await body_of(port, "/legacy") == "legacy"
-
-
-async def _stat(envoy, name: str) -> int:
-    return (await envoy.stats())[name]

@@ -1,4 +1,5 @@
-"""A sample HTTP backend on 127.0.0.1 for the demo and the tests: it answers with its own name.
+"""A sample HTTP backend on 127.0.0.1 for the demo and the tests: it answers with its own name,
+after `?delay=SECONDS` if asked (a slow request holds a circuit-breaker slot).
 
 It also accepts WebSocket upgrades and echoes each message prefixed with its name, so the demo
 and the tests show WebSockets through Envoy on their own cluster. A thread per server and per
@@ -13,8 +14,10 @@ import hashlib
 import ssl
 import struct
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import BinaryIO
+from urllib.parse import parse_qs, urlsplit
 
 _WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x1, 0x2, 0x8, 0x9, 0xA
@@ -35,6 +38,9 @@ class SampleBackend:
                 if (self.headers.get("upgrade") or "").lower() == "websocket":
                     self._echo_websocket()
                     return
+                delay = parse_qs(urlsplit(self.path).query).get("delay")
+                if delay:  # a slow request, to hold a circuit-breaker slot (at most 10 s)
+                    time.sleep(min(float(delay[0]), 10.0))
                 body = f"{backend.name}\n".encode()
                 self.send_response(200)
                 self.send_header("content-type", "text/plain")
