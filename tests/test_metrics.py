@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, generate_latest
 
 from controlplane.runtime.metrics import ControlPlaneCollector
@@ -37,3 +39,26 @@ def test_connected_rejecting_and_not_accepted():
     # e2's NACK was superseded by an accepted push: only e1 is rejecting now
     assert 'controlplane_xds_rejecting_envoys{node_group="edge",type="listeners"} 1.0' in text
     assert 'controlplane_objects_not_accepted{kind="Backend",reason="ServiceNotFound"} 1.0' in text
+
+
+def test_budgets_and_refused_secret_rotations_are_there_for_alerts():
+    from tests.certs import ca_secret, issue, tls_secret
+    authority = issue("test CA", ca=True)
+    client = issue("edge", issuer=authority, client=True)
+    upstream_tls = {"caSecret": "endpoints-ca", "hostname": "api.shop.svc", "clientCertificateSecret": "edge-client"}
+    store = Store([gateway(), *app("api", circuitBreakers={"default": {"maxConnections": 100}},
+                                   websocket={"circuitBreakers": {"maxConnections": 5000}}, tls=upstream_tls),
+                   ca_secret("endpoints-ca", authority.cert_pem), tls_secret("edge-client", client.cert_pem,
+                                                                               client.key_pem)])
+    translator = to_ir.Translator()
+    text = scrape([], translator.translate(store.view(), now=time.time()))
+    for series in ('{envoy_cluster_name="shop/api",priority="default",resource="cx"} 100.0',
+                   '{envoy_cluster_name="shop/api",priority="default",resource="rq"} 1024.0',  # Envoy's default
+                   '{envoy_cluster_name="shop/api",priority="high",resource="retries"} 3.0',
+                   '{envoy_cluster_name="shop/api/websocket",priority="default",resource="cx"} 5000.0'):
+        assert "controlplane_circuit_breaker_limit" + series in text
+    assert "controlplane_objects_unresolved_refs{" not in text
+
+    store.put(ca_secret("endpoints-ca", client.cert_pem))  # a rotation to something that is not a CA: refused
+    text = scrape([], translator.translate(store.view(), now=time.time()))
+    assert 'controlplane_objects_unresolved_refs{kind="Backend",reason="InvalidSecret"} 1.0' in text

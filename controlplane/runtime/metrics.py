@@ -1,8 +1,11 @@
 """Prometheus metrics, computed when scraped from the cache's status view and the last translation.
 
-Nothing is counted on the push path. What an alert needs: Envoys connected per node group, Envoys
-whose last response of a type was rejected (a NACK not yet followed by an accepted version), and
-objects that are not accepted, per kind and reason.
+Nothing is counted on the push path. What the alerts in monitoring/alerts.yaml need: Envoys
+connected per node group; Envoys whose last response of a type was rejected (a NACK not yet
+followed by an accepted version); objects that are not accepted, and accepted objects whose
+references are not as they should be (a refused Secret rotation), per kind and reason; and every
+cluster's circuit-breaker limits, so that Envoy's `remaining_*` gauges can be read as a fraction
+of the budget and an alert fires before a budget is spent, not when it trips.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import GaugeMetricFamily
 
+from controlplane.ir import types as ir
 from controlplane.translate.to_ir import Translation
 from controlplane.xds import SnapshotCache
 from controlplane.xds.resources import SHORT_NAMES
@@ -48,7 +52,43 @@ class ControlPlaneCollector:
                               if conditions[0].status == "False")
             for (kind, reason), count in sorted(reasons.items()):
                 rejected.add_metric([kind, reason], count)
-        yield from (connected, rejecting, rejected)
+        unresolved = GaugeMetricFamily("controlplane_objects_unresolved_refs",
+                                       "Accepted Gateways and Backends with a reference that is not as it should be "
+                                       "(reason InvalidSecret: a refused Secret; Envoys keep its last valid version).",
+                                       labels=["kind", "reason"])
+        limits = GaugeMetricFamily("controlplane_circuit_breaker_limit",
+                                   "Each cluster's circuit-breaker limits, Envoy's defaults included; resource names "
+                                   "match Envoy's circuit_breakers.<priority>.remaining_<resource> gauges.",
+                                   labels=["envoy_cluster_name", "priority", "resource"])
+        if translation is not None:
+            reasons = Counter((key.kind, conditions[1].reason) for key, conditions in translation.conditions.items()
+                              if conditions[0].status == "True" and conditions[1].status == "False")
+            for (kind, reason), count in sorted(reasons.items()):
+                unresolved.add_metric([kind, reason], count)
+            for cluster, priority, budget in _budgets(translation):
+                for resource, limit in _effective_limits(budget):
+                    limits.add_metric([cluster, priority, resource], limit)
+        yield from (connected, rejecting, rejected, unresolved, limits)
+
+
+# Envoy's limits where a budget leaves one unset (config.cluster.v3.CircuitBreakers.Thresholds).
+_ENVOY_DEFAULT_LIMITS = {"cx": 1024, "pending": 1024, "rq": 1024, "retries": 3}
+
+
+def _budgets(translation: Translation):
+    for group in translation.groups.values():
+        for backend in group.backends:
+            yield backend.name, "default", backend.default_budget
+            yield backend.name, "high", backend.high_budget
+            if backend.websocket is not None:
+                yield backend.websocket.name, "default", backend.websocket.budget
+
+
+def _effective_limits(budget: ir.Budget):
+    configured = {"cx": budget.max_connections, "pending": budget.max_pending_requests, "rq": budget.max_requests,
+                  "retries": budget.max_retries}
+    for resource, limit in configured.items():
+        yield resource, limit if limit is not None else _ENVOY_DEFAULT_LIMITS[resource]
 
 
 def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Callable[[], bool]) -> None:
