@@ -136,8 +136,9 @@ class WebSocket(Spec):
     on their own budget can exhaust only that budget."""
 
     circuit_breakers: Thresholds = Field(Thresholds(), description="The WebSocket cluster's own budget: "
-                                         "WebSocket connections beyond it are refused (503), and the "
-                                         "Backend's other requests are unaffected.")
+                                         "WebSockets beyond it wait for a slot (at most 15 s, then 504) or, "
+                                         "with maxPendingRequests waiting, are refused (503); the Backend's "
+                                         "other requests are unaffected.")
 
 
 class UpstreamTls(Spec):

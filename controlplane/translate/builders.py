@@ -109,8 +109,7 @@ def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None
     match.headers.append(rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
         exact="websocket", ignore_case=True)))
     return rc.Route(match=match, route=rc.RouteAction(
-        cluster=cluster,
-        upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")]))
+        cluster=cluster, upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")]))
 
 
 def _route_match(prefix: str | None, path: str | None, headers: Sequence[tuple[str, str]]) -> rc.RouteMatch:
