@@ -34,6 +34,17 @@ async def test_manifests_become_traffic_and_follow_changes(served, envoys, backe
     await asyncio.sleep(0.3)
     assert await body_of(port) == "two"  # the broken file kept its last good objects
 
+    broken = endpoint_slice("api", [ready("127.0.0.1")], port=one.port)
+    broken["ports"][0]["port"] = "eighty"  # valid YAML, a wrong shape: refused by the source, not translation
+    write(manifests / "slices.yaml", broken)
+    await eventually(lambda: "ports[0].port" in str(source.errors.get(manifests / "slices.yaml")),
+                     what="the wrong shape to be reported with its field")
+    assert await body_of(port) == "two"
+    write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
+    assert await eventually(lambda: _answers(port, "one"), what="the next good change to be published")
+    write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=two.port))
+    assert await eventually(lambda: _answers(port, "two"), what="traffic back on two")
+
     write(manifests / "ghost.yaml", backend("ghost", routes=[{"pathPrefix": "/ghost"}]))
     await eventually(lambda: ObjectKey("Backend", NS, "ghost") in pipeline.last.conditions, what="the bad Backend")
     assert pipeline.last.conditions[ObjectKey("Backend", NS, "ghost")][0].reason == "ServiceNotFound"

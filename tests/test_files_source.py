@@ -11,6 +11,15 @@ from controlplane.sources.files import DirectorySource, ManifestError, parse_fil
     ("kind: Service\n  bad: [x\n", "line 2, column 6: not valid YAML"),
     ("- just\n- a list\n", "document 1 is not a mapping"),
     ("kind: Service\nmetadata: {}\n", "document 1 has no kind or no metadata.name"),
+    ("kind: Service\nmetadata: {name: api}\nspec: {ports: [{name: http, port: http}]}\n",
+     "document 1 (Service api): spec.ports[0].port: Input should be a valid integer"),
+    ("kind: ConfigMap\nmetadata: {name: x}\n---\nkind: EndpointSlice\nmetadata: {name: api-1}\n"
+     "endpoints: [{addresses: 10.0.0.1}]\n", "document 2 (EndpointSlice api-1): endpoints[0].addresses: Input should "
+     "be a valid list"),
+    ("kind: Backend\nmetadata: {name: api, labels: [x], generation: two}\n",
+     "metadata.labels: Input should be a valid dictionary; metadata.generation: Input should be a valid integer"),
+    ("kind: Secret\nmetadata: {name: tls}\ndata: [tls.crt]\n", "document 1 (Secret tls): data: Input should be a "
+     "valid dictionary"),
 ])
 def test_parse_errors_say_where(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

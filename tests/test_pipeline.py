@@ -41,3 +41,20 @@ async def test_events_that_never_pause_still_publish_while_they_go_on():
             await asyncio.sleep(0.01)
     # The maximum delay, not the end of the events, triggered publications: several, during the stream.
     assert len(published_after) >= 2 and published_after[0] < 100
+
+
+async def test_a_failed_publication_is_logged_and_the_next_change_is_still_published(caplog):
+    attempts: list[int] = []
+
+    def publish():
+        attempts.append(len(attempts))
+        if len(attempts) == 1:
+            raise RuntimeError("a translation bug")
+    coalescer = Coalescer(publish, hold_off=0.01, max_delay=0.1)
+    async with running(coalescer):
+        coalescer.poke()
+        await asyncio.sleep(0.1)
+        coalescer.poke()
+        await asyncio.sleep(0.1)
+    assert attempts == [0, 1]
+    assert "publishing failed" in caplog.text and "a translation bug" in caplog.text

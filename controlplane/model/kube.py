@@ -1,13 +1,20 @@
 """The parts of Kubernetes objects we read, as lenient pydantic models (extra fields ignored).
 
-Only what translation needs: a Service's ports, an EndpointSlice's endpoints and their
-conditions, a TLS Secret's data. Kubernetes validated these already; we only parse them.
+Only what translation needs: metadata, a Service's ports, an EndpointSlice's endpoints and their
+conditions, a Secret's data. The API server validated what the Kubernetes source reads; a
+manifest file was written by hand, so the file source checks each object with `problems` and
+refuses the file (keeping its last good objects) rather than let a wrong shape reach translation.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
+
+from controlplane.model.problems import explain
 
 
 class Lenient(BaseModel):
@@ -46,6 +53,43 @@ class EndpointSlice(Lenient):
     address_type: str = "IPv4"
     endpoints: list[Endpoint] = Field(default_factory=list)
     ports: list[EndpointPort] = Field(default_factory=list)
+
+
+class ObjectMeta(Lenient):
+    name: str = Field(min_length=1)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    generation: int = 0
+
+
+class _Object(Lenient):
+    metadata: ObjectMeta
+
+
+class _Service(_Object):
+    spec: ServiceSpec = ServiceSpec()
+
+
+class _EndpointSlice(_Object, EndpointSlice):
+    pass
+
+
+class _Secret(_Object):
+    type: str = "Opaque"
+    data: dict[str, str] = Field(default_factory=dict)
+
+
+_SHAPES: dict[str, type[_Object]] = {"Service": _Service, "EndpointSlice": _EndpointSlice, "Secret": _Secret}
+
+
+def problems(obj: Mapping[str, Any]) -> list[str]:
+    """What is wrong with the shape of a Kubernetes object we read (empty when nothing is). Our
+    CRDs' metadata is checked here; their spec is translation's to check (it becomes a condition)."""
+    try:
+        _SHAPES.get(obj.get("kind"), _Object).model_validate(obj)
+    except ValidationError as error:
+        return explain(error, "")
+    return []
 
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"

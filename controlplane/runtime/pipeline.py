@@ -62,7 +62,10 @@ class Pipeline:
 
 
 class Coalescer:
-    """Runs `action` after a pause of `hold_off` seconds in calls to `poke()`, or `max_delay` at most."""
+    """Runs `action` after a pause of `hold_off` seconds in calls to `poke()`, or `max_delay` at most.
+
+    An action that fails is logged and the loop goes on: were this task to end, the control plane
+    would look healthy while never publishing again."""
 
     def __init__(self, action: Callable[[], None], *, hold_off: float = 0.05, max_delay: float = 0.5):
         self._action = action
@@ -93,7 +96,11 @@ class Coalescer:
                     break
             self._first = None
             self._wake.clear()
-            self._action()
+            try:
+                self._action()
+            except Exception:  # a bug: bad input becomes conditions and file errors, never an exception
+                log.exception("publishing failed; Envoys keep the last published configuration, and the next "
+                              "change tries again")
 
 
 class Source(Protocol):

@@ -2,8 +2,10 @@
 
 The same manifests a cluster would hold (Gateways, Backends, Services, EndpointSlices, Secrets),
 in `*.yaml`/`*.yml` files, multi-document allowed. The directory is polled for changes (stdlib
-only, works on every filesystem). A file that stops parsing keeps its last good objects and
-its error is reported with the file and line: a typo never empties a Gateway.
+only, works on every filesystem). A file that stops parsing, or holds an object of the wrong
+shape (a Service port that is not a number, labels that are not a mapping), keeps its last good
+objects and its error is reported with the file, the line or the field: a typo never empties a
+Gateway, and never reaches translation.
 
 While watching, a changed file is read only once it has stopped changing for one poll interval
 (0.25 s, so a saved change applies within half a second). Editors and `>` redirections truncate
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from controlplane.model import kube
 from controlplane.sources.store import KINDS, ObjectKey, Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,10 @@ def parse_file(path: Path) -> list[Mapping[str, Any]]:
         if not document.get("kind") or not (document.get("metadata") or {}).get("name"):
             raise ManifestError(path, f"document {index + 1} has no kind or no metadata.name")
         if document["kind"] in KINDS:
+            wrong = kube.problems(document)
+            if wrong:
+                raise ManifestError(path, f"document {index + 1} ({document['kind']} "
+                                          f"{document['metadata']['name']}): {'; '.join(wrong)}")
             objects.append(document)
         else:
             log.info("%s: ignoring %s %s (not a kind this control plane reads)", path, document["kind"],

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from controlplane.ir import types as ir
-from controlplane.model import crds, kube
+from controlplane.model import crds, kube, problems
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.sources.store import ObjectKey, StoreView
 from controlplane.translate import names, secrets
@@ -388,15 +388,7 @@ def _parse(model: type, obj: Mapping[str, Any]):
     try:
         return model.model_validate(obj.get("spec") or {})
     except ValidationError as error:
-        raise _Rejected("Invalid", "; ".join(_explain(e) for e in error.errors())) from None
-
-
-def _explain(error: Mapping[str, Any]) -> str:
-    where = "spec" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        return f"{where}: unknown field; check its spelling against the CRD (kubectl explain)"
-    message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {message}"
+        raise _Rejected("Invalid", "; ".join(problems.explain(error, "spec"))) from None
 
 
 def _generation(obj: Mapping[str, Any]) -> int:
