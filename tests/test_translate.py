@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controlplane.model import kube
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -188,6 +189,32 @@ def test_generated_backends_never_crash_and_never_break_the_others(spec):
     condition = accepted(result, "Backend", "weird")
     assert condition.status == "True" or condition.message
     to_xds.snapshot(result.groups["edge"])
+
+
+kubernetes_like = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["Service", "EndpointSlice", "Secret"]),
+     "metadata": st.fixed_dictionaries({"name": st.just("api"), "namespace": st.just(NS)},
+                                       optional={"labels": json_values | st.just({"kubernetes.io/service-name": "api"}),
+                                                 "generation": json_values})},
+    optional={"spec": json_values | st.fixed_dictionaries({"ports": json_values | st.lists(
+                  st.fixed_dictionaries({}, optional={"name": json_values | st.just("http"),
+                                                      "port": json_values | st.just(80)}), max_size=2)}),
+              "endpoints": json_values | st.lists(st.fixed_dictionaries({}, optional={
+                  "addresses": json_values, "conditions": json_values}), max_size=2),
+              "ports": json_values, "addressType": json_values, "type": json_values, "data": json_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(obj=kubernetes_like)
+def test_kubernetes_objects_of_any_shape_are_refused_by_the_source_check_or_translated(obj):
+    """What the file source lets through (`kube.problems` finds nothing) never breaks translation."""
+    if kube.problems(obj):
+        return
+    upstream_tls = {"caSecret": "api", "hostname": "api.shop.svc"}
+    result = translate(gateway(), backend("api", port=80, tls=upstream_tls), obj)
+    assert accepted(result, "Backend", "api").status in ("True", "False")
+    if "edge" in result.groups:
+        to_xds.snapshot(result.groups["edge"])
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
