@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/xds_fanout.py
 	$(BIN)/python bench/grpc_floor.py
 	$(BIN)/python bench/translate.py
+	$(BIN)/python bench/websocket_surge.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

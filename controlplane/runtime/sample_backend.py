@@ -33,6 +33,7 @@ class SampleBackend:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 backend.hits += 1
