@@ -69,8 +69,13 @@ def main() -> None:
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--one-pass", action="store_true",
+                        help="one full pass, nothing printed: for counting instructions under callgrind")
     args = parser.parse_args()
     tune_gc()
+    if args.one_pass:
+        Publisher().publish(Store(objects(args.backends, args.endpoints)))
+        return
     full, changed = [], []
     for round_number in range(args.repeat):
         store = Store(objects(args.backends, args.endpoints))

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Endpoint:
+class Endpoint(NamedTuple):
+    """A NamedTuple, not a dataclass: built in C, and a full translation builds one per endpoint."""
+
     address: str
     port: int
     draining: bool = False  # terminating but still serving: only used when nothing else is healthy

@@ -321,8 +321,8 @@ def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple
                 continue
             draining = not ready or bool(conditions.terminating)
             for address in endpoint.addresses[:1]:
-                found[(address, number)] = ir.Endpoint(address, number, draining=draining)
-    return tuple(found[k] for k in sorted(found))
+                found[(address, number)] = ir.Endpoint(address, number, draining)
+    return tuple(sorted(found.values()))  # by address and port: each pair is there once
 
 
 def _budget(thresholds: crds.Thresholds) -> ir.Budget:
