@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT")
     bootstrap.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
     bootstrap.add_argument("--node-id", default="envoy")
-    bootstrap.add_argument("--admin-port", type=int, default=9901)
+    bootstrap.add_argument("--admin-port", type=int, default=9901, help="the admin, on 127.0.0.1 only")
+    bootstrap.add_argument("--stats-port", type=int, metavar="PORT", help="also serve the admin's /stats/prometheus "
+                           "and /ready (only those) on 0.0.0.0:PORT, for Prometheus and a readiness probe")
     bootstrap.add_argument("--delta", action="store_true", help="use Delta xDS instead of State-of-the-World")
     bootstrap.add_argument("--xds-ca", metavar="PATH", help="connect over TLS, trusting this CA (a path in Envoy's "
                            "container); the server certificate must name the --xds-address host")
@@ -115,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tls = XdsClientTls(args.xds_ca, args.xds_client_cert, args.xds_client_key) if args.xds_ca else None
     print(yaml.safe_dump(ads_bootstrap(node_id=args.node_id, node_cluster=args.node_cluster, xds_host=host,
-                                       xds_port=port, admin_port=args.admin_port, delta=args.delta, tls=tls),
+                                       xds_port=port, admin_port=args.admin_port, delta=args.delta, tls=tls,
+                                       stats_port=args.stats_port),
                          sort_keys=False), end="")
     return 0
 

@@ -49,8 +49,10 @@ async def envoys(request, tmp_path):
     """Start real Envoys with `await envoys(xds_port, node_cluster=..., delta=...)`; logs shown on failure."""
     started: list[Envoy] = []
 
-    def start(xds_port: int, *, node_cluster: str = "gateway", delta: bool = False, node_id: str = "envoy-1") -> Envoy:
-        envoy = Envoy(tmp_path, xds_port=xds_port, node_cluster=node_cluster, delta=delta, node_id=node_id)
+    def start(xds_port: int, *, node_cluster: str = "gateway", delta: bool = False, node_id: str = "envoy-1",
+              stats_port: int | None = None) -> Envoy:
+        envoy = Envoy(tmp_path, xds_port=xds_port, node_cluster=node_cluster, delta=delta, node_id=node_id,
+                      stats_port=stats_port)
         started.append(envoy)
         return envoy
     yield start

@@ -44,9 +44,9 @@ class Envoy(EnvoyProcess):
     """A real Envoy for a test, with an async admin client."""
 
     def __init__(self, workdir: Path, *, xds_port: int, node_cluster: str, delta: bool, node_id: str = "envoy-1",
-                 xds_tls: XdsClientTls | None = None):
+                 xds_tls: XdsClientTls | None = None, stats_port: int | None = None):
         super().__init__(workdir, xds_port=xds_port, admin_port=free_port(), node_cluster=node_cluster,
-                         delta=delta, node_id=node_id, xds_tls=xds_tls)
+                         delta=delta, node_id=node_id, xds_tls=xds_tls, stats_port=stats_port)
         self.admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.admin_port}", timeout=5)
 
     async def config_dump(self) -> dict:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
@@ -61,6 +62,7 @@ def series_the_rules_read() -> set[str]:
 
 @pytest.mark.envoy
 async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_plane(xds, served, envoys, backends):
+    """Envoy's series read from its stats listener (`bootstrap --stats-port`), as Prometheus reads them."""
     cache, _server = xds
     source, pipeline, server = served
     api = backends("api")
@@ -74,10 +76,15 @@ async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_p
           backend("api", routes=[{"pathPrefix": "/"}], websocket={"circuitBreakers": {"maxConnections": 5}}),
           service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
           tls_secret("edge-cert", certificate.cert_pem, certificate.key_pem), ca_secret("agents", authority.cert_pem))
-    envoy = envoys(server.port, node_cluster="edge")
+    stats_port = free_port()
+    envoys(server.port, node_cluster="edge", stats_port=stats_port)  # scraped as Prometheus does, not via admin
     assert await eventually(lambda: body_of(port), what="traffic through Envoy") == "api"
 
-    exposed_by_envoy = (await envoy.admin.get("/stats/prometheus")).text
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{stats_port}", timeout=5) as scrape:
+        exposed_by_envoy = (await scrape.get("/stats/prometheus")).text
+        assert (await scrape.get("/ready")).text.strip() == "LIVE"  # the readiness probe of k8s/gateway
+        for refused in (scrape.get("/config_dump"), scrape.post("/quitquitquit"), scrape.post("/stats/prometheus")):
+            assert (await refused).status_code == 404  # nothing else of the admin is reachable
     registry = CollectorRegistry()
     registry.register(ControlPlaneCollector(cache, lambda: pipeline.last))
     exposed_by_us = generate_latest(registry).decode()

@@ -13,7 +13,7 @@ from tests.harness import assert_envoy_accepts, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.svc:18000",
-                "--node-cluster", "gateway", "--node-id", "gateway"]
+                "--node-cluster", "gateway", "--node-id", "gateway", "--stats-port", "9902"]
 
 
 @pytest.mark.parametrize("extra", [[], ["--delta"]])

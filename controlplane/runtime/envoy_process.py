@@ -32,11 +32,13 @@ class EnvoyProcess:
     """Envoy with its admin on 127.0.0.1:`admin_port`, logging to `workdir/<node_id>.log`."""
 
     def __init__(self, workdir: Path, *, xds_port: int, admin_port: int, node_cluster: str, delta: bool = False,
-                 node_id: str = "envoy-1", xds_host: str = "127.0.0.1", xds_tls: XdsClientTls | None = None):
+                 node_id: str = "envoy-1", xds_host: str = "127.0.0.1", xds_tls: XdsClientTls | None = None,
+                 stats_port: int | None = None):
         self.admin_port = admin_port
         self.log_path = workdir / f"{node_id}.log"
         bootstrap = ads_bootstrap(node_id=node_id, node_cluster=node_cluster, xds_host=xds_host,
-                                  xds_port=xds_port, admin_port=admin_port, delta=delta, tls=xds_tls)
+                                  xds_port=xds_port, admin_port=admin_port, delta=delta, tls=xds_tls,
+                                  stats_port=stats_port)
         config = workdir / f"{node_id}.yaml"
         config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
         self._log = open(self.log_path, "wb")

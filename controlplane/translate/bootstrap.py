@@ -42,12 +42,15 @@ def _is_ip(host: str) -> bool:
 
 
 def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: int, admin_port: int,
-                  delta: bool = False, tls: XdsClientTls | None = None) -> dict[str, Any]:
+                  delta: bool = False, tls: XdsClientTls | None = None,
+                  stats_port: int | None = None) -> dict[str, Any]:
     """Everything comes over one ADS stream; only the xDS cluster itself is static.
 
     The xDS cluster speaks HTTP/2 with TCP keepalives so a dead control plane is noticed, and
     Envoy keeps serving its last configuration while it reconnects. The admin interface stays on
-    127.0.0.1: it can change Envoy's state and must not be reachable from the network.
+    127.0.0.1: it can change Envoy's state and must not be reachable from the network. With
+    `stats_port`, a static listener on 0.0.0.0 passes on only the admin's read-only
+    /stats/prometheus (for Prometheus and the alerts) and /ready (for a readiness probe).
     """
     bootstrap = {
         "node": {"id": node_id, "cluster": node_cluster},
@@ -79,4 +82,30 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
     }
     if tls is not None:
         bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket(xds_host)
+    if stats_port is not None:
+        bootstrap["static_resources"]["listeners"] = [_stats_listener(stats_port)]
+        bootstrap["static_resources"]["clusters"].append({
+            "name": ADMIN_CLUSTER, "type": "STATIC", "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": ADMIN_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}}]}]}})
     return bootstrap
+
+
+ADMIN_CLUSTER = "admin"
+STATS_PATHS = ("/stats/prometheus", "/ready")
+
+
+def _stats_listener(port: int) -> dict[str, Any]:
+    """GET of the read-only admin paths in STATS_PATHS, passed on to the admin; 404 for the rest."""
+    routes = [{"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+               "route": {"cluster": ADMIN_CLUSTER}} for path in STATS_PATHS]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    return {"name": "stats", "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "stats",
+                "route_config": {"name": "stats", "virtual_hosts": [{"name": "stats", "domains": ["*"],
+                                                                       "routes": routes}]},
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}]}
