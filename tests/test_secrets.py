@@ -119,12 +119,13 @@ def backend_conditions(translation, name="api"):
 
 
 def test_upstream_tls_sends_the_endpoints_ca_and_our_client_certificate_over_sds():
-    result = translate(gateway(), *app("api", tls=UPSTREAM), ca_secret("endpoints-ca", CA.cert_pem),
+    result = translate(gateway(), *app("api", tls=UPSTREAM, websocket={}), ca_secret("endpoints-ca", CA.cert_pem),
                        tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem))
     snapshot = to_xds.snapshot(result.groups["edge"])
     assert sorted(snapshot.resources(SECRET).resources) == ["shop/edge-client/certificate", "shop/endpoints-ca/ca"]
-    assert sorted(snapshot.resources(CLUSTER).resources["shop/api"].referenced(SECRET)) == [
-        "shop/edge-client/certificate", "shop/endpoints-ca/ca"]
+    for cluster in ("shop/api", "shop/api/websocket"):  # WebSockets reach the same endpoints over the same TLS
+        assert sorted(snapshot.resources(CLUSTER).resources[cluster].referenced(SECRET)) == [
+            "shop/edge-client/certificate", "shop/endpoints-ca/ca"]
 
 
 @pytest.mark.parametrize("secrets, message", [
