@@ -48,6 +48,7 @@ def test_demo_serves_its_manifests_through_a_real_envoy(tmp_path):
         capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "'api-1'" in demo.stdout and "'api-2'" in demo.stdout
+    assert "/agents answered 'api-" in demo.stdout  # a WebSocket echo, on the Backend's WebSocket cluster
 
 
 def test_render_prints_what_a_node_group_gets_and_envoy_accepts_it(tmp_path, capsys):

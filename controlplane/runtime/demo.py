@@ -17,11 +17,12 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.runtime.envoy_process import EnvoyProcess
 from controlplane.runtime.pipeline import Pipeline, cancel, feed
-from controlplane.runtime.sample_backend import SampleBackend
+from controlplane.runtime.sample_backend import SampleBackend, websocket_round_trip
 from controlplane.sources.files import DirectorySource
 from controlplane.sources.store import StoreView
 from controlplane.xds import SnapshotCache, XdsServer
@@ -96,7 +97,10 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
         if check:
             answers = Counter([await asyncio.to_thread(_get, url) for _ in range(20)])
             print(f"20 requests through Envoy at {url}: {dict(sorted(answers.items(), key=str))}")
-            return 0 if set(answers) == {backend.name for backend in backends} else 1
+            host, port = urlsplit(url).hostname, urlsplit(url).port
+            echo = await asyncio.to_thread(websocket_round_trip, host, port, "/agents", "hello")
+            print(f"a WebSocket through Envoy at ws://{host}:{port}/agents answered {echo!r}")
+            return 0 if set(answers) == {backend.name for backend in backends} and echo.endswith(": hello") else 1
         print(f"""
 Control plane (xDS) on 127.0.0.1:{ports.xds}, serving the manifests in {manifests}/ to a real Envoy.
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
+import socket
 import ssl
 import struct
 import sys
@@ -112,14 +114,38 @@ def _read_frame(stream: BinaryIO) -> tuple[int, bytes] | None:
     return opcode, bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
 
 
-def _write_frame(stream: BinaryIO, opcode: int, payload: bytes) -> None:
-    """A final, unmasked server frame."""
-    length = len(payload)
+def _write_frame(stream: BinaryIO, opcode: int, payload: bytes, *, mask: bytes | None = None) -> None:
+    """A final frame: unmasked from a server, masked (with 4 random bytes) from a client."""
+    length, masked = len(payload), 0x80 if mask is not None else 0
     if length < 126:
-        header = struct.pack("!BB", 0x80 | opcode, length)
+        header = struct.pack("!BB", 0x80 | opcode, masked | length)
     elif length < 1 << 16:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+        header = struct.pack("!BBH", 0x80 | opcode, masked | 126, length)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+        header = struct.pack("!BBQ", 0x80 | opcode, masked | 127, length)
+    if mask is not None:
+        header += mask
+        payload = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
     stream.write(header + payload)
     stream.flush()
+
+
+def websocket_round_trip(host: str, port: int, path: str, text: str, *, timeout: float = 5.0) -> str:
+    """Open a WebSocket to host:port (through Envoy, say), send `text`, return the answer, close.
+    For the demo's check, with no WebSocket library; raises ConnectionError when refused."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection((host, port), timeout=timeout) as connection, connection.makefile("rwb") as stream:
+        stream.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        stream.flush()
+        status = stream.readline().decode(errors="replace").strip()
+        if status.split(" ")[1:2] != ["101"]:
+            raise ConnectionError(f"WebSocket upgrade to {path} refused: {status or 'connection closed'}")
+        while stream.readline() not in (b"\r\n", b""):
+            pass
+        _write_frame(stream, _TEXT, text.encode(), mask=os.urandom(4))
+        frame = _read_frame(stream)
+        _write_frame(stream, _CLOSE, b"\x03\xe8", mask=os.urandom(4))  # 1000: normal closure
+    if frame is None:
+        raise ConnectionError(f"WebSocket to {path} closed before answering")
+    return frame[1].decode(errors="replace")
