@@ -107,7 +107,7 @@ async def surge(port: int, count: int):
     async def open_one():
         try:
             async with opening:
-                    return await connect(f"ws://127.0.0.1:{port}/agents", open_timeout=2, ping_interval=None,
+                return await connect(f"ws://127.0.0.1:{port}/agents", open_timeout=2, ping_interval=None,
                                      close_timeout=1)
         except InvalidStatus as refused:
             return refused.response.status_code
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--websockets", type=int, default=150)
     parser.add_argument("--logins", type=int, default=100)
     args = parser.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"Budget per cluster: {BUDGET}; {args.websockets} WebSockets; {args.logins} logins per measurement.")
     print("| configuration | WebSockets | logins before the surge | logins during the surge |")
