@@ -11,6 +11,8 @@ from controlplane.sources.files import DirectorySource, ManifestError, parse_fil
     ("kind: Service\n  bad: [x\n", "line 2, column 6: not valid YAML"),
     ("- just\n- a list\n", "document 1 is not a mapping"),
     ("kind: Service\nmetadata: {}\n", "document 1 has no kind or no metadata.name"),
+    ("kind: Service\nmetadata: [api]\n", "document 1 has no kind or no metadata.name"),
+    ("kind: Backend\nmetadata: {name: 7}\n", "document 1 (Backend 7): metadata.name: Input should be a valid string"),
     ("kind: Service\nmetadata: {name: api}\nspec: {ports: [{name: http, port: http}]}\n",
      "document 1 (Service api): spec.ports[0].port: Input should be a valid integer"),
     ("kind: ConfigMap\nmetadata: {name: x}\n---\nkind: EndpointSlice\nmetadata: {name: api-1}\n"

@@ -54,7 +54,8 @@ def parse_file(path: Path) -> list[Mapping[str, Any]]:
             continue
         if not isinstance(document, dict):
             raise ManifestError(path, f"document {index + 1} is not a mapping (a Kubernetes object)")
-        if not document.get("kind") or not (document.get("metadata") or {}).get("name"):
+        metadata = document.get("metadata")
+        if not document.get("kind") or not isinstance(metadata, dict) or not metadata.get("name"):
             raise ManifestError(path, f"document {index + 1} has no kind or no metadata.name")
         if document["kind"] in KINDS:
             wrong = kube.problems(document)
