@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from controlplane.sources.files import DirectorySource, ManifestError, parse_file
+from controlplane.sources.store import Store
+from controlplane.translate import to_ir
 
 
 @pytest.mark.parametrize("text, message", [
@@ -56,3 +61,27 @@ def test_a_file_caught_between_truncate_and_write_is_not_applied(tmp_path):
     assert source.load(settled_only=True) is True  # unchanged for one poll: read
     assert "line 2" in str(source.errors[manifest])
     assert [str(key) for key in source.store().view()] == ["Service default/api"]  # kept, not emptied
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-5, 70000) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                        max_size=3), max_leaves=6)
+documents = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["Gateway", "Backend", "Service", "EndpointSlice", "Secret", "ConfigMap"]) | json_values},
+    optional={"metadata": json_values | st.fixed_dictionaries({"name": st.just("api") | json_values},
+                                                              optional={"namespace": json_values,
+                                                                        "labels": json_values}),
+              "spec": json_values, "endpoints": json_values, "ports": json_values, "data": json_values})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(document=documents)
+def test_any_manifest_is_read_or_refused_with_a_manifest_error_never_a_crash(tmp_path, document):
+    path = tmp_path / "fuzzed.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        objects = parse_file(path)
+    except ManifestError:
+        return
+    to_ir.translate(Store(objects).view())  # what the source lets through, translation takes
