@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
@@ -80,3 +80,25 @@ async def test_a_websocket_surge_exhausts_only_the_websocket_budget(served, envo
     assert await refused_with(port, "/legacy") == 403  # no websocket block: upgrades never reach the backend
     assert legacy.hits == hits
     assert await body_of(port, "/legacy") == "legacy"
+
+
+async def test_a_quiet_websocket_is_closed_after_the_backend_idle_timeout_only(served, envoys, backends):
+    source, _pipeline, server = served
+    api = backends("api")
+    port = free_port()
+    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
+                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "api.yaml", service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
+          backend("api", routes=[{"pathPrefix": "/quick"}], websocket={"idleTimeoutSeconds": 1}),
+          backend("agents", service="api", routes=[{"pathPrefix": "/agents"}], websocket={}))
+    envoys(server.port, node_cluster="edge")
+    assert await eventually(lambda: body_of(port, "/quick"), what="traffic through Envoy") == "api"
+
+    quick, agent = await open_websocket(port, "/quick"), await open_websocket(port, "/agents")
+    await asyncio.sleep(2.5)  # quiet: longer than the 1 s idle timeout, far shorter than Envoy's 5 minutes
+    with pytest.raises(ConnectionClosed):
+        await quick.send("still there?")
+        await asyncio.wait_for(quick.recv(), timeout=5)
+    await agent.send("still there?")
+    assert await agent.recv() == "api: still there?"
+    await agent.close()

@@ -64,6 +64,7 @@ class Route:
     headers: tuple[HeaderMatch, ...] = ()
     high_priority: bool = False
     websocket_backend: str | None = None  # the cluster of this route's WebSocket upgrades; None refuses them
+    websocket_idle_timeout_s: int | None = None  # None: Envoy's stream idle timeout
 
     @cached_property
     def match_key(self) -> tuple:

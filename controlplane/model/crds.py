@@ -139,6 +139,10 @@ class WebSocket(Spec):
                                          "WebSockets beyond it wait for a slot (at most 15 s, then 504) or, "
                                          "with maxPendingRequests waiting, are refused (503); the Backend's "
                                          "other requests are unaffected.")
+    idle_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = Field(
+        None, description="Close a WebSocket after this long with no message either way. Unset: Envoy's stream "
+        "idle timeout, 5 minutes; raise it for agents that stay quiet longer, or every one of them reconnects "
+        "(a surge of its own).")
 
 
 class UpstreamTls(Spec):

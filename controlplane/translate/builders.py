@@ -98,18 +98,21 @@ def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
 
 
 def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None = None,
-                    headers: Sequence[tuple[str, str]] = ()) -> rc.Route:
+                    headers: Sequence[tuple[str, str]] = (), idle_timeout_s: int | None = None) -> rc.Route:
     """The WebSocket upgrades among the requests `route(prefix, path, headers)` matches, to `cluster`.
 
     Upgrades are enabled on this route only (the connection manager enables none), so a route
     without its WebSocket twin refuses upgrades and they never reach its cluster's budget. Envoy's
     route timeout (15 s) bounds the handshake only, a wait for the budget included (504); an open
-    WebSocket lasts until it has been idle for the stream idle timeout (5 minutes)."""
+    WebSocket lasts until it has been idle for `idle_timeout_s`, by default the connection
+    manager's stream idle timeout (5 minutes)."""
     match = _route_match(prefix, path, headers)
     match.headers.append(rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
         exact="websocket", ignore_case=True)))
-    return rc.Route(match=match, route=rc.RouteAction(
-        cluster=cluster, upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")]))
+    action = rc.RouteAction(cluster=cluster, upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")])
+    if idle_timeout_s is not None:
+        action.idle_timeout.seconds = idle_timeout_s
+    return rc.Route(match=match, route=action)
 
 
 def _route_match(prefix: str | None, path: str | None, headers: Sequence[tuple[str, str]]) -> rc.RouteMatch:

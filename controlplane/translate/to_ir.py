@@ -331,7 +331,8 @@ def _budget(thresholds: crds.Thresholds) -> ir.Budget:
 
 
 def _routes(spec: crds.BackendSpec, backend: str, websocket: str | None) -> tuple[ir.Route, ...]:
-    return tuple(_route(route, backend, websocket) for route in spec.routes)
+    idle_timeout_s = spec.websocket.idle_timeout_seconds if spec.websocket is not None else None
+    return tuple(_route(route, backend, websocket, idle_timeout_s) for route in spec.routes)
 
 
 def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
@@ -347,10 +348,11 @@ def _checked_secret(parse, obj, where: str, name: str) -> secrets.Checked:
         raise _Rejected("InvalidSecret", str(problem), unresolved=True) from None
 
 
-def _route(route: crds.Route, backend: str, websocket: str | None) -> ir.Route:
+def _route(route: crds.Route, backend: str, websocket: str | None, idle_timeout_s: int | None) -> ir.Route:
     return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
                     headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
-                    high_priority=route.priority == crds.Priority.HIGH, websocket_backend=websocket)
+                    high_priority=route.priority == crds.Priority.HIGH, websocket_backend=websocket,
+                    websocket_idle_timeout_s=idle_timeout_s)
 
 
 def _claim_routes(key: ObjectKey, routes: list[ir.Route], targets: list[tuple[ObjectKey, str]],
