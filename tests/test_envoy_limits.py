@@ -78,7 +78,7 @@ async def test_a_surge_on_the_default_budget_leaves_high_priority_routes_working
     assert await eventually(lambda: body_of(port, "/login"), what="traffic through Envoy") == "api"
 
     cluster = f"cluster.{NS}/api"
-    in_flight = asyncio.create_task(status_of(port, "/reports?delay=2"))  # holds the one default connection
+    in_flight = asyncio.create_task(status_of(port, "/reports?delay=3"))  # holds the one default connection
     await eventually(lambda: envoy.stat(f"{cluster}.upstream_rq_active"), what="a slow request in flight")
     queued = asyncio.create_task(status_of(port, "/reports?delay=0"))  # waits for it
     await eventually(lambda: envoy.stat(f"{cluster}.upstream_rq_pending_active"), what="a queued request")
