@@ -11,6 +11,7 @@ from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from controlplane.xds.resources import parse
+from tests.certs import ca_secret, issue, tls_secret
 from tests.objects import NS, app, backend, endpoint_slice, gateway, ready, service
 
 
@@ -217,12 +218,21 @@ def test_kubernetes_objects_of_any_shape_are_refused_by_the_source_check_or_tran
         to_xds.snapshot(result.groups["edge"])
 
 
+AUTHORITY = issue("endpoints CA", ca=True)
+EDGE_CLIENT = issue("edge", issuer=AUTHORITY, client=True)
+UPSTREAM_SECRETS = [ca_secret("endpoints-ca", AUTHORITY.cert_pem),
+                    tls_secret("edge-client", EDGE_CLIENT.cert_pem, EDGE_CLIENT.key_pem)]
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(changes=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "orphan"]), st.integers(0, 3),
                                   st.sampled_from(["put", "delete", "not-ready"])), min_size=1, max_size=8))
 def test_incremental_translation_equals_a_full_one(changes):
-    """The EndpointSlice fast path of `Translator` gives exactly what a full translation gives."""
-    store = Store([gateway(), *app("a"), *app("b", "10.0.0.2"), *app("c", "10.0.0.3", port=80)])
+    """The EndpointSlice fast path of `Translator` gives exactly what a full translation gives,
+    Backends with a WebSocket cluster and with upstream TLS included."""
+    upstream_tls = {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCertificateSecret": "edge-client"}
+    store = Store([gateway(), *app("a", websocket={"circuitBreakers": {"maxConnections": 5}}),
+                   *app("b", "10.0.0.2", tls=upstream_tls), *app("c", "10.0.0.3", port=80), *UPSTREAM_SECRETS])
     translator = to_ir.Translator()
     translator.translate(store.view())
     for service_name, host, action in changes:
