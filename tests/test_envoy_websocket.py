@@ -1,8 +1,9 @@
 """The WebSocket surge of the postmortem, replayed through a real Envoy.
 
 Agents' WebSockets fill their own budget: the next one waits for room, the one after is refused,
-and logins on the same Backend keep working, because they draw on a different budget. A Backend without a `websocket`
-block refuses upgrades outright, so WebSockets can never eat into its budget.
+and logins on the same Backend keep working, because they draw on a different budget (both at
+DEFAULT priority: the split alone protects them). A Backend without a `websocket` block refuses
+upgrades outright, so WebSockets can never eat into its budget.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ async def test_a_websocket_surge_exhausts_only_the_websocket_budget(served, envo
     write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
                                                                   "address": "127.0.0.1"}]))
     write(source.directory / "api.yaml",
-          backend("api", routes=[{"path": "/login", "priority": "High"}, {"pathPrefix": "/"}],
+          backend("api", routes=[{"path": "/login"}, {"pathPrefix": "/"}],
                   circuitBreakers={"default": BUDGET}, websocket={"circuitBreakers": BUDGET}),
           service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port))
     write(source.directory / "legacy.yaml", backend("legacy", routes=[{"pathPrefix": "/legacy"}]),
