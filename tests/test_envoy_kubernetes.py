@@ -20,7 +20,6 @@ from tests.test_envoy_xds import body_of
 pytestmark = pytest.mark.envoy
 
 
-
 @pytest.fixture
 def serve(api, tmp_path):
     """The real command, with a kubeconfig that points at the API test server."""

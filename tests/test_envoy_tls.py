@@ -103,7 +103,6 @@ def _resolved(pipeline, kind: str = "Gateway", name: str = "edge") -> str:
     return _condition(pipeline, kind, name, "ResolvedRefs").status
 
 
-
 async def _presents(port: int, context: ssl.SSLContext, expected: bytes) -> bool:
     return await presented_certificate(port, context) == expected
 
