@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.utils import floatToGoString
 
 from controlplane.runtime.metrics import ControlPlaneCollector
 from controlplane.sources.store import Store
@@ -58,7 +59,13 @@ def test_budgets_and_refused_secret_rotations_are_there_for_alerts():
                    '{envoy_cluster_name="shop/api/websocket",priority="default",resource="cx"} 5000.0'):
         assert "controlplane_circuit_breaker_limit" + series in text
     assert "controlplane_objects_unresolved_refs{" not in text
+    expiry = 'controlplane_certificate_expiry_timestamp_seconds{namespace="shop",secret="%s",use="%s"} %s'
+    ca_expiry = expiry % ("endpoints-ca", "ca", floatToGoString(authority.certificate.not_valid_after_utc.timestamp()))
+    assert ca_expiry in text
+    assert expiry % ("edge-client", "certificate",
+                     floatToGoString(client.certificate.not_valid_after_utc.timestamp())) in text
 
     store.put(ca_secret("endpoints-ca", client.cert_pem))  # a rotation to something that is not a CA: refused
     text = scrape([], translator.translate(store.view(), now=time.time()))
     assert 'controlplane_objects_unresolved_refs{kind="Backend",reason="InvalidSecret"} 1.0' in text
+    assert ca_expiry in text  # the kept version's expiry: it is what Envoys still serve

@@ -3,9 +3,10 @@
 Nothing is counted on the push path. What the alerts in monitoring/alerts.yaml need: Envoys
 connected per node group; Envoys whose last response of a type was rejected (a NACK not yet
 followed by an accepted version); objects that are not accepted, and accepted objects whose
-references are not as they should be (a refused Secret rotation), per kind and reason; and every
-cluster's circuit-breaker limits, so that Envoy's `remaining_*` gauges can be read as a fraction
-of the budget and an alert fires before a budget is spent, not when it trips.
+references are not as they should be (a refused Secret rotation), per kind and reason; when each
+TLS certificate served expires; and every cluster's circuit-breaker limits, so that Envoy's
+`remaining_*` gauges can be read as a fraction of the budget and an alert fires before a budget
+is spent, not when it trips.
 """
 
 from __future__ import annotations
@@ -60,7 +61,13 @@ class ControlPlaneCollector:
                                    "Each cluster's circuit-breaker limits, Envoy's defaults included; resource names "
                                    "match Envoy's circuit_breakers.<priority>.remaining_<resource> gauges.",
                                    labels=["envoy_cluster_name", "priority", "resource"])
+        expiry = GaugeMetricFamily("controlplane_certificate_expiry_timestamp_seconds",
+                                   "When the certificate Envoys are given from each TLS Secret expires (for a "
+                                   "chain or a CA bundle, its first certificate to expire).",
+                                   labels=["namespace", "secret", "use"])
         if translation is not None:
+            for (namespace, secret, use), not_after in sorted(translation.certificate_expiry.items()):
+                expiry.add_metric([namespace, secret, use], not_after)
             reasons = Counter((key.kind, conditions[1].reason) for key, conditions in translation.conditions.items()
                               if conditions[0].status == "True" and conditions[1].status == "False")
             for (kind, reason), count in sorted(reasons.items()):
@@ -68,7 +75,7 @@ class ControlPlaneCollector:
             for cluster, priority, budget in _budgets(translation):
                 for resource, limit in _effective_limits(budget):
                     limits.add_metric([cluster, priority, resource], limit)
-        yield from (connected, rejecting, rejected, unresolved, limits)
+        yield from (connected, rejecting, rejected, unresolved, limits, expiry)
 
 
 # Envoy's limits where a budget leaves one unset (config.cluster.v3.CircuitBreakers.Thresholds).

@@ -30,6 +30,9 @@ class Translation:
     """Envoy resource name -> the object it came from (for Envoy's NACKs)."""
     node_groups: dict[ObjectKey, str] = field(default_factory=dict)
     """Accepted object -> the node group (nodeCluster) whose Envoys it configures."""
+    certificate_expiry: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    """(namespace, Secret, "certificate" or "ca") of each TLS Secret a Gateway or Backend refers to -> when
+    the version Envoys are given (the last valid one, after a refused rotation) expires, in epoch seconds."""
 
 
 class _Rejected(Exception):
@@ -71,6 +74,7 @@ class Translator:
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
         self._service_users: dict[tuple[str, str], list[ObjectKey]] = {}
+        self._expiry: dict[tuple[str, str, str], float] = {}
 
     def _cached(self, key: tuple, inputs: tuple, compute, *args):
         """`compute(*args)`, or what it returned last time for the same `inputs`."""
@@ -120,12 +124,13 @@ class Translator:
             group.name, group.listeners, tuple(replaced.get(b.name, b) for b in group.backends))
             for name, group in last.groups.items()}
         return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
-                           node_groups=last.node_groups)
+                           node_groups=last.node_groups, certificate_expiry=last.certificate_expiry)
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
         self._next_validity_change = float("inf")
         self._service_users = {}
+        self._expiry: dict[tuple[str, str, str], float] = {}
         conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
         origins: dict[str, ObjectKey] = {}
         gateways = self._accepted_gateways(view, conditions)
@@ -181,7 +186,8 @@ class Translator:
                   for node_cluster, listeners_ in sorted(group_listeners.items())}
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
-        return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups)
+        return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups,
+                           certificate_expiry=self._expiry)
 
     def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, *,
                  warnings: list[str]) -> ir.Backend:
@@ -264,8 +270,10 @@ class Translator:
             warnings.append(f"{rejected.message}. Envoys keep the last valid version of this Secret until it is "
                             "fixed")
             self._watch_validity(previous.window)
+            self._expiry[(namespace, secret, use)] = previous.window.not_after.timestamp()
             return previous.value
         self._last_valid[(use, namespace, secret)] = checked
+        self._expiry[(namespace, secret, use)] = checked.window.not_after.timestamp()
         return checked.value
 
 
