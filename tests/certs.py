@@ -9,14 +9,14 @@ from ipaddress import IPv4Address
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 @dataclass(frozen=True)
 class Issued:
     certificate: x509.Certificate
-    key: ec.EllipticCurvePrivateKey
+    key: object  # a private key of any kind cryptography makes
 
     @property
     def cert_pem(self) -> bytes:
@@ -33,8 +33,10 @@ def _name(common_name: str) -> x509.Name:
 
 
 def issue(common_name: str, *, issuer: Issued | None = None, ca: bool = False, client: bool = False,
-          valid_days: float = 30, starts_days_ago: float = 1, dns_names: tuple[str, ...] = ("localhost",)) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
+          valid_days: float = 30, starts_days_ago: float = 1, dns_names: tuple[str, ...] = ("localhost",),
+          key=None) -> Issued:
+    """A certificate for `key` (a new ECDSA P-256 key by default), signed by `issuer` or by itself."""
+    key = key or ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(_name(common_name))
                .issuer_name(issuer.certificate.subject if issuer else _name(common_name))
@@ -49,7 +51,8 @@ def issue(common_name: str, *, issuer: Issued | None = None, ca: bool = False, c
             builder = builder.add_extension(x509.SubjectAlternativeName(
                 [*map(x509.DNSName, dns_names), x509.IPAddress(IPv4Address("127.0.0.1"))]), critical=False)
     signer = issuer.key if issuer else key
-    return Issued(builder.sign(signer, hashes.SHA256()), key)
+    algorithm = None if isinstance(signer, ed25519.Ed25519PrivateKey) else hashes.SHA256()  # Ed25519 hashes itself
+    return Issued(builder.sign(signer, algorithm), key)
 
 
 def tls_secret(name: str, cert_pem: bytes, key_pem: bytes, *, namespace: str = "shop",

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from controlplane.runtime.envoy_process import envoy_binary
 from controlplane.sources.store import ObjectKey, Store
-from controlplane.translate import to_ir, to_xds
-from controlplane.xds import CLUSTER, SECRET
+from controlplane.translate import builders as b
+from controlplane.translate import render, secrets, to_ir, to_xds
+from controlplane.xds import CLUSTER, SECRET, Snapshot
 from tests.certs import ca_secret, issue, tls_secret
+from tests.harness import free_port
 from tests.objects import NS, app, gateway
 
 CA = issue("test CA", ca=True)
@@ -141,3 +147,36 @@ def test_a_bad_upstream_tls_secret_refuses_its_backend_only(secrets, message):
     assert accepted[:2] == ("False", "InvalidSecret") and message in accepted[2]
     assert backend_conditions(result, "plain")["Accepted"][0] == "True"
     assert [b.name for b in result.groups["edge"].backends] == ["shop/plain"]
+
+
+ENVOY_KEY_KINDS = {
+    "RSA 1024": lambda: rsa.generate_private_key(65537, 1024),
+    "RSA 2048": lambda: rsa.generate_private_key(65537, 2048),
+    "ECDSA P-256": lambda: ec.generate_private_key(ec.SECP256R1()),
+    "ECDSA P-384": lambda: ec.generate_private_key(ec.SECP384R1()),
+    "ECDSA P-521": lambda: ec.generate_private_key(ec.SECP521R1()),
+    "ECDSA secp256k1": lambda: ec.generate_private_key(ec.SECP256K1()),
+    "Ed25519": ed25519.Ed25519PrivateKey.generate,
+}
+
+
+@pytest.mark.envoy
+@pytest.mark.parametrize("kind", list(ENVOY_KEY_KINDS))
+def test_the_certificate_check_refuses_exactly_the_keys_envoy_cannot_load(kind, tmp_path):
+    issued = issue("localhost", issuer=CA, key=ENVOY_KEY_KINDS[kind]())
+    try:
+        secrets.certificate(tls_secret("edge-cert", issued.cert_pem, issued.key_pem), where="shop/edge-cert",
+                            name="edge-cert")
+        we_serve_it = True
+    except secrets.SecretProblem as problem:
+        assert "which Envoy cannot load; issue one with an RSA key of 2048 bits or more" in str(problem)
+        we_serve_it = False
+    listener = b.http_listener("https", address="127.0.0.1", port=8443, route_config_name="https",
+                               transport_socket=b.downstream_tls("edge-cert"))
+    snapshot = Snapshot(listeners=[listener], routes=[b.route_configuration("https", [])],
+                        secrets=[b.certificate_secret("edge-cert", issued.cert_pem, issued.key_pem)])
+    bootstrap = tmp_path / "bootstrap.yaml"
+    bootstrap.write_text(yaml.safe_dump(render.static_bootstrap(snapshot, admin_port=free_port())))
+    validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap)], capture_output=True,
+                               text=True, timeout=60)
+    assert we_serve_it == (validated.returncode == 0), validated.stdout[-500:]

@@ -1,11 +1,11 @@
 """TLS Secrets, checked before any Envoy sees them. Pure: the time to check against is an argument.
 
 A certificate Secret must be `kubernetes.io/tls`, with a PEM certificate chain in tls.crt and the
-matching, unencrypted PEM private key in tls.key, valid now (parsing is done once per Secret; the
-validity window is checked on every translation, with the time given). A CA Secret (the client CA
-of mutual TLS, or the CA of a Backend's endpoints) needs PEM CA certificates in ca.crt, valid now.
-Each problem is one sentence naming the Secret, the key and what to do: this is the check a bad
-rotation meets before it can break mTLS for every client.
+matching, unencrypted PEM private key in tls.key, of a kind Envoy loads, valid now (parsing is
+done once per Secret; the validity window is checked on every translation, with the time given).
+A CA Secret (the client CA of mutual TLS, or the CA of a Backend's endpoints) needs PEM CA
+certificates in ca.crt, valid now. Each problem is one sentence naming the Secret, the key and
+what to do: this is the check a bad rotation meets before it can break mTLS for every client.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from controlplane.ir import types as ir
 
@@ -44,6 +45,11 @@ def certificate(secret: Mapping[str, Any] | None, *, where: str, name: str) -> C
     if _public_der(key.public_key()) != _public_der(leaf.public_key()):
         raise SecretProblem(f"Secret {where}: tls.key does not match the certificate in tls.crt (subject "
                             f"{leaf.subject.rfc4514_string()}); put the key that was issued with this certificate")
+    unsupported = _key_envoy_refuses(leaf.public_key())
+    if unsupported is not None:
+        raise SecretProblem(f"Secret {where}: the certificate in tls.crt has {unsupported}, which Envoy cannot load; "
+                            "issue one with an RSA key of 2048 bits or more, or an ECDSA key on P-256, P-384 or "
+                            "P-521")
     return Checked(ir.Certificate(name=name, certificate_chain=chain_pem, private_key=key_pem),
                    _window([leaf], where, "tls.crt"))
 
@@ -116,6 +122,21 @@ class Checked:
 def _window(certificates: list[x509.Certificate], where: str, key: str) -> Window:
     return Window(not_before=max(c.not_valid_before_utc for c in certificates),
                   not_after=min(c.not_valid_after_utc for c in certificates), where=where, key=key)
+
+
+_ENVOY_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+
+
+def _key_envoy_refuses(public_key) -> str | None:
+    """The kind of a certificate key Envoy 1.40 refuses to load ("only RSA certificates with 2048-bit
+    or larger keys are supported"; ECDSA on the NIST curves only), or None when it loads it."""
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return None if public_key.key_size >= 2048 else f"a {public_key.key_size}-bit RSA key"
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return None if public_key.curve.name in _ENVOY_CURVES else f"an ECDSA key on curve {public_key.curve.name}"
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return None
+    return f"a {type(public_key).__name__.removeprefix('_')} key"
 
 
 def _public_der(public_key) -> bytes:
