@@ -10,10 +10,18 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from controlplane.runtime.envoy_process import envoy_binary
+from controlplane.runtime.status import with_programmed
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import builders as b
 from controlplane.translate import render, secrets, to_ir, to_xds
-from controlplane.xds import CLUSTER, SECRET, Snapshot
+from controlplane.xds import (
+    CLUSTER,
+    SECRET,
+    EnvoyStatus,
+    NackRecord,
+    Snapshot,
+    TypeStatus,
+)
 from tests.certs import ca_secret, issue, tls_secret
 from tests.harness import free_port
 from tests.objects import NS, app, gateway
@@ -180,3 +188,19 @@ def test_the_certificate_check_refuses_exactly_the_keys_envoy_cannot_load(kind, 
     validated = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(bootstrap)], capture_output=True,
                                text=True, timeout=60)
     assert we_serve_it == (validated.returncode == 0), validated.stdout[-500:]
+
+
+def test_an_envoy_nack_of_a_secret_marks_the_object_that_uses_it():
+    result = translate(gateway(listeners=HTTPS), *app("api", tls=UPSTREAM),
+                       tls_secret("edge-cert", SERVER.cert_pem, SERVER.key_pem), ca_secret("endpoints-ca", CA.cert_pem),
+                       tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem))
+    assert result.origins["shop/edge-cert/certificate"] == ObjectKey("Gateway", NS, "edge")
+    assert result.origins["shop/endpoints-ca/ca"] == ObjectKey("Backend", NS, "api")
+    nack = NackRecord(SECRET, "v2", ("shop/endpoints-ca/ca",), "Failed to load trusted CA certificates", 0.0)
+    rejecting = EnvoyStatus(node_id="e1", node_group="edge", connected_since=0, transport="ads",
+                            types={SECRET: TypeStatus("v2", "v1", nack)})
+    conditions = with_programmed(result, [rejecting])
+    programmed = {key.kind: next(c for c in found if c.type == "Programmed") for key, found in conditions.items()}
+    assert programmed["Backend"].status == "False"
+    assert "rejected shop/endpoints-ca/ca: Failed to load trusted CA certificates" in programmed["Backend"].message
+    assert programmed["Gateway"].status != "False"

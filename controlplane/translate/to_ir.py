@@ -165,6 +165,8 @@ class Translator:
             origins[backend.name] = key
             if backend.websocket is not None:
                 origins[backend.websocket.name] = key
+            if backend.tls is not None:
+                _claim_secrets(origins, key, backend.tls.ca, backend.tls.client_certificate)
             node_groups[key] = node_cluster
             conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
             if warnings:
@@ -177,6 +179,8 @@ class Translator:
                 origins[name] = gateway.key
                 routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
                 tls = gateway.tls.get(listener.name)
+                if tls is not None:
+                    _claim_secrets(origins, gateway.key, tls.certificate, tls.client_ca)
                 built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
                                      routes, gateway.spec.limits.max_connections, tls)
                 group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
@@ -275,6 +279,14 @@ class Translator:
         self._last_valid[(use, namespace, secret)] = checked
         self._expiry[(namespace, secret, use)] = checked.window.not_after.timestamp()
         return checked.value
+
+
+def _claim_secrets(origins: dict[str, ObjectKey], key: ObjectKey, *used: ir.Certificate | ir.TrustedCa | None) -> None:
+    """A Secret shared by several objects is reported on the first to claim it (Backends, then
+    Gateways, each by namespace and name): an Envoy NACK of it marks an object that uses it."""
+    for secret in used:
+        if secret is not None:
+            origins.setdefault(secret.name, key)
 
 
 def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
