@@ -74,6 +74,8 @@ async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_p
                              {"name": "agents", "port": tls_port, "address": "127.0.0.1", "protocol": "HTTPS",
                               "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
           backend("api", routes=[{"pathPrefix": "/"}], websocket={"circuitBreakers": {"maxConnections": 5}}),
+          backend("secure", service="api", routes=[{"pathPrefix": "/secure"}],
+                  tls={"caSecret": "agents", "hostname": "api.shop.svc"}),
           service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
           tls_secret("edge-cert", certificate.cert_pem, certificate.key_pem), ca_secret("agents", authority.cert_pem))
     stats_port = free_port()
@@ -93,8 +95,8 @@ async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_p
     for name in sorted(read):
         if name.startswith("controlplane_"):
             assert f"# TYPE {name} gauge" in exposed_by_us, name
-        elif name.startswith("envoy_cluster_"):  # the Backend's cluster or its WebSocket cluster
-            assert re.search(rf'^{name}{{envoy_cluster_name="shop/api(/websocket)?"}}', exposed_by_envoy, re.M), name
+        elif name.startswith("envoy_cluster_"):  # a Backend's cluster, its WebSocket cluster, or one over TLS
+            assert re.search(rf'^{name}{{envoy_cluster_name="shop/[^"]+"}}', exposed_by_envoy, re.M), name
         else:
             assert f'{name}{{envoy_listener_address="127.0.0.1_{tls_port}"}}' in exposed_by_envoy, name
     assert ('controlplane_circuit_breaker_limit{envoy_cluster_name="shop/api/websocket",priority="default",'
