@@ -7,12 +7,13 @@ from typing import Any
 NS = "shop"
 
 
-def gateway(name: str = "edge", *, node_cluster: str = "edge", listeners=None, namespace: str = NS,
+def gateway(name: str = "edge", *, node_cluster: str = "edge", listeners=None, port: int = 8080, namespace: str = NS,
             generation: int = 1, **spec: Any) -> dict:
+    """A Gateway with `listeners`, or by default one plain HTTP listener on 127.0.0.1:`port`."""
     return {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Gateway",
             "metadata": {"name": name, "namespace": namespace, "generation": generation},
             "spec": {"nodeCluster": node_cluster,
-                     "listeners": listeners or [{"name": "http", "port": 8080, "address": "127.0.0.1"}], **spec}}
+                     "listeners": listeners or [{"name": "http", "port": port, "address": "127.0.0.1"}], **spec}}
 
 
 def backend(name: str, *, service: str | None = None, port: Any = "http", routes=None, gateway_name: str = "edge",

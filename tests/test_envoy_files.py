@@ -19,7 +19,7 @@ async def test_manifests_become_traffic_and_follow_changes(served, envoys, backe
     one, two = backends("one"), backends("two")
     port = free_port()
     manifests = source.directory
-    write(manifests / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"}]))
+    write(manifests / "gateway.yaml", gateway(port=port))
     write(manifests / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"))
     write(manifests / "slices.yaml", endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
     envoy = envoys(server.port, node_cluster="edge")
@@ -57,8 +57,7 @@ async def test_deleting_the_gateway_removes_its_listener(served, envoys, backend
     source, pipeline, server = served
     one = backends("one")
     port = free_port()
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "gateway.yaml", gateway(port=port))
     write(source.directory / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"),
           endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
     envoy = envoys(server.port, node_cluster="edge")

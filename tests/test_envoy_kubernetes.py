@@ -48,7 +48,7 @@ async def test_kubernetes_objects_become_traffic_with_status_and_survive_the_api
     process, ports = serve
     one, two = backends("one"), backends("two")
     port = free_port()
-    api.create(gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"}]))
+    api.create(gateway(port=port))
     api.create(service("api"))
     api.create(endpoint_slice("api", [ready("127.0.0.1")], port=one.port))
     api.create(backend("api", routes=[{"pathPrefix": "/"}]))

@@ -40,9 +40,7 @@ async def test_connections_beyond_the_gateway_limit_are_closed(served, envoys, b
     source, _pipeline, server = served
     api = backends("api")
     port = free_port()
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}],
-                                                      limits={"maxConnections": 2}))
+    write(source.directory / "gateway.yaml", gateway(port=port, limits={"maxConnections": 2}))
     write(source.directory / "api.yaml", backend("api", routes=[{"pathPrefix": "/"}]), service("api"),
           endpoint_slice("api", [ready("127.0.0.1")], port=api.port))
     envoy = envoys(server.port, node_cluster="edge")
@@ -67,8 +65,7 @@ async def test_a_surge_on_the_default_budget_leaves_high_priority_routes_working
     source, _pipeline, server = served
     api = backends("api")
     port = free_port()
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "gateway.yaml", gateway(port=port))
     one = {"maxConnections": 1, "maxPendingRequests": 1, "maxRequests": 1}
     write(source.directory / "api.yaml",
           backend("api", routes=[{"path": "/login", "priority": "High"}, {"pathPrefix": "/"}],

@@ -121,8 +121,7 @@ async def test_upstream_tls_checks_the_endpoints_certificate_and_presents_ours(s
 
     port = free_port()
     checked = {"caSecret": "endpoints-ca", "hostname": "api.shop.svc", "clientCertificateSecret": "edge-client"}
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "gateway.yaml", gateway(port=port))
     write(source.directory / "api.yaml", service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
           backend("api", routes=[{"pathPrefix": "/"}], tls=checked),
           backend("impostor", service="api", routes=[{"pathPrefix": "/impostor"}],

@@ -41,8 +41,7 @@ async def test_a_websocket_surge_exhausts_only_the_websocket_budget(served, envo
     source, _pipeline, server = served
     api, legacy = backends("api"), backends("legacy")
     port = free_port()
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "gateway.yaml", gateway(port=port))
     write(source.directory / "api.yaml",
           backend("api", routes=[{"path": "/login"}, {"pathPrefix": "/"}],
                   circuitBreakers={"default": BUDGET}, websocket={"circuitBreakers": BUDGET}),
@@ -87,8 +86,7 @@ async def test_a_quiet_websocket_is_closed_after_the_backend_idle_timeout_only(s
     source, _pipeline, server = served
     api = backends("api")
     port = free_port()
-    write(source.directory / "gateway.yaml", gateway(listeners=[{"name": "http", "port": port,
-                                                                  "address": "127.0.0.1"}]))
+    write(source.directory / "gateway.yaml", gateway(port=port))
     write(source.directory / "api.yaml", service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
           backend("api", routes=[{"pathPrefix": "/quick"}], websocket={"idleTimeoutSeconds": 1}),
           backend("agents", service="api", routes=[{"pathPrefix": "/agents"}], websocket={}))

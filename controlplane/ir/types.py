@@ -48,6 +48,7 @@ class WebSocketCluster:
 
     name: str
     budget: Budget = Budget()
+    idle_timeout_s: int | None = None  # None: Envoy's stream idle timeout
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,7 @@ class Route:
     path: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
     high_priority: bool = False
-    websocket_backend: str | None = None  # the cluster of this route's WebSocket upgrades; None refuses them
-    websocket_idle_timeout_s: int | None = None  # None: Envoy's stream idle timeout
+    websocket: WebSocketCluster | None = None  # where this route's WebSocket upgrades go; None refuses them
 
     @cached_property
     def match_key(self) -> tuple:

@@ -97,7 +97,8 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
         if check:
             answers = Counter([await asyncio.to_thread(_get, url) for _ in range(20)])
             print(f"20 requests through Envoy at {url}: {dict(sorted(answers.items(), key=str))}")
-            host, port = urlsplit(url).hostname, urlsplit(url).port
+            listener = urlsplit(url)
+            host, port = listener.hostname, listener.port
             echo = await asyncio.to_thread(websocket_round_trip, host, port, "/agents", "hello")
             print(f"a WebSocket through Envoy at ws://{host}:{port}/agents answered {echo!r}")
             return 0 if set(answers) == {backend.name for backend in backends} and echo.endswith(": hello") else 1

@@ -111,7 +111,7 @@ def _read_frame(stream: BinaryIO) -> tuple[int, bytes] | None:
         length = int.from_bytes(stream.read(size), "big")
     mask = stream.read(4) if header[1] & 0x80 else b"\0\0\0\0"
     payload = stream.read(length)
-    return opcode, bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    return opcode, _masked(payload, mask)
 
 
 def _write_frame(stream: BinaryIO, opcode: int, payload: bytes, *, mask: bytes | None = None) -> None:
@@ -125,9 +125,14 @@ def _write_frame(stream: BinaryIO, opcode: int, payload: bytes, *, mask: bytes |
         header = struct.pack("!BBQ", 0x80 | opcode, masked | 127, length)
     if mask is not None:
         header += mask
-        payload = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        payload = _masked(payload, mask)
     stream.write(header + payload)
     stream.flush()
+
+
+def _masked(payload: bytes, mask: bytes) -> bytes:
+    """RFC 6455 masking, its own inverse: each byte XORed with the 4-byte mask, in turn."""
+    return bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
 
 
 def websocket_round_trip(host: str, port: int, path: str, text: str, *, timeout: float = 5.0) -> str:

@@ -151,8 +151,7 @@ class Translator:
                 targets = _target_listeners(gateway, spec)
                 warnings: list[str] = []
                 backend = self._backend(view, key, spec, warnings=warnings)
-                websocket = backend.websocket.name if backend.websocket is not None else None
-                routes = self._cached(("routes", key), (spec,), _routes, spec, backend.name, websocket)
+                routes = self._cached(("routes", key), (spec,), _routes, spec, backend)
                 _claim_routes(key, routes, targets, claimed)
             except _Rejected as rejected:
                 conditions[key] = _rejected_conditions(obj, rejected)
@@ -316,7 +315,7 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
     websocket = None
     if spec.websocket is not None:
         websocket = ir.WebSocketCluster(names.websocket_cluster(key.namespace, key.name),
-                                        _budget(spec.websocket.circuit_breakers))
+                                        _budget(spec.websocket.circuit_breakers), spec.websocket.idle_timeout_seconds)
     return ir.Backend(name=names.cluster(key.namespace, key.name),
                       endpoints=_endpoints(slices, port),
                       default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
@@ -350,9 +349,9 @@ def _budget(thresholds: crds.Thresholds) -> ir.Budget:
                      max_requests=thresholds.max_requests, max_retries=thresholds.max_retries)
 
 
-def _routes(spec: crds.BackendSpec, backend: str, websocket: str | None) -> tuple[ir.Route, ...]:
-    idle_timeout_s = spec.websocket.idle_timeout_seconds if spec.websocket is not None else None
-    return tuple(_route(route, backend, websocket, idle_timeout_s) for route in spec.routes)
+def _routes(spec: crds.BackendSpec, backend: ir.Backend) -> tuple[ir.Route, ...]:
+    """Built from the spec alone (the memo's input): of `backend`, only its names are read."""
+    return tuple(_route(route, backend.name, backend.websocket) for route in spec.routes)
 
 
 def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
@@ -368,11 +367,10 @@ def _checked_secret(parse, obj, where: str, name: str) -> secrets.Checked:
         raise _Rejected("InvalidSecret", str(problem), unresolved=True) from None
 
 
-def _route(route: crds.Route, backend: str, websocket: str | None, idle_timeout_s: int | None) -> ir.Route:
+def _route(route: crds.Route, backend: str, websocket: ir.WebSocketCluster | None) -> ir.Route:
     return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
                     headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
-                    high_priority=route.priority == crds.Priority.HIGH, websocket_backend=websocket,
-                    websocket_idle_timeout_s=idle_timeout_s)
+                    high_priority=route.priority == crds.Priority.HIGH, websocket=websocket)
 
 
 def _claim_routes(key: ObjectKey, routes: list[ir.Route], targets: list[tuple[ObjectKey, str]],

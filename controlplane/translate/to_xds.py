@@ -137,9 +137,9 @@ def route_configuration(listener: ir.Listener):
     routes = []
     for route in listener.routes:
         headers = [(h.name, h.value) for h in route.headers]
-        if route.websocket_backend is not None:  # its upgrades first: the same match, plus `upgrade: websocket`
-            routes.append(b.websocket_route(route.websocket_backend, prefix=route.path_prefix, path=route.path,
-                                            headers=headers, idle_timeout_s=route.websocket_idle_timeout_s))
+        if route.websocket is not None:  # its upgrades first: the same match, plus `upgrade: websocket`
+            routes.append(b.websocket_route(route.websocket.name, prefix=route.path_prefix, path=route.path,
+                                            headers=headers, idle_timeout_s=route.websocket.idle_timeout_s))
         routes.append(b.route(route.backend, prefix=route.path_prefix, path=route.path, headers=headers,
                               high_priority=route.high_priority))
     return b.route_configuration(listener.name, [b.virtual_host("all", routes)])
