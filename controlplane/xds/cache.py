@@ -301,7 +301,8 @@ class GroupState:
         return None if self.snapshot is None else self.snapshot.resources(type_url)
 
     def rejected(self, type_url: str) -> set[str]:
-        """Versions of resources this group's Envoys rejected since the last snapshot."""
+        """Versions of resources this group's Envoys rejected. A version hashes a resource's name
+        and content: it stays rejected until that resource's content changes."""
         return self._rejected.get(type_url, set())
 
     def last_acked(self, type_url: str) -> Selection | None:
@@ -314,10 +315,17 @@ class GroupState:
         self._rejected.setdefault(type_url, set()).update(rejected)
 
     def new_snapshot(self, snapshot: Snapshot) -> None:
-        # A new snapshot is a new chance: rejections are forgotten, but a stream never resends
-        # content it already sent (see protocol), so an unchanged bad resource is not pushed again.
+        # Rejections are remembered by content, not by publish: an identical republish (serve does one
+        # every minute) must not hand the rejected resource to an Envoy that connects afterwards. Only
+        # rejected versions the new snapshot still has are kept, so the memory is bounded by it.
         self.snapshot = snapshot
-        self._rejected.clear()
+        for type_url, rejected in list(self._rejected.items()):
+            present = snapshot.resources(type_url).select(None).versions
+            still = rejected & present
+            if still:
+                self._rejected[type_url] = still
+            else:
+                del self._rejected[type_url]
 
 
 class SnapshotCache:
@@ -351,10 +359,18 @@ class SnapshotCache:
         return None if state is None else state.snapshot
 
     def watch(self, group: str, on_change: Callable[[], None]) -> Callable[[], None]:
-        """Call `on_change` after each new snapshot of `group`; returns the function that stops it."""
-        watchers = self.group(group).watchers
-        watchers.append(on_change)
-        return lambda: watchers.remove(on_change)
+        """Call `on_change` after each new snapshot of `group`; returns the function that stops it.
+
+        A group that was never published (a `node.cluster` nobody configures, made up by a client)
+        is forgotten when its last watcher stops: clients cannot grow the cache without bound."""
+        state = self.group(group)
+        state.watchers.append(on_change)
+
+        def stop() -> None:
+            state.watchers.remove(on_change)
+            if not state.watchers and state.snapshot is None and self._groups.get(group) is state:
+                del self._groups[group]
+        return stop
 
     def connect(self, stream: StatusSource) -> Callable[[], None]:
         self._streams.add(stream)

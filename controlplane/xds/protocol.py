@@ -8,6 +8,13 @@ Invariants this class keeps, per stream and per resource type:
   is not the one in flight is stale: its subscription is taken, its ACK/NACK is not.
 - Content already sent is never sent again, and content Envoy has is never resent: a NACKed
   version is not pushed in a loop. Rejected resources are replaced by what Envoy last accepted.
+  One exception, which Envoy needs: a new or changed cluster is followed by its endpoints, even
+  when Envoy has them: the cluster stays warming until a ClusterLoadAssignment arrives for it,
+  and Envoy does not ask for one it already has (Delta), or asks with a stale nonce (SotW).
+- A rejection is pinned on the resource that caused it, so good changes are never held hostage:
+  a NACK of one changed resource rejects that one; of several, the ones Envoy's message names;
+  failing that, each of them becomes a suspect, and suspects are sent one per response until
+  each was accepted or rejected alone.
 - ADS ordering (Envoy's "eventual consistency considerations"): types are pushed in
   `PUSH_ORDER`; a listener or route that names a cluster of the snapshot is held until Envoy has
   ACKed that cluster and, for EDS clusters, its endpoints; a cluster that an accepted route or
@@ -23,7 +30,8 @@ Invariants this class keeps, per stream and per resource type:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,6 +52,9 @@ class ConfigSource(Protocol):
     def rejected(self, type_url: str) -> set[str]: ...
 
     def last_acked(self, type_url: str) -> Selection | None: ...
+
+    def record_nack(self, type_url: str, rejected: Iterable[str]) -> None:
+        """Envoy rejected these resource versions: every stream of the group leaves them out."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,8 @@ class _TypeState:
     sent: Selection | None = None
     acked: Selection | None = None
     settled_on: ResourceSet | None = None  # the resource set of the last pump that left nothing to send
+    resend: frozenset[str] = frozenset()  # names to send again although Envoy has them (endpoints of a new cluster)
+    suspects: frozenset[str] = frozenset()  # versions in a NACKed response whose culprit is unknown
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -122,10 +135,15 @@ class StreamProtocol:
         if request.response_nonce and in_flight is not None and request.response_nonce == in_flight.nonce:
             state.in_flight = None
             if request.error_detail.code or request.error_detail.message:
-                step.nacks.append(self._reject(request, state, in_flight, now))
+                nack = self._reject(request, state, in_flight, now)
+                self._source.record_nack(request.type_url, nack.rejected)  # before pumping: the rest goes on
+                step.nacks.append(nack)
             else:
                 state.acked = in_flight.selection
                 state.status.version_acked = in_flight.selection.version
+                if state.suspects:
+                    state.suspects = state.suspects - {in_flight.selection.resources[n].version
+                                                       for n in in_flight.changed}
                 step.acks.append(Ack(in_flight.selection))
         elif not request.response_nonce and not state.requested:
             self._resume(request, state)
@@ -195,12 +213,38 @@ class StreamProtocol:
                 state.acked = state.sent = desired
                 state.status.version_acked = state.status.version_sent = desired.version
 
+    def _resend_endpoints_of(self, clusters: Selection, changed: Iterable[str]) -> None:
+        """New or changed clusters are on their way: each one warms until it gets its endpoints, even
+        when the content is what Envoy already has (otherwise a budget change waits for Envoy's
+        15 s initial fetch timeout). Only endpoint sets Envoy was already given need this; they
+        follow the clusters on the same ordered stream, so they reach the new clusters."""
+        endpoints = self._types.get(xr.ENDPOINT)
+        if endpoints is None:
+            return
+        given = (endpoints.acked.names if endpoints.acked is not None else frozenset()) | (
+            endpoints.sent.names if endpoints.sent is not None else frozenset())
+        names = {eds for name in changed for eds in clusters.resources[name].referenced(xr.ENDPOINT)}
+        names.intersection_update(given)
+        if names:
+            endpoints.resend = endpoints.resend | names
+            endpoints.settled_on = None
+
     def _reject(self, request, state: _TypeState, in_flight: _InFlight, now: float) -> Nack:
-        rejected = frozenset(in_flight.selection.resources[name].version for name in in_flight.changed)
+        """Pin the NACK on its culprit: see the module docstring."""
+        message = request.error_detail.message
+        culprits = in_flight.changed
+        if len(culprits) > 1:
+            culprits = tuple(name for name in in_flight.changed if _names(message, name))
+        versions = frozenset(in_flight.selection.resources[name].version for name in culprits)
+        if not culprits:
+            state.suspects = state.suspects | {in_flight.selection.resources[name].version
+                                               for name in in_flight.changed}
+        else:
+            state.suspects = state.suspects - versions
         record = NackRecord(type_url=request.type_url, version=in_flight.selection.version,
-                            resource_names=in_flight.changed, message=request.error_detail.message, at=now)
+                            resource_names=culprits or in_flight.changed, message=message, at=now)
         state.status.last_nack = record
-        return Nack(record, rejected)
+        return Nack(record, versions)
 
     # -- outputs ---------------------------------------------------------------------------------
 
@@ -219,12 +263,17 @@ class StreamProtocol:
     def _pump_type(self, type_url: str, state: _TypeState, resource_set: ResourceSet | None, step: Step) -> bool:
         """Respond if this type needs it; returns False while a response waits for Envoy (`_ready`)."""
         desired = self._desired(type_url, state, resource_set)
-        if desired is None or desired.same_content(state.sent):
+        if desired is None:
+            return True
+        resend, state.resend = state.resend & desired.names, frozenset()
+        if not resend and desired.same_content(state.sent):
             return True
         acked = state.acked
-        if desired.same_content(acked):
+        if not resend and desired.same_content(acked):
             return True  # Envoy has exactly this (it NACKed the newer content we sent)
         changed, removed = (tuple(desired.resources), ()) if acked is None else desired.changes_since(acked)
+        if resend:
+            changed = tuple(sorted(resend.union(changed)))
         if not self._ready(desired, changed):
             return False
         changes_only = self._sends_changes_only(type_url, state)
@@ -254,6 +303,8 @@ class StreamProtocol:
             payload = body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
         state.in_flight = _InFlight(nonce, desired, changed)
         state.sent = desired
+        if type_url == xr.CLUSTER:
+            self._resend_endpoints_of(desired, changed)
         state.status.version_sent = desired.version
         return Response(type_url, nonce, desired.version, payload)
 
@@ -276,6 +327,14 @@ class StreamProtocol:
         for name, resource in self._still_needed(type_url, state, selection).items():
             chosen = dict(selection.resources) if chosen is None else chosen
             chosen[name] = resource
+        suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects)
+        for name in suspects[1:]:  # one suspect per response: its ACK or NACK is then its own
+            chosen = dict(selection.resources) if chosen is None else chosen
+            had = state.acked.resources.get(name) if state.acked is not None else None
+            if had is None:
+                del chosen[name]
+            else:
+                chosen[name] = had
         return selection if chosen is None else Selection(type_url, dict(sorted(chosen.items())))
 
     def _last_good(self, type_url: str, state: _TypeState, name: str,
@@ -326,6 +385,12 @@ class StreamProtocol:
                     if endpoints is not None and eds_name in endpoints and eds_name not in have_endpoints:
                         return False
         return True
+
+
+def _names(message: str, name: str) -> bool:
+    """Whether Envoy's NACK message names the resource `name` (as a whole word: 'default/api' is
+    not named by 'default/api/websocket')."""
+    return re.search(rf"(?<![\w./:-]){re.escape(name)}(?![\w./-])", message) is not None
 
 
 _SHARED_SUBSCRIPTIONS: dict[frozenset[str], frozenset[str]] = {}
