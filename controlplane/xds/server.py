@@ -93,7 +93,6 @@ class _Stream:
         for ack in step.acks:
             self._group_state.record_ack(ack.selection)
         for nack in step.nacks:
-            self._group_state.record_nack(nack.record.type_url, nack.rejected)
             log.warning("Envoy %s (node group %r) rejected %s version %s (%s): %s. It keeps its last accepted "
                         "configuration; fix the resource and publish a new snapshot.",
                         self.node_id, self.group, xr.SHORT_NAMES[nack.record.type_url], nack.record.version,
