@@ -62,7 +62,7 @@ BAD_BACKENDS = [
      "DuplicateRoute", "spec.routes[1] repeats an earlier route"),
     ("route another backend has", [*app("api", routes=[{"pathPrefix": "/shared"}]),
                                    *app("zeta", routes=[{"pathPrefix": "/shared"}])],
-     "DuplicateRoute", "already served by Backend shop/api"),
+     "RouteConflict", "Backend shop/api already serves it"),
 ]
 
 
@@ -91,7 +91,7 @@ def test_conflicting_gateway_port_is_refused_on_the_later_gateway():
     assert accepted(result, "Gateway", "a").status == "True"
     refused = accepted(result, "Gateway", "b")
     assert (refused.status, refused.reason) == ("False", "PortConflict")
-    assert "port 8080 is already used by Gateway shop/a" in refused.message
+    assert "port 8080 is held by Gateway shop/a" in refused.message
 
 
 def test_invalid_gateway_message_names_the_field():

@@ -53,6 +53,12 @@ class ControlPlaneCollector:
                               if conditions[0].status == "False")
             for (kind, reason), count in sorted(reasons.items()):
                 rejected.add_metric([kind, reason], count)
+        last_accepted = GaugeMetricFamily("controlplane_objects_serving_last_accepted",
+                                          "Gateways and Backends whose current version is refused, still served "
+                                          "from their last accepted version.", labels=["kind"])
+        if translation is not None:
+            for kind, count in sorted(Counter(key.kind for key in translation.serving_last_accepted).items()):
+                last_accepted.add_metric([kind], count)
         unresolved = GaugeMetricFamily("controlplane_objects_unresolved_refs",
                                        "Accepted Gateways and Backends with a reference that is not as it should be "
                                        "(reason InvalidSecret: a refused Secret; Envoys keep its last valid version).",
@@ -75,7 +81,7 @@ class ControlPlaneCollector:
             for cluster, priority, budget in _budgets(translation):
                 for resource, limit in _effective_limits(budget):
                     limits.add_metric([cluster, priority, resource], limit)
-        yield from (connected, rejecting, rejected, unresolved, limits, expiry)
+        yield from (connected, rejecting, rejected, last_accepted, unresolved, limits, expiry)
 
 
 # Envoy's limits where a budget leaves one unset (config.cluster.v3.CircuitBreakers.Thresholds).

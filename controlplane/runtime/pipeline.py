@@ -27,6 +27,7 @@ class Pipeline:
         self._translator = to_ir.Translator()
         self._builders: dict[str, to_xds.SnapshotBuilder] = {}
         self._reported: dict[ObjectKey, str] = {}
+        self._failed: set[ObjectKey] = set()
         self.last: to_ir.Translation | None = None
 
     def publish(self, view: StoreView) -> to_ir.Translation:
@@ -40,6 +41,9 @@ class Pipeline:
             except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
                 log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
                           name, error)
+            except Exception:  # a bug too; one node group's stays with it, the other groups publish
+                log.exception("node group %r: building its snapshot failed; its Envoys keep the last one", name)
+                self._builders.pop(name, None)  # start afresh next time: it may hold half of this attempt
         for gone in sorted(self._builders.keys() - translation.groups.keys()):
             self._cache.set_snapshot(gone, Snapshot())
             del self._builders[gone]
@@ -50,7 +54,12 @@ class Pipeline:
         return translation
 
     def _log_problems(self, translation: to_ir.Translation) -> None:
-        """Log each object's problem once (and when it is fixed), not on every translation."""
+        """Log each object's problem once (and when it is fixed), not on every translation; a bug's
+        traceback once too."""
+        for key, trace in sorted(translation.failures.items()):
+            if key not in self._failed:
+                log.error("%s: translating it failed, so it is refused (a bug; the rest is served):\n%s", key, trace)
+        self._failed = set(translation.failures)
         problems = {key: accepted.message for key, conditions in translation.conditions.items()
                     for accepted in conditions[:1] if accepted.status == "False"}
         for key, message in sorted(problems.items()):

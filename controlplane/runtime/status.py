@@ -51,7 +51,7 @@ def with_programmed(translation: Translation, envoys: Iterable[EnvoyStatus]) -> 
     for key, conditions in translation.conditions.items():
         conditions = list(conditions)
         group = translation.node_groups.get(key)
-        if group is not None and conditions[0].status == "True":
+        if group is not None:  # served: as it is, in part, or its last accepted version
             conditions[2] = _programmed(conditions[2], group, produced.get(key, set()), groups.get(group, nobody))
         result[key] = conditions
     return result

@@ -1,15 +1,28 @@
 """Kubernetes objects -> IR and status conditions. Pure: a StoreView in, values out.
 
 Every problem becomes a condition on the object that has it, with a message that says what is
-wrong and what to change; the object is left out and everything else is still translated. A bad
-Backend never takes its Gateway's other Backends down with it.
+wrong and what to change; everything else is still translated. A bad Backend never takes its
+Gateway's other Backends down with it, and nothing that works stops working:
+- **Last known good, per object.** A Gateway or Backend whose new version is refused (a bad edit,
+  a Service port renamed, a Service deleted) keeps serving its last accepted version, which is
+  said in its `Accepted` condition; only deleting the object itself removes it. The attempts, in
+  order: the object as it is now; its last accepted version with today's references; its last
+  accepted version with the references it last resolved (EndpointSlices are always today's).
+- **Holders keep what they hold.** A route or listener port claimed twice stays with the object
+  that held it (served by the previous translation; then the oldest `creationTimestamp`; then
+  namespace/name); only the newcomer's conflicting route or listener is left out, the rest of it
+  is served.
+- **A bug stays alone.** An unexpected exception while translating one object refuses that object
+  (and is reported with its traceback in `Translation.failures`); the rest is translated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +46,10 @@ class Translation:
     certificate_expiry: dict[tuple[str, str, str], float] = field(default_factory=dict)
     """(namespace, Secret, "certificate" or "ca") of each TLS Secret a Gateway or Backend refers to -> when
     the version Envoys are given (the last valid one, after a refused rotation) expires, in epoch seconds."""
+    serving_last_accepted: dict[ObjectKey, int] = field(default_factory=dict)
+    """Objects whose current version is refused, served from their last accepted one -> its generation."""
+    failures: dict[ObjectKey, str] = field(default_factory=dict)
+    """Objects refused because translating them raised unexpectedly (a bug) -> the traceback."""
 
 
 class _Rejected(Exception):
@@ -46,6 +63,30 @@ class _Gateway:
     key: ObjectKey
     spec: crds.GatewaySpec
     tls: dict[str, ir.Tls] = field(default_factory=dict)
+    listeners: tuple[crds.Listener, ...] = ()
+    """The listeners it is given: all of its spec's but those whose port another Gateway holds."""
+
+
+@dataclass(frozen=True)
+class _Good:
+    """An object's last accepted version: the object, and for a Backend what it resolved."""
+
+    obj: Mapping[str, Any]
+    service: Mapping[str, Any] | None = None
+    endpoints: tuple[ir.Endpoint, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """One way to translate an object: as it is now, or from its last accepted version."""
+
+    variant: str  # part of memo keys: each attempt caches apart
+    obj: Mapping[str, Any]
+    service: Mapping[str, Any] | None = None  # the Service to use instead of today's
+    endpoints: tuple[ir.Endpoint, ...] = ()  # the endpoints to keep if today's EndpointSlices give none
+
+
+_FAILED = "TranslationFailed"
 
 
 def translate(view: StoreView, *, now: float | None = None) -> Translation:
@@ -73,8 +114,11 @@ class Translator:
         self._now: float | None = None
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
-        self._service_users: dict[tuple[str, str], list[ObjectKey]] = {}
+        self._service_users: dict[tuple[str, str], list[tuple[ObjectKey, _Attempt]]] = {}
         self._expiry: dict[tuple[str, str, str], float] = {}
+        # Policy, like `_last_valid`: each object's last accepted version, and what was served.
+        self._good: dict[ObjectKey, _Good] = {}
+        self._served: frozenset[ObjectKey] = frozenset()
 
     def _cached(self, key: tuple, inputs: tuple, compute, *args):
         """`compute(*args)`, or what it returned last time for the same `inputs`."""
@@ -114,9 +158,10 @@ class Translator:
                     and (service := ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL))}
         replaced: dict[str, ir.Backend] = {}
         for namespace, service in services:
-            for key in self._service_users.get((namespace, service), ()):
-                spec = self._memo[("spec", key)][2]
-                backend = self._backend(view, key, spec, warnings=[])  # Secrets unchanged: so are the warnings
+            for key, attempt in self._service_users.get((namespace, service), ()):
+                spec = self._memo[("spec", key, attempt.variant)][2]
+                # Secrets unchanged: so are the warnings
+                backend = self._backend(view, key, spec, attempt, warnings=[])
                 replaced[backend.name] = backend
         if not replaced:
             return last
@@ -124,82 +169,147 @@ class Translator:
             group.name, group.listeners, tuple(replaced.get(b.name, b) for b in group.backends))
             for name, group in last.groups.items()}
         return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
-                           node_groups=last.node_groups, certificate_expiry=last.certificate_expiry)
+                           node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
+                           serving_last_accepted=last.serving_last_accepted, failures=last.failures)
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
         self._next_validity_change = float("inf")
         self._service_users = {}
         self._expiry: dict[tuple[str, str, str], float] = {}
-        conditions: dict[ObjectKey, tuple[crds.Condition, ...]] = {}
-        origins: dict[str, ObjectKey] = {}
-        gateways = self._accepted_gateways(view, conditions)
-        node_groups = {gateway.key: gateway.spec.node_cluster for gateway in gateways.values()}
-
+        out = Translation(groups={}, conditions={})
+        gateways = self._accepted_gateways(view, out)
         listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
-            (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.spec.listeners}
+            (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.listeners}
         claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {key: {} for key in listeners}
         backends: dict[str, list[ir.Backend]] = {}
-        for key, obj in view.of_kind("Backend"):
-            try:
-                spec = self._cached(("spec", key), (obj,), _parse, crds.BackendSpec, obj)
-                gateway = gateways.get((key.namespace, spec.gateway))
-                if gateway is None:
-                    raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or "
-                                    "is not accepted: create it in the Backend's namespace, or fix spec.gateway",
-                                    unresolved=True)
-                targets = _target_listeners(gateway, spec)
-                warnings: list[str] = []
-                backend = self._backend(view, key, spec, warnings=warnings)
-                routes = self._cached(("routes", key), (spec,), _routes, spec, backend)
-                _claim_routes(key, routes, targets, claimed)
-            except _Rejected as rejected:
-                conditions[key] = _rejected_conditions(obj, rejected)
+        for key, obj in self._holders_first(view, "Backend"):
+            placed = self._translate_object(key, obj, out, lambda attempt: self._place_backend(
+                view, key, attempt, gateways, claimed))
+            if placed is None:
                 continue
+            attempt, (gateway, spec, backend, routes, warnings, conflicts) = placed
             node_cluster = gateway.spec.node_cluster
-            self._service_users.setdefault((key.namespace, spec.service.name), []).append(key)
-            for target in targets:
-                listeners[target].extend(routes)
+            self._service_users.setdefault((key.namespace, spec.service.name), []).append((key, attempt))
+            for target, served in routes.items():
+                listeners[target].extend(served)
             backends.setdefault(node_cluster, []).append(backend)
-            origins[backend.name] = key
+            out.origins[backend.name] = key
             if backend.websocket is not None:
-                origins[backend.websocket.name] = key
+                out.origins[backend.websocket.name] = key
             if backend.tls is not None:
-                _claim_secrets(origins, key, backend.tls.ca, backend.tls.client_certificate)
-            node_groups[key] = node_cluster
-            conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+                _claim_secrets(out.origins, key, backend.tls.ca, backend.tls.client_certificate)
+            out.node_groups[key] = node_cluster
+            if attempt.variant == "now":
+                out.conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+            if conflicts:
+                out.conditions[key] = _partially(out.conditions[key], "RouteConflict", "; ".join(conflicts)
+                                                 + ". The Backend's other routes are served")
             if warnings:
-                conditions[key] = _with_unresolved(conditions[key], "InvalidSecret", "; ".join(warnings))
+                out.conditions[key] = _with_unresolved(out.conditions[key], "InvalidSecret", "; ".join(warnings))
 
         group_listeners: dict[str, list[ir.Listener]] = {}
         for gateway in gateways.values():
-            for listener in gateway.spec.listeners:
+            for listener in gateway.listeners:
                 name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
-                origins[name] = gateway.key
+                out.origins[name] = gateway.key
                 routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
                 tls = gateway.tls.get(listener.name)
                 if tls is not None:
-                    _claim_secrets(origins, gateway.key, tls.certificate, tls.client_ca)
+                    _claim_secrets(out.origins, gateway.key, tls.certificate, tls.client_ca)
                 built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
                                      routes, gateway.spec.limits.max_connections, tls)
                 group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
         by_name = operator.attrgetter("name")
-        groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=by_name)),
-                                             tuple(sorted(backends.get(node_cluster, []), key=by_name)))
-                  for node_cluster, listeners_ in sorted(group_listeners.items())}
+        out.groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=by_name)),
+                                                 tuple(sorted(backends.get(node_cluster, []), key=by_name)))
+                      for node_cluster, listeners_ in sorted(group_listeners.items())}
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
-        return Translation(groups=groups, conditions=conditions, origins=origins, node_groups=node_groups,
-                           certificate_expiry=self._expiry)
+        for deleted in self._good.keys() - set(view):  # only deleting an object forgets its last good version
+            del self._good[deleted]
+        self._served = frozenset(out.node_groups)
+        out.certificate_expiry = self._expiry
+        return out
 
-    def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, *,
+    def _holders_first(self, view: StoreView, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
+        """Objects in the order they claim routes and ports: those served before keep what they hold,
+        then the oldest (creationTimestamp, which sorts as text), then by namespace/name."""
+        def order(item: tuple[ObjectKey, Mapping[str, Any]]) -> tuple:
+            key, obj = item
+            created = (obj.get("metadata") or {}).get("creationTimestamp")
+            return (key not in self._served, created if isinstance(created, str) else "~", key)
+        return sorted(view.of_kind(kind), key=order)
+
+    def _attempts(self, key: ObjectKey, obj: Mapping[str, Any]) -> Iterator[_Attempt]:
+        yield _Attempt("now", obj)
+        good = self._good.get(key)
+        if good is not None:
+            yield _Attempt("last-accepted", good.obj)
+            if good.service is not None:
+                yield _Attempt("last-resolved", good.obj, good.service, good.endpoints)
+
+    def _translate_object(self, key: ObjectKey, obj: Mapping[str, Any], out: Translation, place):
+        """`place(attempt)` -> (value, the Service it resolved) for each attempt until one is accepted:
+        returns (attempt, value), or None with the object refused. Conditions report the object as
+        it is now."""
+        refusal: _Rejected | None = None
+        for attempt in self._attempts(key, obj):
+            try:
+                placed = place(attempt)
+            except _Rejected as rejected:
+                refusal = refusal or rejected
+                continue
+            except Exception:  # a bug: this object is refused, the rest is translated
+                out.failures.setdefault(key, traceback.format_exc())
+                refusal = refusal or _Rejected(_FAILED, "translating this object failed unexpectedly (a bug in the "
+                                               "control plane: its log has the details; please report it)")
+                continue
+            value, resolved = placed
+            if attempt.variant == "now":
+                self._good[key] = _Good(obj, *resolved)
+            else:
+                generation = _generation(attempt.obj)
+                out.serving_last_accepted[key] = generation
+                out.conditions[key] = _last_accepted_conditions(obj, refusal, generation)
+            return attempt, value
+        out.conditions[key] = _rejected_conditions(obj, refusal)
+        return None
+
+    def _place_backend(self, view: StoreView, key: ObjectKey, attempt: _Attempt,
+                       gateways: dict[tuple[str, str], _Gateway],
+                       claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]]):
+        """A Backend, its routes by listener (without those another object holds) and its problems,
+        claiming its routes; with the Service and endpoints it resolved. Raises _Rejected."""
+        spec = self._cached(("spec", key, attempt.variant), (attempt.obj,), _parse, crds.BackendSpec, attempt.obj)
+        gateway = gateways.get((key.namespace, spec.gateway))
+        if gateway is None:
+            raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or "
+                            "is not accepted: create it in the Backend's namespace, or fix spec.gateway",
+                            unresolved=True)
+        targets = _target_listeners(gateway, spec)
+        warnings: list[str] = []
+        backend = self._backend(view, key, spec, attempt, warnings=warnings)
+        routes = self._cached(("routes", key, attempt.variant), (spec,), _routes, spec, backend)
+        served, conflicts = _claim_routes(key, routes, targets, claimed)
+        service = attempt.service or view.get("Service", key.namespace, spec.service.name)
+        return (gateway, spec, backend, served, warnings, conflicts), (service, backend.endpoints)
+
+    def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, attempt: _Attempt, *,
                  warnings: list[str]) -> ir.Backend:
-        """A Backend's cluster and endpoints, rebuilt only when its spec, Service, slices or TLS changed."""
-        service = view.get("Service", key.namespace, spec.service.name)
+        """A Backend's cluster and endpoints, rebuilt only when its spec, Service, slices or TLS changed.
+        The Service is today's, or the one its last accepted version resolved (`attempt.service`)."""
+        service = attempt.service or view.get("Service", key.namespace, spec.service.name)
         slices = view.endpoint_slices(key.namespace, spec.service.name)
         tls = self._upstream_tls(view, key, spec.tls, warnings) if spec.tls is not None else None
-        return self._cached(("backend", key), (spec, service, tls, *slices), _build_backend, key, spec, service,
-                            slices, tls)
+        backend = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices), _build_backend, key,
+                               spec, service, slices, tls)
+        if not backend.endpoints and attempt.endpoints:
+            # The Service it last resolved is gone or renamed its port, and today's EndpointSlices follow
+            # the new name: the endpoints it last had are better than none.
+            backend = self._cached(("backend-kept", key), (backend, attempt.endpoints), _with_endpoints, backend,
+                                   attempt.endpoints)
+        return backend
 
     def _upstream_tls(self, view: StoreView, backend: ObjectKey, spec: crds.UpstreamTls,
                       warnings: list[str]) -> ir.UpstreamTls:
@@ -211,33 +321,48 @@ class Translator:
         return self._cached(("upstream-tls", backend), (spec.hostname, ca, client_certificate), ir.UpstreamTls,
                             spec.hostname, ca, client_certificate)
 
-    def _accepted_gateways(self, view: StoreView, conditions: dict) -> dict[tuple[str, str], _Gateway]:
-        """Valid Gateways by (namespace, name); a later Gateway reusing a port of its node cluster is refused."""
+    def _accepted_gateways(self, view: StoreView, out: Translation) -> dict[tuple[str, str], _Gateway]:
+        """Gateways served, by (namespace, name); a listener port of a node cluster stays with the
+        Gateway that holds it, and a newcomer's listener on that port is left out."""
         accepted: dict[tuple[str, str], _Gateway] = {}
         ports: dict[tuple[str, int], ObjectKey] = {}
-        for key, obj in view.of_kind("Gateway"):
-            try:
-                spec = self._cached(("spec", key), (obj,), _parse, crds.GatewaySpec, obj)
-                for listener in spec.listeners:
-                    owner = ports.get((spec.node_cluster, listener.port))
-                    if owner is not None:
-                        raise _Rejected("PortConflict", f"listener {listener.name!r} port {listener.port} is "
-                                        f"already used by {owner} for node cluster {spec.node_cluster!r}: pick "
-                                        "another port")
-                tls, warnings = {}, []
-                for listener in spec.listeners:
-                    if listener.tls is not None:
-                        tls[listener.name] = self._tls(view, key, listener.name, listener.tls, warnings)
-            except _Rejected as rejected:
-                conditions[key] = _rejected_conditions(obj, rejected)
+        for key, obj in self._holders_first(view, "Gateway"):
+            placed = self._translate_object(key, obj, out, lambda attempt: (
+                self._place_gateway(view, key, attempt, ports), ()))
+            if placed is None:
                 continue
-            for listener in spec.listeners:
-                ports[(spec.node_cluster, listener.port)] = key
-            accepted[(key.namespace, key.name)] = _Gateway(key, spec, tls)
-            conditions[key] = _accepted_conditions(_generation(obj), spec.node_cluster)
+            attempt, (gateway, warnings, conflicts) = placed
+            accepted[(key.namespace, key.name)] = gateway
+            out.node_groups[key] = gateway.spec.node_cluster
+            if attempt.variant == "now":
+                out.conditions[key] = _accepted_conditions(_generation(obj), gateway.spec.node_cluster)
+            if conflicts:
+                out.conditions[key] = _partially(out.conditions[key], "PortConflict", "; ".join(conflicts)
+                                                 + ". The Gateway's other listeners are served")
             if warnings:
-                conditions[key] = _with_unresolved(conditions[key], "InvalidSecret", "; ".join(warnings))
+                out.conditions[key] = _with_unresolved(out.conditions[key], "InvalidSecret", "; ".join(warnings))
         return accepted
+
+    def _place_gateway(self, view: StoreView, key: ObjectKey, attempt: _Attempt,
+                       ports: dict[tuple[str, int], ObjectKey]) -> tuple[_Gateway, list[str], list[str]]:
+        spec = self._cached(("spec", key, attempt.variant), (attempt.obj,), _parse, crds.GatewaySpec, attempt.obj)
+        given, conflicts = [], []
+        for listener in spec.listeners:
+            holder = ports.get((spec.node_cluster, listener.port))
+            if holder is None:
+                given.append(listener)
+            else:
+                conflicts.append(f"listener {listener.name!r} is not served: port {listener.port} is held by "
+                                 f"{holder} for node cluster {spec.node_cluster!r}; pick another port")
+        if not given:
+            raise _Rejected("PortConflict", "; ".join(conflicts))
+        tls, warnings = {}, []
+        for listener in given:
+            if listener.tls is not None:
+                tls[listener.name] = self._tls(view, key, listener.name, listener.tls, warnings)
+        for listener in given:
+            ports[(spec.node_cluster, listener.port)] = key
+        return _Gateway(key, spec, tls, tuple(given)), warnings, conflicts
 
     def _tls(self, view: StoreView, gateway: ObjectKey, listener: str, spec: crds.ListenerTls,
              warnings: list[str]) -> ir.Tls:
@@ -289,7 +414,7 @@ def _claim_secrets(origins: dict[str, ObjectKey], key: ObjectKey, *used: ir.Cert
 
 
 def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
-    names_ = [listener.name for listener in gateway.spec.listeners]
+    names_ = [listener.name for listener in gateway.listeners]
     if spec.listener is None:
         return [(gateway.key, name) for name in names_]
     if spec.listener not in names_:
@@ -326,7 +451,10 @@ def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple
     """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
     found: dict[tuple[str, int], ir.Endpoint] = {}
     for raw in slices:
-        endpoint_slice = kube.EndpointSlice.model_validate(raw)
+        try:
+            endpoint_slice = kube.EndpointSlice.model_validate(raw)
+        except ValidationError:  # never seen here: the API server validates slices, the file source refuses them
+            continue
         if endpoint_slice.address_type not in ("IPv4", "IPv6"):
             continue
         number = next((p.port for p in endpoint_slice.ports if p.name == port.name and p.port), None)
@@ -342,6 +470,10 @@ def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple
             for address in endpoint.addresses[:1]:
                 found[(address, number)] = ir.Endpoint(address, number, draining)
     return tuple(sorted(found.values()))  # by address and port: each pair is there once
+
+
+def _with_endpoints(backend: ir.Backend, endpoints: tuple[ir.Endpoint, ...]) -> ir.Backend:
+    return dataclasses.replace(backend, endpoints=endpoints)
 
 
 def _budget(thresholds: crds.Thresholds) -> ir.Budget:
@@ -373,23 +505,32 @@ def _route(route: crds.Route, backend: str, websocket: ir.WebSocketCluster | Non
                     high_priority=route.priority == crds.Priority.HIGH, websocket=websocket)
 
 
-def _claim_routes(key: ObjectKey, routes: list[ir.Route], targets: list[tuple[ObjectKey, str]],
-                  claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]]) -> None:
-    """First Backend (by namespace/name) to claim a match keeps it; a later duplicate is refused whole."""
+def _claim_routes(key: ObjectKey, routes: tuple[ir.Route, ...], targets: list[tuple[ObjectKey, str]],
+                  claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]]
+                  ) -> tuple[dict[tuple[ObjectKey, str], list[ir.Route]], list[str]]:
+    """Claim the Backend's routes on its listeners: (the routes it is given, per listener; why the
+    others are not). A route another object holds stays with the holder; refused only if none is left."""
     keys = [route.match_key for route in routes]
     for position, match in enumerate(keys):
         if match in keys[:position]:
             raise _Rejected("DuplicateRoute", f"spec.routes[{position}] repeats an earlier route of this Backend "
                             f"({_describe(routes[position])}): remove one")
+    given: dict[tuple[ObjectKey, str], list[ir.Route]] = {}
+    conflicts: list[str] = []
     for target in targets:
         for route in routes:
-            owner = claimed[target].get(route.match_key)
-            if owner is not None:
-                raise _Rejected("DuplicateRoute", f"route {_describe(route)} on listener {target[1]!r} is already "
-                                f"served by {owner}: change the path or headers, or remove one of them")
-    for target in targets:
-        for route in routes:
+            holder = claimed[target].get(route.match_key)
+            if holder is None:
+                given.setdefault(target, []).append(route)
+            else:
+                conflicts.append(f"route {_describe(route)} on listener {target[1]!r} is not served: {holder} "
+                                 "already serves it; change the path or headers")
+    if not given:
+        raise _Rejected("RouteConflict", "; ".join(conflicts))
+    for target, served in given.items():
+        for route in served:
             claimed[target][route.match_key] = key
+    return given, conflicts
 
 
 def _describe(route: ir.Route) -> str:
@@ -437,6 +578,26 @@ def _with_unresolved(conditions: tuple[crds.Condition, ...], reason: str,
     """Accepted, but a reference is not as it should be (served from its last valid version)."""
     accepted, _resolved, programmed = conditions
     return accepted, _condition("ResolvedRefs", "False", reason, message, accepted.observed_generation), programmed
+
+
+def _partially(conditions: tuple[crds.Condition, ...], reason: str, message: str) -> tuple[crds.Condition, ...]:
+    """Served, but not all of it: part of the object conflicts with what another object holds."""
+    accepted, resolved, programmed = conditions
+    return _condition("Accepted", "False", reason, message, accepted.observed_generation), resolved, programmed
+
+
+def _last_accepted_conditions(obj: Mapping[str, Any], rejected: _Rejected,
+                              served_generation: int) -> tuple[crds.Condition, ...]:
+    """Refused as it is now; its last accepted version is still served (and programmed, or not)."""
+    generation = _generation(obj)
+    message = (f"{rejected.message}. Envoys keep serving generation {served_generation}, the last accepted version, "
+               "until this is fixed (deleting the object removes it)")
+    accepted = _condition("Accepted", "False", rejected.reason, message, generation)
+    if rejected.unresolved:
+        resolved = _condition("ResolvedRefs", "False", rejected.reason, rejected.message, generation)
+    else:
+        resolved = _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation)
+    return accepted, resolved, _accepted_conditions(generation, "")[2]
 
 
 def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:
