@@ -44,4 +44,5 @@ def test_cel_rules_mirror_the_model_validators():
     gateway_rules = [v["message"] for _, node in _walk(schema.crd("Gateway"))
                      for v in node.get("x-kubernetes-validations", [])]
     assert gateway_rules == ["listener ports must be unique", "listener names must be unique",
-                             "tls is required for HTTPS, and only for it"]
+                             "tls is required for HTTPS, and only for it",
+                             "must be an IP address (Envoy binds an IP literal, such as 0.0.0.0 or ::)"]

@@ -53,7 +53,7 @@ BAD_BACKENDS = [
     ("absurd websocket budget", [*app("api", websocket={"circuitBreakers": {"maxRequests": 0}})], "Invalid",
      "spec.websocket.circuitBreakers.maxRequests: Input should be greater than or equal to 1"),
     ("bad TLS hostname", [*app("api", tls={"caSecret": "ca", "hostname": "https://api"})], "Invalid",
-     "spec.tls.hostname: String should match pattern"),
+     "spec.tls.hostname: 'https://api' is not a DNS name"),
     ("both paths", [*app("api", routes=[{"path": "/a", "pathPrefix": "/a"}])], "Invalid",
      "set exactly one of pathPrefix and path"),
     ("relative path", [*app("api", routes=[{"pathPrefix": "api"}])], "Invalid", "spec.routes[0].pathPrefix"),

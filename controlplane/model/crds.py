@@ -10,17 +10,36 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 from pydantic.alias_generators import to_camel
+
+from controlplane.model import problems
 
 GROUP = "xds.controlplane.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
-DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Budget = Annotated[int, Field(ge=1, le=10_000_000)]
+# Every string that reaches Envoy has a pattern or a check, and every number a range, within what
+# Envoy accepts (tests/test_envoy_refuses.py holds them to the real Envoy). Numbers are strict:
+# `true` or "80" is not a port, as the API server's schema (type: integer) would say too.
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=problems.DNS_LABEL)]
+DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=problems.DNS_NAME)]
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+Budget = Annotated[int, Field(strict=True, ge=1, le=10_000_000)]
+"""Circuit-breaker thresholds (UInt32Value in Envoy) and connection limits (UInt64Value, at least 1)."""
+
+_WHY_IP = " (Envoy binds an IP literal, such as 0.0.0.0 or ::)"
+IpAddress = Annotated[str, Field(max_length=45, json_schema_extra={"x-kubernetes-validations": [
+    {"rule": "isIP(self)", "message": "must be an IP address (Envoy binds an IP literal, such as 0.0.0.0 or ::)"}]}),
+    AfterValidator(lambda value: problems.ip_literal(value, why=_WHY_IP))]
+"""An IP literal Envoy can bind: IPv4 or IPv6, with no zone; CEL `isIP()` (Kubernetes 1.31+) says the same."""
+
+PortOrName = Annotated[int | str, PlainValidator(problems.port_or_name), WithJsonSchema({
+    "x-kubernetes-int-or-string": True,
+    "x-kubernetes-validations": [{
+        "rule": f"type(self) == int ? self >= 1 && self <= 65535 : self.matches('{problems.DNS_LABEL}') "
+                "&& size(self) <= 63",
+        "message": "must be a port number (1-65535) or a port name (a DNS label, such as http)"}]})]
 
 
 class Spec(BaseModel):
@@ -49,7 +68,8 @@ class Listener(Spec):
     name: DnsLabel
     port: Port
     protocol: Protocol = Protocol.HTTP
-    address: str = Field("0.0.0.0", description="The address Envoy binds, 0.0.0.0 by default.")
+    address: IpAddress = Field("0.0.0.0", description="The IP address Envoy binds, 0.0.0.0 by default "
+                               "(:: for IPv6).")
     tls: ListenerTls | None = None
 
     @model_validator(mode="after")
@@ -91,8 +111,8 @@ class Priority(str, Enum):
 
 
 class HeaderMatch(Spec):
-    name: Annotated[str, Field(min_length=1, max_length=256, pattern=r"^:?[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
-    value: Annotated[str, Field(max_length=4096)]
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=problems.HEADER_NAME)]
+    value: Annotated[str, Field(max_length=4096, pattern=problems.HEADER_VALUE)]
 
 
 class Route(Spec):
@@ -101,8 +121,8 @@ class Route(Spec):
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "has(self.pathPrefix) != has(self.path)", "message": "set exactly one of pathPrefix and path"}]})
 
-    path_prefix: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None
-    path: Annotated[str, Field(pattern=r"^/", max_length=1024)] | None = None
+    path_prefix: Annotated[str, Field(pattern=problems.PATH, max_length=1024)] | None = None
+    path: Annotated[str, Field(pattern=problems.PATH, max_length=1024)] | None = None
     headers: list[HeaderMatch] = Field(default_factory=list, max_length=16)
     priority: Priority = Field(Priority.DEFAULT, description="High: served from the cluster's high-priority "
                                "circuit-breaker budget (use it for critical paths such as login).")
@@ -120,7 +140,7 @@ class Thresholds(Spec):
     max_connections: Budget | None = None
     max_pending_requests: Budget | None = None
     max_requests: Budget | None = None
-    max_retries: Annotated[int, Field(ge=0, le=10_000_000)] | None = None
+    max_retries: Annotated[int, Field(strict=True, ge=0, le=10_000_000)] | None = None
 
 
 class CircuitBreakers(Spec):
@@ -139,7 +159,7 @@ class WebSocket(Spec):
                                          "WebSockets beyond it wait for a slot (at most 15 s, then 504) or, "
                                          "with maxPendingRequests waiting, are refused (503); the Backend's "
                                          "other requests are unaffected.")
-    idle_timeout_seconds: Annotated[int, Field(ge=1, le=86_400)] | None = Field(
+    idle_timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=86_400)] | None = Field(
         None, description="Close a WebSocket after this long with no message either way. Unset: Envoy's stream "
         "idle timeout, 5 minutes; raise it for agents that stay quiet longer, or every one of them reconnects "
         "(a surge of its own).")
@@ -157,7 +177,7 @@ class UpstreamTls(Spec):
 
 class ServiceRef(Spec):
     name: DnsLabel
-    port: Port | DnsLabel = Field(description="The Service port, by number or by name.")
+    port: PortOrName = Field(description="The Service port, by number or by name.")
 
 
 class BackendSpec(Spec):
@@ -166,7 +186,7 @@ class BackendSpec(Spec):
     service: ServiceRef
     routes: list[Route] = Field(min_length=1, max_length=128)
     circuit_breakers: CircuitBreakers = CircuitBreakers()
-    connect_timeout_ms: Annotated[int, Field(ge=10, le=60_000)] = 1000
+    connect_timeout_ms: Annotated[int, Field(strict=True, ge=10, le=60_000)] = 1000
     tls: UpstreamTls | None = Field(None, description="TLS to the endpoints; plain text when unset.")
     websocket: WebSocket | None = Field(None, description="When set, WebSocket upgrades on these routes are "
                                         "accepted and sent to the cluster <namespace>/<name>/websocket, with "

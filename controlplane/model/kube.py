@@ -4,17 +4,39 @@ Only what translation needs: metadata, a Service's ports, an EndpointSlice's end
 conditions, a Secret's data. The API server validated what the Kubernetes source reads; a
 manifest file was written by hand, so the file source checks each object with `problems` and
 refuses the file (keeping its last good objects) rather than let a wrong shape reach translation.
+
+What reaches Envoy is checked with Kubernetes' own rules, which are within Envoy's: ports are
+1-65535 (an EndpointSlice port may be absent), and the addresses of an IPv4 or IPv6 EndpointSlice
+are IP literals of that family (Envoy NACKs a cluster with `999.1.2.3` or `localhost`; Kubernetes
+refuses them first). Bad values raise `pydantic.ValidationError`, like any wrong shape;
+`problems.explain` words it. FQDN slices are not checked: translation skips them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
 
+from controlplane.model import problems as checks
 from controlplane.model.problems import explain
+
+Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
+"""A TCP port as Kubernetes requires it, within what Envoy takes (0-65535); strict: not "80", not true."""
+_IANA_SERVICE_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9])){0,14}")
+
+
+def _target_port(value: Any) -> int | str | None:
+    """A Service's targetPort: a number (1-65535) or a container port's name (IANA_SVC_NAME)."""
+    if value is None or isinstance(value, int) and not isinstance(value, bool):
+        return checks.port_number(value, optional=True)
+    if isinstance(value, str) and _IANA_SERVICE_NAME.fullmatch(value):
+        return value
+    raise checks.problem("port", f"{checks.shown(value)} is neither a port number (1-65535) nor a port name (at "
+                                 "most 15 lowercase letters, digits and single '-', with a letter, such as http)")
 
 
 class Lenient(BaseModel):
@@ -23,8 +45,8 @@ class Lenient(BaseModel):
 
 class ServicePort(Lenient):
     name: str = ""
-    port: int
-    target_port: int | str | None = None
+    port: Port
+    target_port: Annotated[int | str | None, PlainValidator(_target_port)] = None
     protocol: str = "TCP"
 
 
@@ -45,7 +67,7 @@ class Endpoint(Lenient):
 
 class EndpointPort(Lenient):
     name: str = ""
-    port: int | None = None
+    port: Port | None = None
     protocol: str = "TCP"
 
 
@@ -53,6 +75,20 @@ class EndpointSlice(Lenient):
     address_type: str = "IPv4"
     endpoints: list[Endpoint] = Field(default_factory=list)
     ports: list[EndpointPort] = Field(default_factory=list)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _addresses_of_the_family(cls, endpoints: list[Endpoint], info: ValidationInfo) -> list[Endpoint]:
+        family = info.data.get("address_type")
+        if family not in ("IPv4", "IPv6"):
+            return endpoints  # FQDN (names, not addresses) and unknown types: translation skips them
+        for index, endpoint in enumerate(endpoints):
+            for position, address in enumerate(endpoint.addresses):
+                wrong = checks.ip_problem(address, family)
+                if wrong is not None:
+                    raise checks.problem("ip_address", f"{wrong} (the EndpointSlice's addressType is {family})",
+                                         at=f"[{index}].addresses[{position}]")
+        return endpoints
 
 
 class ObjectMeta(Lenient):
