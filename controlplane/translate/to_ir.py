@@ -111,6 +111,7 @@ class Translator:
         # The last Secret value that was valid, per Secret: what Envoys keep getting when a rotation
         # brings a bad one (the postmortem's outage). Policy, not a cache: it outlives the objects.
         self._last_valid: dict[tuple[str, str, str], Any] = {}
+        self._last_valid_objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
         self._now: float | None = None
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
@@ -119,6 +120,41 @@ class Translator:
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
         self._good: dict[ObjectKey, _Good] = {}
         self._served: frozenset[ObjectKey] = frozenset()
+        self.remembered_changes = 0
+        """Grows whenever what `remembered()` returns changes: when to save it again."""
+
+    def remembered(self) -> dict[str, Any]:
+        """The policy state that must survive a restart, as JSON-able data (Secrets' keys included:
+        store it as a Secret). A replica that `restore`s it serves what this one served."""
+        return {"version": 1,
+                "objects": [{"kind": key.kind, "namespace": key.namespace, "name": key.name, "object": good.obj,
+                             "service": good.service, "endpoints": [list(e) for e in good.endpoints]}
+                            for key, good in sorted(self._good.items())],
+                "secrets": [{"use": use, "namespace": namespace, "name": name, "object": obj}
+                            for (use, namespace, name), obj in sorted(self._last_valid_objects.items())]}
+
+    def restore(self, remembered: Mapping[str, Any]) -> list[str]:
+        """Take what a previous run `remembered()`, before the first translation; returns what could
+        not be taken (a Secret no longer valid, say), one line each."""
+        skipped = []
+        for item in remembered.get("objects", ()):
+            key = ObjectKey(item["kind"], item["namespace"], item["name"])
+            endpoints = tuple(ir.Endpoint(address, int(port), bool(draining))
+                              for address, port, draining in item.get("endpoints") or ())
+            self._good[key] = _Good(item["object"], item.get("service"), endpoints)
+        self._served = frozenset(self._good)
+        for item in remembered.get("secrets", ()):
+            use, namespace, secret = item["use"], item["namespace"], item["name"]
+            parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use == "certificate"
+                           else (secrets.trusted_ca, names.trusted_ca_secret(namespace, secret)))
+            try:
+                checked = parse(item["object"], where=f"{namespace}/{secret}", name=name)
+            except secrets.SecretProblem as problem:
+                skipped.append(f"Secret {namespace}/{secret}: {problem}")
+                continue
+            self._last_valid[(use, namespace, secret)] = checked
+            self._last_valid_objects[(use, namespace, secret)] = item["object"]
+        return skipped
 
     def _cached(self, key: tuple, inputs: tuple, compute, *args):
         """`compute(*args)`, or what it returned last time for the same `inputs`."""
@@ -228,6 +264,7 @@ class Translator:
             del self._memo[stale]
         for deleted in self._good.keys() - set(view):  # only deleting an object forgets its last good version
             del self._good[deleted]
+            self.remembered_changes += 1
         self._served = frozenset(out.node_groups)
         out.certificate_expiry = self._expiry
         return out
@@ -267,7 +304,11 @@ class Translator:
                 continue
             value, resolved = placed
             if attempt.variant == "now":
-                self._good[key] = _Good(obj, *resolved)
+                good = self._good.get(key)
+                if good is None or good.obj is not obj or (resolved and (
+                        good.service is not resolved[0] or good.endpoints != resolved[1])):
+                    self._good[key] = _Good(obj, *resolved)
+                    self.remembered_changes += 1
             else:
                 generation = _generation(attempt.obj)
                 out.serving_last_accepted[key] = generation
@@ -400,7 +441,10 @@ class Translator:
             self._watch_validity(previous.window)
             self._expiry[(namespace, secret, use)] = previous.window.not_after.timestamp()
             return previous.value
-        self._last_valid[(use, namespace, secret)] = checked
+        if self._last_valid.get((use, namespace, secret)) is not checked:
+            self._last_valid[(use, namespace, secret)] = checked
+            self._last_valid_objects[(use, namespace, secret)] = obj
+            self.remembered_changes += 1
         self._expiry[(namespace, secret, use)] = checked.window.not_after.timestamp()
         return checked.value
 

@@ -1,0 +1,91 @@
+"""The last accepted state survives a restart: a new Translator given what the old one remembered
+serves what the old one served, through a bad edit and a bad Secret rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+
+from controlplane.runtime.memory import FileMemory, MemoryWriter, SecretMemory
+from controlplane.sources.kube_api import KubeApi
+from controlplane.sources.store import ObjectKey, Store
+from controlplane.translate import to_ir
+from tests.certs import issue, tls_secret
+from tests.objects import NS, app, gateway
+
+HTTPS = [{"name": "https", "port": 8443, "address": "127.0.0.1", "protocol": "HTTPS",
+          "tls": {"certificateSecret": "edge-cert"}}]
+
+
+def served(translation: to_ir.Translation):
+    group = translation.groups["edge"]
+    return [(listener.name, listener.tls, [(r.path_prefix, r.backend) for r in listener.routes])
+            for listener in group.listeners], [(b.name, b.endpoints) for b in group.backends]
+
+
+def test_a_restart_during_a_bad_edit_and_a_bad_rotation_serves_what_was_served(tmp_path):
+    issued = issue("edge.example")
+    good_secret = tls_secret("edge-cert", issued.cert_pem, issued.key_pem)
+    api, *rest = app("api")
+    before = [gateway(listeners=HTTPS), good_secret, api, *rest]
+    first = to_ir.Translator()
+    served_before = served(first.translate(Store(before).view()))
+
+    bad_api = {**api, "metadata": {**api["metadata"], "generation": 2}, "spec": {**api["spec"], "bogus": 1}}
+    bad_secret = {**good_secret, "data": {**good_secret["data"], "tls.key": good_secret["data"]["tls.crt"]}}
+    during = [gateway(listeners=HTTPS), bad_secret, bad_api, *rest]
+    assert served(first.translate(Store(during).view())) == served_before
+
+    memory = FileMemory(tmp_path / "state" / "last-accepted.json")
+    memory.save(first.remembered())
+    assert stat.S_IMODE((tmp_path / "state" / "last-accepted.json").stat().st_mode) == 0o600  # private keys
+
+    restarted = to_ir.Translator()
+    assert restarted.restore(memory.load()) == []
+    translation = restarted.translate(Store(during).view())
+    assert served(translation) == served_before
+    assert translation.serving_last_accepted == {ObjectKey("Backend", NS, "api"): 1}
+
+    fresh = to_ir.Translator()  # what a restart without the memory would do: the Gateway and Backend gone
+    assert "edge" not in fresh.translate(Store(during).view()).groups
+
+
+def test_a_damaged_state_file_is_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "last-accepted.json"
+    path.write_bytes(b"\xff not json")
+    assert FileMemory(path).load() is None
+    assert "cannot read the last accepted state" in caplog.text
+
+
+def test_the_state_lives_in_a_secret_every_replica_reads(api):
+    kube = KubeApi(api.client())
+    memory = SecretMemory(kube, "controlplane-system")
+    assert memory.load() is None
+    translator = to_ir.Translator()
+    translator.translate(Store([gateway(), *app("api")]).view())
+    memory.save(translator.remembered())
+    memory.save(translator.remembered())  # an update of the Secret it created
+    other_replica = to_ir.Translator()
+    assert other_replica.restore(SecretMemory(kube, "controlplane-system").load()) == []
+    assert other_replica.remembered() == translator.remembered()
+
+
+async def test_the_writer_saves_only_changes_and_only_while_allowed(tmp_path):
+    saved = []
+
+    class Recorder:
+        def save(self, state):
+            saved.append(state)
+
+    changes, leader = [0], [False]
+    writer = MemoryWriter(Recorder(), lambda: {"n": changes[0]}, lambda: changes[0], may_write=lambda: leader[0],
+                          interval=0.01)
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(0.05)
+    assert saved == []  # not the leader
+    leader[0] = True
+    await asyncio.sleep(0.05)
+    changes[0] = 1
+    await asyncio.sleep(0.05)
+    task.cancel()
+    assert saved == [{"n": 0}, {"n": 1}]
