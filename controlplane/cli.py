@@ -176,7 +176,12 @@ def crd_yaml(manifest: dict) -> str:
 
 def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
     """Print what `node_cluster` gets; exit 1 when any object is not accepted (a CI lint)."""
-    source.load()
+    source_log = logging.getLogger(DirectorySource.__module__)
+    source_log.disabled = True  # each file's error is printed below, once: not also logged as a served source's
+    try:
+        source.load()
+    finally:
+        source_log.disabled = False
     for error in source.errors.values():
         print(f"error: {error}", file=sys.stderr)
     translation = to_ir.translate(source.store().view(), now=time.time())

@@ -2,10 +2,23 @@
 
 The same manifests a cluster would hold (Gateways, Backends, Services, EndpointSlices, Secrets),
 in `*.yaml`/`*.yml` files, multi-document allowed. The directory is polled for changes (stdlib
-only, works on every filesystem). A file that stops parsing, or holds an object of the wrong
-shape (a Service port that is not a number, labels that are not a mapping), keeps its last good
-objects and its error is reported with the file, the line or the field: a typo never empties a
-Gateway, and never reaches translation.
+only, works on every filesystem); hidden files and directories are skipped (a ConfigMap volume
+keeps a copy of every file under `..<timestamp>/`). A file the source cannot take keeps its last
+good objects and its error is reported with the file, the line or the field: a typo never empties
+a Gateway, never reaches translation, and never stops the control plane. Any file at all is read
+or refused, so a file is refused when
+- it is not UTF-8 text (a UTF-8 byte order mark is fine, as kubectl reads it), not valid YAML, or
+  holds an object of the wrong shape (a Service port that is not a number, labels that are not a
+  mapping) or a name the API server would refuse (`api/websocket` would collide with Backend
+  `api`'s WebSocket cluster): what a cluster holds, a file may hold, nothing more;
+- it is over 4 MiB, is nested over 100 levels deep, or holds over a million YAML nodes counting
+  each alias as all it stands for (an "alias bomb" a few lines long stands for billions): limits
+  far above any real manifest, checked on the parser's events before any object is built, so a
+  hostile file costs neither the stack nor the memory;
+- it defines an object another file already serves: the one served stays (at startup, the first
+  file by path), and the newcomer waits, refused as a whole like any file error, until the object
+  is its alone (the other file dropped it or was deleted). Never "the last one read wins", which
+  would let a stray copy silently replace what Envoys run.
 
 While watching, a changed file is read only once it has stopped changing for one poll interval
 (0.25 s, so a saved change applies within half a second). Editors and `>` redirections truncate
@@ -16,7 +29,11 @@ and a parse error that follows would then keep that empty state as the "last goo
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
+import re
+import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +45,20 @@ from controlplane.sources.store import KINDS, ObjectKey, Store
 
 log = logging.getLogger(__name__)
 
+MAX_FILE_BYTES = 4 * 1024 * 1024
+MAX_DEPTH = 100
+MAX_NODES = 1_000_000
+
+# libyaml (C) when PyYAML has it: five times faster than the pure-Python parser on large files.
+_Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_SUBDOMAIN_RULE = ("lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, "
+                   "at most 253 characters")
+_LABEL_RULE = "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+
 
 class ManifestError(Exception):
     """A manifest file that cannot be read: the file, and what is wrong with it."""
@@ -37,18 +68,46 @@ class ManifestError(Exception):
         self.path, self.message = path, message
 
 
+class _Refused(Exception):
+    """Valid YAML this source will not build objects from: where, and why."""
+
+    def __init__(self, mark: yaml.Mark, message: str):
+        super().__init__(message)
+        self.mark, self.message = mark, message
+
+
+class _Loader(_Parser):
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, LookupError, AttributeError) as error:  # a value its tag cannot be: `2024-13-01`,
+            # an integer of 5,000 digits (ValueError), `!!bool maybe`, `!!int ''` (LookupError), `!!timestamp x`
+            kind = node.tag.rpartition(":")[2]
+            detail = str(error).split(";")[0]
+            raise _Refused(node.start_mark, f"cannot read this {kind} ({detail}); quote the value if it is "
+                                            "meant as a string") from None
+
+
 def parse_file(path: Path) -> list[Mapping[str, Any]]:
     """The objects of one manifest file; raises ManifestError saying where and what is wrong."""
+    text = _read_text(path)
     try:
-        documents = list(yaml.safe_load_all(path.read_text()))
+        _check_nesting_and_aliases(text)
+        documents = list(yaml.load_all(text, Loader=_Loader))
+    except _Refused as error:
+        mark = error.mark
+        raise ManifestError(path, f"line {mark.line + 1}, column {mark.column + 1}: {error.message}") from None
+    except yaml.reader.ReaderError as error:
+        line = text.count("\n", 0, max(text.find(chr(error.character)), 0)) + 1
+        raise ManifestError(path, f"line {line}: the character "
+                                  f"U+{error.character:04X} is not allowed in YAML (a binary or UTF-16 file?); "
+                                  "save the manifest as UTF-8 text") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
+        problem = getattr(error, "problem", None) or " ".join(str(error).split())
         raise ManifestError(path, f"{where}not valid YAML ({problem})") from None
-    except OSError as error:
-        raise ManifestError(path, f"cannot read it ({error.strerror})") from None
-    objects = []
+    objects: dict[ObjectKey, tuple[int, Mapping[str, Any]]] = {}
     for index, document in enumerate(documents):
         if document is None:
             continue
@@ -58,15 +117,103 @@ def parse_file(path: Path) -> list[Mapping[str, Any]]:
         if not document.get("kind") or not isinstance(metadata, dict) or not metadata.get("name"):
             raise ManifestError(path, f"document {index + 1} has no kind or no metadata.name")
         if document["kind"] in KINDS:
-            wrong = kube.problems(document)
+            wrong = kube.problems(document) + _name_problems(document)
             if wrong:
                 raise ManifestError(path, f"document {index + 1} ({document['kind']} "
                                           f"{document['metadata']['name']}): {'; '.join(wrong)}")
-            objects.append(document)
+            key = ObjectKey.of(document)
+            if key in objects:
+                raise ManifestError(path, f"document {index + 1} defines {key} again (document "
+                                          f"{objects[key][0] + 1} did first); remove one of the two")
+            objects[key] = (index, document)
         else:
             log.info("%s: ignoring %s %s (not a kind this control plane reads)", path, document["kind"],
                      document["metadata"]["name"])
-    return objects
+    return [document for _, document in objects.values()]
+
+
+def _read_text(path: Path) -> str:
+    """The file's text: a regular file of UTF-8, of at most MAX_FILE_BYTES (sized before it is read)."""
+    try:
+        status = path.stat()
+        if not stat.S_ISREG(status.st_mode):
+            raise ManifestError(path, "is not a regular file; keep only manifests in the directory")
+        if status.st_size > MAX_FILE_BYTES:
+            raise _too_large(path, status.st_size)
+        with path.open("rb") as file:
+            data = file.read(MAX_FILE_BYTES + 1)  # it may have grown since
+    except OSError as error:
+        raise ManifestError(path, f"cannot read it ({error.strerror or error})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise _too_large(path, len(data))
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise ManifestError(path, "is UTF-16 text (it starts with a UTF-16 byte order mark); save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ManifestError(path, f"line {line}: byte 0x{data[error.start]:02x} is not UTF-8 ({error.reason}); "
+                                  "save the manifest as UTF-8 text, as Kubernetes manifests are") from None
+
+
+def _too_large(path: Path, size: int) -> ManifestError:
+    return ManifestError(path, f"is {size} bytes, over the {MAX_FILE_BYTES // 2**20} MiB limit for one manifest "
+                               "file; split it into several files")
+
+
+def _check_nesting_and_aliases(text: str) -> None:
+    """Refuse, from the parser's events alone, what would exhaust the stack or memory if built:
+    nesting over MAX_DEPTH, over MAX_NODES nodes once aliases are expanded, an alias inside itself."""
+    depth = nodes = 0
+    open_nodes: list[list] = []  # per open collection: [anchor, nodes before it, deepest depth within]
+    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (nodes it stands for, levels it adds)
+    for event in yaml.parse(text, Loader=_Parser):
+        reached = depth
+        if isinstance(event, yaml.DocumentStartEvent):
+            anchored = {}
+        elif isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _, _ in open_nodes):
+                raise _Refused(event.start_mark, f"the alias *{event.anchor} is inside the node &{event.anchor} it "
+                                                 "names (a value that contains itself); write the value out")
+            size, levels = anchored.get(event.anchor, (1, 0))  # an unknown anchor is the loader's error
+            nodes, reached = nodes + size, depth + levels
+        elif isinstance(event, yaml.ScalarEvent):
+            nodes += 1
+            if event.anchor is not None:
+                anchored[event.anchor] = (1, 0)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            nodes, depth = nodes + 1, depth + 1
+            reached = depth
+            open_nodes.append([event.anchor, nodes - 1, depth])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, before, deepest = open_nodes.pop()
+            depth -= 1
+            if anchor is not None:
+                anchored[anchor] = (nodes - before, deepest - depth)
+            reached = deepest
+        if reached > MAX_DEPTH:
+            raise _Refused(event.start_mark, f"nested more than {MAX_DEPTH} levels deep (counting what aliases stand "
+                                             "for); Kubernetes objects need far fewer")
+        if open_nodes:
+            open_nodes[-1][2] = max(open_nodes[-1][2], reached)
+        if nodes > MAX_NODES:
+            raise _Refused(event.start_mark, f"more than {MAX_NODES:,} YAML nodes, counting each alias as all it "
+                                             "stands for (an alias bomb?); split the file, and use fewer aliases")
+
+
+def _name_problems(document: Mapping[str, Any]) -> list[str]:
+    """The API server's rules for names: a manifest holds nothing a cluster could not."""
+    metadata, problems = document["metadata"], []
+    name, namespace = metadata["name"], metadata.get("namespace")
+    if document["kind"] == "Service":  # a DNS-1035 label: a Service's name is a DNS name in the cluster
+        if isinstance(name, str) and not (len(name) <= 63 and _SERVICE_NAME.fullmatch(name)):
+            problems.append(f"metadata.name: {name!r} is not a valid Service name: lowercase letters, digits and "
+                            "'-', starting with a letter and ending with a letter or digit, at most 63 characters")
+    elif isinstance(name, str) and not (len(name) <= 253 and _SUBDOMAIN.fullmatch(name)):
+        problems.append(f"metadata.name: {name!r} is not a valid name: {_SUBDOMAIN_RULE}")
+    if isinstance(namespace, str) and namespace and not (len(namespace) <= 63 and _LABEL.fullmatch(namespace)):
+        problems.append(f"metadata.namespace: {namespace!r} is not a valid namespace: {_LABEL_RULE}")
+    return problems
 
 
 class DirectorySource:
@@ -77,7 +224,10 @@ class DirectorySource:
         if not self.directory.is_dir():
             raise ManifestError(self.directory, "is not a directory of manifests")
         self.interval = interval
-        self._by_file: dict[Path, list[Mapping[str, Any]]] = {}
+        # Invariant: no key is in two files' served objects; `_holders` maps each to its file.
+        self._by_file: dict[Path, dict[ObjectKey, Mapping[str, Any]]] = {}  # served: each file's last good objects
+        self._holders: dict[ObjectKey, Path] = {}
+        self._waiting: dict[Path, dict[ObjectKey, Mapping[str, Any]]] = {}  # read, but defining a served object
         self._polled: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file at the last poll
         self._applied: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file when it was read
         self.errors: dict[Path, ManifestError] = {}
@@ -85,11 +235,16 @@ class DirectorySource:
     def _files(self) -> dict[Path, tuple[int, int]]:
         found = {}
         for path in sorted([*self.directory.rglob("*.yaml"), *self.directory.rglob("*.yml")]):
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
+            if any(part.startswith(".") for part in path.relative_to(self.directory).parts):
                 continue
-            found[path] = (stat.st_mtime_ns, stat.st_size)
+            try:
+                status = path.stat()
+            except FileNotFoundError:  # deleted since, or a dangling link: as good as absent
+                continue
+            except OSError:  # a link loop, say: (0, -1) is no file's stamp, so it is read once, and refused
+                found[path] = (0, -1)
+                continue
+            found[path] = (status.st_mtime_ns, status.st_size)
         return found
 
     def load(self, *, settled_only: bool = False) -> bool:
@@ -102,33 +257,74 @@ class DirectorySource:
         removed = set(self._applied) - set(files)
         for path in removed:
             del self._applied[path]
-            self._by_file.pop(path, None)
+            self._serve(path, None)
+            self._waiting.pop(path, None)
             self.errors.pop(path, None)
         changed = [path for path, stamp in files.items() if self._applied.get(path) != stamp
                    and (not settled_only or previous_poll.get(path) == stamp)]
         for path in changed:
             self._applied[path] = files[path]
             try:
-                self._by_file[path] = parse_file(path)
-                self.errors.pop(path, None)
+                self._waiting[path] = {ObjectKey.of(obj): obj for obj in parse_file(path)}
             except ManifestError as error:
-                self.errors[path] = error
-                kept = len(self._by_file.get(path, []))
-                log.error("%s; keeping the %d objects it had before: fix the file to apply changes", error, kept)
+                self._waiting.pop(path, None)
+                self._refuse(error)
+        if removed or changed:
+            self._apply_waiting()
         return bool(removed or changed)
 
+    def _apply_waiting(self) -> None:
+        """Serve every file read that can be without defining an object twice; refuse the rest."""
+        while self._apply_alone() or self._apply_together():
+            pass
+        for path, objects in sorted(self._waiting.items()):
+            key = next(key for key in objects if self._holders.get(key, path) != path)
+            self._refuse(ManifestError(path, f"{key} is already defined in {self._holders[key]}, which serves it; "
+                                             "remove it from one of the two files"))
+
+    def _apply_alone(self) -> bool:
+        """Serve, in path order, each waiting file that defines nothing another file serves."""
+        applied = False
+        for path in sorted(self._waiting):
+            if all(self._holders.get(key, path) == path for key in self._waiting[path]):
+                self._serve(path, self._waiting.pop(path))
+                applied = True
+        return applied
+
+    def _apply_together(self) -> bool:
+        """Serve together the waiting files that define only what other waiting files let go of (two
+        files that swapped objects, in a `git checkout`): each is refused alone, but not together."""
+        group = set(self._waiting)
+        while True:
+            claims = Counter(key for path in group for key in self._waiting[path])
+            keep = {path for path in group if all(claims[key] == 1 and self._holders.get(key, path) in group
+                                                  for key in self._waiting[path])}
+            if keep == group:
+                break
+            group = keep
+        for path in group:
+            self._serve(path, None)
+        for path in sorted(group):
+            self._serve(path, self._waiting.pop(path))
+        return bool(group)
+
+    def _serve(self, path: Path, objects: dict[ObjectKey, Mapping[str, Any]] | None) -> None:
+        """Make `objects` (None: nothing) what `path` serves; the caller keeps keys in one file only."""
+        for key in self._by_file.pop(path, {}):
+            del self._holders[key]
+        if objects is not None:
+            self._by_file[path] = objects
+            self._holders.update(dict.fromkeys(objects, path))
+            self.errors.pop(path, None)
+
+    def _refuse(self, error: ManifestError) -> None:
+        if str(self.errors.get(error.path)) != str(error):
+            kept = len(self._by_file.get(error.path, {}))
+            log.error("%s; keeping the %d objects it had before: fix the file to apply changes", error, kept)
+        self.errors[error.path] = error
+
     def store(self) -> Store:
-        store, seen, duplicates = Store(), set(), []
-        for path, objects in sorted(self._by_file.items()):
-            for obj in objects:
-                key = ObjectKey.of(obj)
-                if key in seen:
-                    duplicates.append(f"{key} (again in {path})")
-                seen.add(key)
-                store.put(obj)
-        for duplicate in duplicates:
-            log.warning("duplicate object %s: the last one read wins", duplicate)
-        return store
+        return Store(obj for objects in self._by_file.values() for obj in objects.values())
 
     async def watch(self, on_change: Callable[[Store], None]) -> None:
         """Call `on_change` with the current objects now and after every change, until cancelled."""
