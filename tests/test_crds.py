@@ -1,13 +1,17 @@
-"""The CRDs in k8s/crds are generated from the pydantic models, and are structural schemas."""
+"""The CRDs in k8s/crds are generated from the pydantic models, and are structural schemas; the
+models' messages say what is wrong in a user's words."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+import pytest
 import yaml
+from pydantic import ValidationError
 
 from controlplane.cli import crd_yaml
-from controlplane.model import crds, schema
+from controlplane.model import crds, problems, schema
 
 CRD_DIR = Path(__file__).resolve().parent.parent / "k8s" / "crds"
 
@@ -46,3 +50,77 @@ def test_cel_rules_mirror_the_model_validators():
     assert gateway_rules == ["listener ports must be unique", "listener names must be unique",
                              "tls is required for HTTPS, and only for it",
                              "must be an IP address (Envoy binds an IP literal, such as 0.0.0.0 or ::)"]
+
+
+def _messages(model, spec) -> list[str]:
+    try:
+        model.model_validate(spec)
+    except ValidationError as error:
+        return problems.explain(error, "spec")
+    return []
+
+
+def _gateway(**listener) -> dict:
+    return {"nodeCluster": "edge", "listeners": [{"name": "http", "port": 8080, **listener}]}
+
+
+def _backend(port=80, **route) -> dict:
+    return {"gateway": "edge", "service": {"name": "api", "port": port}, "routes": [route or {"pathPrefix": "/"}]}
+
+
+@pytest.mark.parametrize(("model", "spec", "message"), [
+    (crds.GatewaySpec, _gateway(address="not-an-ip"),
+     "spec.listeners[0].address: 'not-an-ip' is not an IP address (Envoy binds an IP literal, such as 0.0.0.0 or ::)"),
+    (crds.GatewaySpec, _gateway(address=""), "spec.listeners[0].address: '' is not an IP address"),
+    (crds.GatewaySpec, _gateway(address="１２７.0.0.1"), "spec.listeners[0].address: '１２７.0.0.1' (with '１', "
+                                                        "U+FF11 FULLWIDTH DIGIT ONE"),
+    (crds.GatewaySpec, _gateway(address="fe80::1%eth0"), "spec.listeners[0].address: 'fe80::1%eth0' has an IPv6 "
+                                                         "zone ('%eth0')"),
+    (crds.GatewaySpec, _gateway(address="::ffff:10.0.0.1"), "spec.listeners[0].address: '::ffff:10.0.0.1' is an "
+                                                            "IPv4-mapped IPv6 address: write it as 10.0.0.1"),
+    (crds.GatewaySpec, _gateway(port=70000), "spec.listeners[0].port: Input should be less than or equal to 65535 "
+                                             "(it is 70000)"),
+    (crds.GatewaySpec, _gateway(port="80"), "spec.listeners[0].port: Input should be a valid integer (it is '80')"),
+    (crds.BackendSpec, _backend(70000), "spec.service.port: 70000 is not a port number (1-65535)"),
+    (crds.BackendSpec, _backend(-1), "spec.service.port: -1 is not a port number (1-65535)"),
+    (crds.BackendSpec, _backend("HTTP_x"), "spec.service.port: 'HTTP_x' is neither a port number (1-65535) nor a "
+                                           "port name (a DNS label"),
+    (crds.BackendSpec, _backend(pathPrefix="/a b"), "spec.routes[0].pathPrefix: '/a b' is not a path"),
+    (crds.BackendSpec, _backend(path="/a\x00"), "spec.routes[0].path: '/a\\x00' is not a path"),
+    (crds.BackendSpec, _backend(pathPrefix="/", headers=[{"name": "x-a\n", "value": "v"}]),
+     "spec.routes[0].headers[0].name: 'x-a\\n' is not an HTTP header name"),
+    (crds.BackendSpec, _backend(pathPrefix="/", headers=[{"name": "x-a", "value": "v\r\n"}]),
+     "spec.routes[0].headers[0].value: 'v\\r\\n' is not a header value"),
+    (crds.BackendSpec, _backend(pathPrefix="/\ud800"), "spec.routes[0].pathPrefix: '/\\ud800' is not valid Unicode"),
+])
+def test_a_user_reads_what_is_wrong_and_what_is_right(model, spec, message):
+    [sentence] = _messages(model, spec)
+    assert sentence.startswith(message)
+
+
+# pydantic's own vocabulary, which says nothing to a user: union members, wrapped validators, the
+# Python class a mapping should be an instance of, a raw regular expression.
+INTERNAL = re.compile(r"constrained-|function-|lax-|json-or-python|value_error|Value error|instance of|\[\^|\$'|"
+                      r"\.int\b|\.str\b|literal\[")
+
+BAD_SPECS = [
+    (crds.GatewaySpec, _gateway(address=5)), (crds.GatewaySpec, _gateway(port=True)),
+    (crds.GatewaySpec, {"nodeCluster": "Edge!", "listeners": "http"}),
+    (crds.GatewaySpec, {"nodeCluster": "edge", "listeners": [5]}),
+    (crds.GatewaySpec, _gateway(protocol="TCP", tls={"certificateSecret": "A_B"})),
+    (crds.BackendSpec, _backend(1.5)), (crds.BackendSpec, _backend(None)), (crds.BackendSpec, _backend([80])),
+    (crds.BackendSpec, _backend(priority="Low")), (crds.BackendSpec, _backend(pathPrefix=5)),
+    (crds.BackendSpec, {**_backend(), "tls": {"caSecret": "ca", "hostname": "https://x"}}),
+    (crds.BackendSpec, {**_backend(), "circuitBreakers": {"default": {"maxConnections": "ten"}}}),
+    (crds.BackendSpec, {**_backend(), "websocket": {"idleTimeoutSeconds": 0}}),
+    (crds.BackendSpec, {**_backend(), "service": "api"}),
+]
+
+
+@pytest.mark.parametrize(("model", "spec"), BAD_SPECS)
+def test_no_message_shows_pydantic_internals(model, spec):
+    sentences = _messages(model, spec)
+    assert sentences
+    for sentence in sentences:
+        assert not INTERNAL.search(sentence), sentence
+        assert sentence.startswith("spec"), sentence

@@ -246,3 +246,24 @@ def test_incremental_translation_equals_a_full_one(changes):
         full = to_ir.translate(store.view())
         assert incremental.groups == full.groups
         assert incremental.conditions == full.conditions
+
+
+def test_envoy_names_of_different_objects_never_collide_with_kubernetes_names():
+    """Every naming function, over parts chosen to collide if anything could (each other's fixed
+    words, dots): one Envoy name of one resource type is one object. A part with '/' breaks it."""
+    import itertools
+
+    from controlplane.translate import names
+
+    parts = ["a", "b", "websocket", "ca", "certificate", "a.ca", "a-websocket"]
+    seen: dict[tuple[str, str], names.Named] = {}
+    for make, kind in names.RESOURCE_TYPES.items():
+        arity = make.__code__.co_argcount
+        for args in itertools.product(parts, repeat=arity):
+            named = (make, args)
+            other = seen.setdefault((kind, make(*args)), named)
+            assert other == named and not names.collide(named, other), f"{other} and {named}: {make(*args)!r}"
+            assert all(names.part_problem(part) is None for part in args)
+    assert not names.collide((names.cluster, ("shop", "api")), (names.websocket_cluster, ("shop", "api")))
+    assert names.collide((names.cluster, ("shop", "api/websocket")), (names.websocket_cluster, ("shop", "api")))
+    assert names.part_problem("api/websocket") is not None and names.part_problem("api.v2") is None
