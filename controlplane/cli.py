@@ -177,7 +177,7 @@ def crd_yaml(manifest: dict) -> str:
 def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
     """Print what `node_cluster` gets; exit 1 when any object is not accepted (a CI lint)."""
     source_log = logging.getLogger(DirectorySource.__module__)
-    source_log.disabled = True  # each file's error is printed below, once: not also logged as a served source's
+    source_log.disabled = True  # each file's error is printed below, once; the source's log (for `serve`) repeats it
     try:
         source.load()
     finally:

@@ -5,12 +5,13 @@ in `*.yaml`/`*.yml` files, multi-document allowed. The directory is polled for c
 only, works on every filesystem); hidden files and directories are skipped (a ConfigMap volume
 keeps a copy of every file under `..<timestamp>/`). A file the source cannot take keeps its last
 good objects and its error is reported with the file, the line or the field: a typo never empties
-a Gateway, never reaches translation, and never stops the control plane. Any file at all is read
-or refused, so a file is refused when
-- it is not UTF-8 text (a UTF-8 byte order mark is fine, as kubectl reads it), not valid YAML, or
-  holds an object of the wrong shape (a Service port that is not a number, labels that are not a
-  mapping) or a name the API server would refuse (`api/websocket` would collide with Backend
-  `api`'s WebSocket cluster): what a cluster holds, a file may hold, nothing more;
+a Gateway, never reaches translation, and never stops the control plane. Any file at all is
+either read or refused, and it is refused when
+- it is not a regular file, not UTF-8 text (a UTF-8 byte order mark is fine, as kubectl reads it),
+  not valid YAML, or holds an object of the wrong shape (a Service port that is not a number,
+  labels that are not a mapping), a name the API server would refuse (`api/websocket` would
+  collide with Backend `api`'s WebSocket cluster) or one object twice: what a cluster could hold,
+  a file may hold, nothing more;
 - it is over 4 MiB, is nested over 100 levels deep, or holds over a million YAML nodes counting
   each alias as all it stands for (an "alias bomb" a few lines long stands for billions): limits
   far above any real manifest, checked on the parser's events before any object is built, so a
@@ -77,6 +78,8 @@ class _Refused(Exception):
 
 
 class _Loader(_Parser):
+    """The safe loader, with a value its tag cannot be (`!!bool maybe`) refused where it is, not raised."""
+
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep=deep)
