@@ -2,6 +2,10 @@
 
 Pure functions over plain values; the translation layers call them, and so do the demo and the
 tests, so every Envoy resource this project emits is shaped in one place.
+
+Builders trust their input: the models (controlplane/model) have already refused every value Envoy
+would refuse, tests/test_envoy_refuses.py holds them to the real Envoy through these builders. A
+value no proto can hold (a port of -1 or 2**32, a lone surrogate) raises ValueError here.
 """
 
 from __future__ import annotations
