@@ -5,11 +5,16 @@ conditions, a Secret's data. The API server validated what the Kubernetes source
 manifest file was written by hand, so the file source checks each object with `problems` and
 refuses the file (keeping its last good objects) rather than let a wrong shape reach translation.
 
-What reaches Envoy is checked with Kubernetes' own rules, which are within Envoy's: ports are
-1-65535 (an EndpointSlice port may be absent), and the addresses of an IPv4 or IPv6 EndpointSlice
-are IP literals of that family (Envoy NACKs a cluster with `999.1.2.3` or `localhost`; Kubernetes
-refuses them first). Bad values raise `pydantic.ValidationError`, like any wrong shape;
-`problems.explain` words it. FQDN slices are not checked: translation skips them.
+What reaches Envoy is checked here, even from the API server, whose rules are not Envoy's:
+- ports are 1-65535 (an EndpointSlice port may be absent). Kubernetes 1.36 checks a Service's
+  ports, but not an EndpointSlice's: it stores 0, -1 or 70000, which Envoy refuses (or, for 0,
+  connects to nothing) and which a proto cannot even hold (-1, 2**32);
+- the addresses of an IPv4 or IPv6 EndpointSlice are IP literals of that family, without a zone
+  or an IPv4-mapped form (Envoy NACKs a cluster with `999.1.2.3` or `localhost`). Kubernetes
+  refuses these too, and more that Envoy takes (loopback, 0.0.0.0, non-canonical IPv6), which
+  we accept: the file source's tests send traffic to 127.0.0.1. FQDN slices are not checked:
+  translation skips them.
+A bad value raises `pydantic.ValidationError`, like any wrong shape; `problems.explain` words it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from controlplane.model import problems as checks
 from controlplane.model.problems import explain
 
 Port = Annotated[int, Field(strict=True, ge=1, le=65535)]
-"""A TCP port as Kubernetes requires it, within what Envoy takes (0-65535); strict: not "80", not true."""
+"""A TCP port, 1-65535 (Envoy takes 0 too: nothing listens there); strict: not "80", not true."""
 _IANA_SERVICE_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9])){0,14}")
 
 

@@ -168,7 +168,7 @@ def ip_problem(value: Any, family: Literal["IPv4", "IPv6"] | None = None) -> str
 
 
 def port_number(value: Any, *, optional: bool = False) -> int | None:
-    """A TCP port, 1-65535, as Kubernetes requires (Envoy takes 0 too, but no Service port is 0)."""
+    """A TCP port, 1-65535 (Envoy takes 0 too, but nothing listens on port 0)."""
     if value is None and optional:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
