@@ -35,9 +35,12 @@ _IANA_SERVICE_NAME = re.compile(r"(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9])){0,
 
 
 def _target_port(value: Any) -> int | str | None:
-    """A Service's targetPort: a number (1-65535) or a container port's name (IANA_SVC_NAME)."""
-    if value is None or isinstance(value, int) and not isinstance(value, bool):
-        return checks.port_number(value, optional=True)
+    """A Service's targetPort: a number (1-65535; 0 means unset, as the API server reads it: the
+    Service's port) or a container port's name (IANA_SVC_NAME). Translation does not use it."""
+    if value is None or type(value) is int and value == 0:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return checks.port_number(value)
     if isinstance(value, str) and _IANA_SERVICE_NAME.fullmatch(value):
         return value
     raise checks.problem("port", f"{checks.shown(value)} is neither a port number (1-65535) nor a port name (at "

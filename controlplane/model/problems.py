@@ -167,10 +167,8 @@ def ip_problem(value: Any, family: Literal["IPv4", "IPv6"] | None = None) -> str
     return None
 
 
-def port_number(value: Any, *, optional: bool = False) -> int | None:
+def port_number(value: Any) -> int:
     """A TCP port, 1-65535 (Envoy takes 0 too, but nothing listens on port 0)."""
-    if value is None and optional:
-        return None
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
     raise problem("port", f"{shown(value)} is not a port number (1-65535)")
