@@ -63,17 +63,20 @@ def explain(error: ValidationError, prefix: str) -> list[str]:
     return sentences
 
 
+_MEMBERS = {"int", "str", "float", "bool", "none", "list", "dict", "bytes"}
+
+
 def _is_field(part: str | int) -> bool:
     """False for the parts of an error's location that pydantic adds for itself: a union's member
     (`int`, `constrained-str`), a wrapped validator (`function-after[...]`), a literal's value."""
     return isinstance(part, int) or not ("[" in part or part.startswith("constrained-") or part in _MEMBERS)
 
 
-_MEMBERS = {"int", "str", "float", "bool", "none", "list", "dict", "bytes"}
-
-
 def _sentence(problem: Mapping[str, Any], prefix: str) -> str:
-    parts = [p for p in problem["loc"] if _is_field(p)]
+    *path, last = problem["loc"] or ("",)
+    parts = [p for p in path if _is_field(p)]
+    if problem["type"] == "extra_forbidden" or _is_field(last):  # an unknown field is named as the user wrote it
+        parts.append(last)
     where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
     context = problem.get("ctx") or {}
     where = (where + context.get("at", "")).lstrip(".") or "(the object)"
