@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from controlplane.runtime import demo
+from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
 from controlplane.translate import render, to_ir, to_xds
 from controlplane.translate.bootstrap import XdsClientTls, ads_bootstrap
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="watch one namespace (default: all)")
     run_serve.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
                            help="default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account")
+    run_serve.add_argument("--state-file", metavar="PATH",
+                           help="with a directory source: where the last accepted state is kept across restarts "
+                           "(default: under $XDG_STATE_HOME or ~/.local/state/controlplane/; 'none' to keep none). "
+                           "With kubernetes it is the Secret controlplane-last-accepted in the control plane's "
+                           "namespace")
     run_serve.add_argument("--xds-tls-cert", type=Path, metavar="PATH",
                            help="serve xDS over TLS with this certificate (PEM; re-read when it changes)")
     run_serve.add_argument("--xds-tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
@@ -129,19 +136,29 @@ def _serve(args) -> int:
         leader = None
         if args.source == "kubernetes":
             source, leader = _kubernetes_source(args.kubeconfig, args.namespace)
+            memory = SecretMemory(leader.api, leader.namespace)
         else:
             source = DirectorySource(Path(args.source))
+            memory = None if args.state_file == "none" else FileMemory(args.state_file or _default_state_file(
+                source.directory))
         xds_tls = None
         if args.xds_tls_cert or args.xds_tls_key or args.xds_client_ca:
             if not (args.xds_tls_cert and args.xds_tls_key):
                 raise SettingsError("--xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs both)")
             xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
         asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
-                          leader=leader, xds_tls=xds_tls))
+                          leader=leader, xds_tls=xds_tls, memory=memory))
     except (OSError, ManifestError, SettingsError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _default_state_file(directory: Path) -> Path:
+    """One state file per manifest directory, in the user's state directory (XDG)."""
+    state_home = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
+    return state_home / "controlplane" / f"last-accepted-{directory.resolve().name}-{digest}.json"
 
 
 class SettingsError(Exception):

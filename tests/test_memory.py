@@ -4,14 +4,19 @@ serves what the old one served, through a bad edit and a bad Secret rotation."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import stat
+import subprocess
+import sys
 
 from controlplane.runtime.memory import FileMemory, MemoryWriter, SecretMemory
 from controlplane.sources.kube_api import KubeApi
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir
 from tests.certs import issue, tls_secret
-from tests.objects import NS, app, gateway
+from tests.harness import eventually, free_port, write
+from tests.objects import NS, app, backend, endpoint_slice, gateway, ready, service
+from tests.test_envoy_xds import body_of
 
 HTTPS = [{"name": "https", "port": 8443, "address": "127.0.0.1", "protocol": "HTTPS",
           "tls": {"certificateSecret": "edge-cert"}}]
@@ -89,3 +94,39 @@ async def test_the_writer_saves_only_changes_and_only_while_allowed(tmp_path):
     await asyncio.sleep(0.05)
     task.cancel()
     assert saved == [{"n": 0}, {"n": 1}]
+
+
+async def test_serve_restarted_during_a_bad_edit_keeps_the_route_envoy_had(tmp_path, envoys, backends):
+    """`serve` SIGKILLed while a Backend's edit is refused, and started again: Envoy still gets the
+    Backend's last accepted version from the state file (without it, the route would be gone)."""
+    api = backends("api")
+    port, xds_port = free_port(), free_port()
+    manifests, state = tmp_path / "manifests", tmp_path / "state.json"
+    manifests.mkdir()
+    write(manifests / "gateway.yaml", gateway(port=port))
+    good = backend("api", routes=[{"pathPrefix": "/"}])
+    others = [service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port)]
+    write(manifests / "api.yaml", good, *others)
+    command = [sys.executable, "-m", "controlplane.cli", "serve", "--source", str(manifests), "--xds-address",
+               f"127.0.0.1:{xds_port}", "--metrics-address", "", "--state-file", str(state)]
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        serve = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            envoys(xds_port, node_cluster="edge")
+            assert await eventually(lambda: body_of(port), what="first traffic") == "api"
+            bad = {**good, "metadata": {**good["metadata"], "generation": 2}, "spec": {**good["spec"], "typo": 1}}
+            write(manifests / "api.yaml", bad, *others)
+            await eventually(lambda: b"typo" in log_path.read_bytes(), what="the refusal in the log")
+            await asyncio.sleep(1.5)  # the state is saved at most once a second
+            serve.send_signal(signal.SIGKILL)
+            serve.wait()
+            assert state.exists()
+            serve = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            await eventually(lambda: b"restored the last accepted state" in log_path.read_bytes(),
+                             what="the state restored")
+            await asyncio.sleep(2)  # Envoy reconnects and converges on what the new serve publishes
+            assert await body_of(port) == "api"
+        finally:
+            serve.terminate()
+            serve.wait(10)

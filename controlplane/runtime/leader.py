@@ -29,6 +29,7 @@ class LeaderElection:
         self._path = LEASE.path(namespace, name)
         self._collection = LEASE.path(namespace)
         self._name, self._namespace = name, namespace
+        self.namespace = namespace  # the control plane's own: where what it owns lives
         self.identity = identity
         self.lease_duration = lease_duration
         self.retry_period = retry_period

@@ -24,7 +24,7 @@ class Pipeline:
     def __init__(self, cache: SnapshotCache, *, on_translated: Callable[[to_ir.Translation], None] | None = None):
         self._cache = cache
         self._on_translated = on_translated
-        self._translator = to_ir.Translator()
+        self.translator = to_ir.Translator()
         self._builders: dict[str, to_xds.SnapshotBuilder] = {}
         self._reported: dict[ObjectKey, str] = {}
         self._failed: set[ObjectKey] = set()
@@ -33,7 +33,7 @@ class Pipeline:
     def publish(self, view: StoreView) -> to_ir.Translation:
         """Translate `view` and publish a snapshot to every node group (an empty one to groups
         whose Gateways are gone, so their Envoys drop the old listeners)."""
-        translation = self._translator.translate(view, now=time.time())
+        translation = self.translator.translate(view, now=time.time())
         for name, group in translation.groups.items():
             try:
                 builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
