@@ -161,3 +161,12 @@ def test_an_unexpected_error_in_one_object_refuses_it_alone(monkeypatch):
     assert routes(result) == [("/web", "shop/web")]
     assert condition(result, "Backend", "api").reason == "TranslationFailed"
     assert "RuntimeError: a bug" in result.failures[ObjectKey("Backend", NS, "api")]
+
+
+def test_a_service_with_a_port_envoy_would_refuse_refuses_its_backend_by_name():
+    bad_service = service("api")
+    bad_service["spec"]["ports"][0]["port"] = 70000
+    result = Session().apply(gateway(), backend("api"), bad_service, endpoint_slice("api", [ready("10.0.0.1")]))
+    refused = condition(result, "Backend", "api")
+    assert refused.reason == "InvalidService" and "spec.ports[0].port" in refused.message
+    assert result.failures == {}

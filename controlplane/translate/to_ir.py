@@ -473,7 +473,11 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
     if service_obj is None:
         raise _Rejected("ServiceNotFound", f"Service {key.namespace}/{spec.service.name} does not exist: create it, "
                         "or fix spec.service.name", unresolved=True)
-    service = kube.ServiceSpec.model_validate(service_obj.get("spec") or {})
+    try:
+        service = kube.ServiceSpec.model_validate(service_obj.get("spec") or {})
+    except ValidationError as error:
+        raise _Rejected("InvalidService", f"Service {key.namespace}/{spec.service.name}: "
+                        f"{'; '.join(problems.explain(error, 'spec'))}: fix the Service", unresolved=True) from None
     port = next((p for p in service.ports if p.port == spec.service.port or (p.name and p.name == spec.service.port)),
                 None)
     if port is None:
