@@ -14,6 +14,8 @@ from tests.kube_api_server import KubeAPIServer
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.expected.yaml")
+    parser.addoption("--hostile-full", action="store_true",
+                     help="tests/test_hostile_input.py: run the full generated set of hostile manifests, not the sample")
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
