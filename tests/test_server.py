@@ -1,9 +1,14 @@
-"""The gRPC server with a plain gRPC client: standalone services, Fetch, and the status view."""
+"""The gRPC server with a plain gRPC client: standalone services, Fetch, the status view, and
+what a hostile or unusual client can do (half-close, stop with streams open, a taken port): one
+clear log line each, never a traceback."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import logging
+import socket
+import time
 import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -13,11 +18,12 @@ import pytest
 from envoy.config.cluster.v3.cluster_pb2 import Cluster
 from envoy.config.core.v3 import base_pb2
 from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as d
 from envoy.service.endpoint.v3 import eds_pb2_grpc
 
 from controlplane.translate import builders as b
-from controlplane.xds import CLUSTER, ENDPOINT, Snapshot
+from controlplane.xds import CLUSTER, ENDPOINT, Snapshot, SnapshotCache, XdsServer
 from tests.harness import eventually
 
 NODE = base_pb2.Node(id="client-1", cluster="gateway")
@@ -144,3 +150,108 @@ async def test_a_burst_of_snapshots_is_one_push_and_snapshots_may_come_from_any_
     from_thread = (await stream.responses(3))[2]
     assert sorted(Cluster.FromString(r.value).name for r in from_thread.resources) == ["api", "web"]
     stream.task.cancel()
+
+
+def _quiet(caplog) -> None:
+    """Nothing at WARNING or above, and no traceback, from us or from grpc.aio."""
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert loud == [], [r.getMessage() for r in loud]
+    assert "Traceback" not in caplog.text
+
+
+def _ads(channel) -> grpc.aio.StreamStreamCall:
+    return ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+
+
+async def test_a_client_that_half_closes_gets_its_response_and_an_ok_status(xds, caplog):
+    """grpc.aio used to send the status while the first response was still being written:
+    GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, a traceback per client, and a client left hanging."""
+    caplog.set_level(logging.DEBUG, logger="grpc")
+    caplog.set_level(logging.INFO, logger="controlplane")
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for _ in range(3):
+            call = _ads(channel)
+            await call.write(d.DiscoveryRequest(node=NODE, type_url=CLUSTER))
+            await call.done_writing()
+            responses = await asyncio.wait_for(_all(call), timeout=5)
+            assert [len(r.resources) for r in responses] == [2]
+            assert await call.code() == grpc.StatusCode.OK
+    await eventually(lambda: cache.status() == [], what="the streams to leave the status view")
+    _quiet(caplog)
+    assert caplog.text.count("it closed its side of the stream") == 3
+
+
+async def test_stop_ends_open_streams_with_unavailable_in_one_log_line(caplog):
+    """Stopping used to leave streams to gRPC's cancellation at the end of the grace period, which
+    logged a CancelledError traceback per stream in StreamAggregatedResources."""
+    caplog.set_level(logging.DEBUG, logger="grpc")
+    caplog.set_level(logging.INFO, logger="controlplane")
+    cache = SnapshotCache()
+    cache.set_snapshot("gateway", two_services())
+    server = XdsServer(cache, address="127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        calls = [_ads(channel) for _ in range(3)]
+        for number, call in enumerate(calls):
+            await call.write(d.DiscoveryRequest(node=base_pb2.Node(id=f"client-{number}", cluster="gateway"),
+                                                type_url=CLUSTER))
+            await call.read()
+        started = time.monotonic()
+        await server.stop(5)
+        assert time.monotonic() - started < 2  # nothing waits for the grace period
+        for call in calls:
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the control plane is stopping" in await call.details()
+    _quiet(caplog)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("controlplane") and r.levelno >= logging.INFO]
+    assert [line for line in lines if "disconnected" in line or "stopping" in line] == [
+        "stopping: 3 Envoys connected; ending their streams (they keep their configuration and reconnect)"]
+
+
+async def test_a_half_closed_stream_whose_client_reads_nothing_is_dropped_after_the_flush_timeout(xds, caplog):
+    """Its status cannot be sent while a write is stuck (it would collide with it): the call ends
+    without one, and gRPC resets the stream. Driven directly: a real client's buffers take megabytes
+    before a write blocks."""
+    caplog.set_level(logging.INFO, logger="controlplane")
+    cache, server = xds
+    server._flush_timeout = 0.2
+    cache.set_snapshot("gateway", two_services())
+
+    async def one_request():
+        yield _Request(CLUSTER)
+
+    async def write_nothing(payload: bytes) -> None:
+        await asyncio.Event().wait()
+
+    handler = asyncio.create_task(server._serve(one_request(), SimpleNamespace(write=write_nothing),
+                                                types=(CLUSTER,), delta=False, transport="clusters"))
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(handler, timeout=5)
+    assert cache.status() == []
+    assert "disconnected: it read nothing for 0.2s while its stream was ending; dropped it" in caplog.text
+
+
+async def test_a_taken_port_is_one_error_naming_the_address(capfd):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        with pytest.raises(OSError) as refused:
+            await XdsServer(SnapshotCache(), address=address).start()
+    assert str(refused.value) == (f"cannot listen for xDS on {address}: Address already in use; another process "
+                                  "listens there (another controlplane serve?): stop it or choose another port")
+    assert "Failed to add port" not in capfd.readouterr().err  # gRPC never tried: its C core logs nothing
+
+
+async def test_port_zero_logs_the_port_bound(caplog):
+    caplog.set_level(logging.INFO, logger="controlplane")
+    server = XdsServer(SnapshotCache(), address="127.0.0.1:0")
+    port = await server.start()
+    await server.stop(0)
+    assert f"xDS server listening on 127.0.0.1:{port} (plaintext)" in caplog.text
+
+
+async def _all(call) -> list[d.DiscoveryResponse]:
+    return [response async for response in call]

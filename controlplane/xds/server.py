@@ -9,12 +9,21 @@ the event loop (coalesced: a burst of snapshots is one refresh). Both run the pr
 waiting and queue what it produces; a short-lived task writes it, in order. A second long-lived
 task per stream, or a queue between two, cost ~10% more CPU per push and ~3 KB per stream
 (bench/xds_fanout.py at 1,000 streams).
+
+A stream ends with a status only once nothing is being written to it: grpc.aio sends the status
+in a batch that collides with a write still in flight (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS, a
+logged traceback, and a client left waiting). So a client's half-close and `stop()` both let the
+queued responses be written first. `stop()` ends the streams itself rather than leaving them to
+gRPC's cancellation at the end of its grace period, which grpc.aio logs as a CancelledError
+traceback when a call is cancelled as it finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -61,6 +70,11 @@ _STANDALONE = (
     _Service("envoy.service.secret.v3.SecretDiscoveryService", "Secrets", xr.SECRET),
 )
 ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+
+# How long a stream that is ending may take to write what was queued for it; past that, its
+# client is not reading, and the call is dropped without a status (gRPC resets the HTTP/2 stream).
+FLUSH_TIMEOUT = 5.0
+STOPPING = "the control plane is stopping: reconnect (to another replica); Envoy keeps its configuration meanwhile"
 
 
 class _Stream:
@@ -109,6 +123,15 @@ class _Stream:
         else:
             self._loop.call_soon_threadsafe(self._schedule_refresh)
 
+    async def flush(self, timeout: float) -> bool:
+        """Take no more work. True once what was queued is written (or failed to be), False when
+        that takes longer than `timeout` seconds."""
+        self._closed = True
+        if self._writer is None:
+            return True
+        done, _ = await asyncio.wait([self._writer], timeout=timeout)
+        return bool(done)
+
     def close(self) -> None:
         self._closed = True
         if self._writer is not None:
@@ -144,29 +167,49 @@ class XdsServer:
         self._options = options
         self._tls = tls
         self._server: grpc.aio.Server | None = None
+        self._reading: set[asyncio.Task] = set()  # streams waiting for their next request
+        self._stopping = False
+        self._flush_timeout = FLUSH_TIMEOUT
         self.port: int | None = None
 
     async def start(self) -> int:
-        """Bind and start serving; returns the bound port (useful with port 0)."""
+        """Bind and start serving; returns the bound port (useful with port 0). Raises OSError,
+        naming the address, when it cannot be bound."""
+        _check_bindable(self._address)
         server = grpc.aio.server(options=self._options)
         server.add_generic_rpc_handlers(self._handlers())
-        if self._tls is not None:
-            self.port = server.add_secure_port(self._address, self._tls.credentials())
-        else:
-            self.port = server.add_insecure_port(self._address)
-        if not self.port:
-            raise OSError(f"cannot bind the xDS server to {self._address}: is the port in use?")
+        try:
+            if self._tls is not None:
+                self.port = server.add_secure_port(self._address, self._tls.credentials())
+            else:
+                self.port = server.add_insecure_port(self._address)
+        except RuntimeError:  # taken between the check and now: gRPC's message names no cause
+            raise OSError(f"cannot listen for xDS on {self._address}: gRPC could not bind it (taken a moment ago?); "
+                          "stop what holds it or choose another address") from None
         await server.start()
         self._server = server
-        log.info("xDS server listening on %s (port %d, %s)", self._address, self.port,
+        host = self._address.rpartition(":")[0]
+        log.info("xDS server listening on %s:%d (%s)", host, self.port,
                  "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca else "TLS")
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Stop taking streams, give open ones `grace` seconds, then close them."""
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
+        """Stop taking streams and end the open ones with UNAVAILABLE once what was queued for them
+        is written (`grace` seconds at most). Their Envoys keep their configuration and reconnect:
+        to another replica behind the same Service, or to this one when it is back."""
+        if self._server is None:
+            return
+        self._stopping = True
+        self._flush_timeout = grace
+        reading = list(self._reading)
+        log.info("stopping: %d Envoy%s connected; ending their streams (they keep their configuration and "
+                 "reconnect)", len(reading), "" if len(reading) == 1 else "s")
+        for task in reading:
+            task.cancel()
+        if reading:
+            await asyncio.wait(reading)
+        await self._server.stop(grace)
+        self._server = None
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -206,21 +249,43 @@ class XdsServer:
 
     async def _serve(self, requests: AsyncIterator, context, *, types: tuple[str, ...], delta: bool,
                      transport: str) -> None:
+        if self._stopping:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(STOPPING)
+            return
         stream: _Stream | None = None
         stop_watching = disconnect = None
+        why = "it went away"
+        task = asyncio.current_task()
         try:
-            async for request in requests:
-                if stream is None:
-                    group = self._cache.group(self._cache.node_group(request.node))
-                    stream = _Stream(request.node, group, transport, StreamProtocol(group, delta=delta, types=types),
-                                     context)
-                    disconnect = self._cache.connect(stream)
-                    stop_watching = self._cache.watch(group.name, stream.snapshot_changed)
-                    log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport)
-                stream.handle(stream.protocol.receive(request, now=time.time()))
-                # Not held while waiting for the next one: Envoy's first request carries its node, whose
-                # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
-                request = None
+            # Invariant: a task in _reading is suspended in the `async for` (nothing else in the loop
+            # awaits), so stop()'s cancellation lands there and nowhere else.
+            self._reading.add(task)
+            try:
+                async for request in requests:
+                    if stream is None:
+                        group = self._cache.group(self._cache.node_group(request.node))
+                        stream = _Stream(request.node, group, transport,
+                                         StreamProtocol(group, delta=delta, types=types), context)
+                        disconnect = self._cache.connect(stream)
+                        stop_watching = self._cache.watch(group.name, stream.snapshot_changed)
+                        log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport)
+                    stream.handle(stream.protocol.receive(request, now=time.time()))
+                    # Not held while waiting for the next one: Envoy's first request carries its node, whose
+                    # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
+                    request = None
+                why = "it closed its side of the stream (an Envoy never does: a client bug?); ended it"
+            except asyncio.CancelledError:
+                if not self._stopping:
+                    raise  # the client went away: gRPC cancels the call
+                why = "the control plane is stopping"
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details(STOPPING)
+            finally:
+                self._reading.discard(task)
+            if stream is not None and not await stream.flush(self._flush_timeout):
+                why = f"it read nothing for {self._flush_timeout:g}s while its stream was ending; dropped it"
+                raise asyncio.CancelledError  # no status: it would collide with the stuck write
         except grpc.aio.AioRpcError:
             pass  # the connection broke: Envoy reconnects, and this stream ends like a closed one
         finally:
@@ -230,4 +295,33 @@ class XdsServer:
                 disconnect()
             if stream is not None:
                 stream.close()
-                log.info("Envoy %s (node group %r) disconnected", stream.node_id, stream.group)
+                log.log(logging.DEBUG if self._stopping else logging.INFO, "Envoy %s (node group %r) disconnected: %s",
+                        stream.node_id, stream.group, why)
+
+
+def _check_bindable(address: str) -> None:
+    """Raise OSError naming `address` when it cannot be bound, before gRPC tries: gRPC's own error
+    says only "Failed to bind", and its C core logs a line of its own. Binds as gRPC does
+    (SO_REUSEADDR), so a port left in TIME_WAIT by a previous run counts as free."""
+    host, _, port = address.rpartition(":")
+    try:
+        candidates = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
+                                        flags=socket.AI_PASSIVE)
+    except (socket.gaierror, ValueError) as error:
+        raise OSError(f"cannot listen for xDS on {address}: {error}; give HOST:PORT with a host of this machine "
+                      "(0.0.0.0 for all)") from None
+    for family, kind, proto, _, sockaddr in candidates:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as error:
+                raise OSError(f"cannot listen for xDS on {address}: {error.strerror}; "
+                              f"{_BIND_HINTS.get(error.errno, 'choose another address')}") from None
+
+
+_BIND_HINTS = {
+    errno.EADDRINUSE: "another process listens there (another controlplane serve?): stop it or choose another port",
+    errno.EADDRNOTAVAIL: "no interface of this machine has that address: use one it has, or 0.0.0.0",
+    errno.EACCES: "ports below 1024 need privileges: choose a port above 1024",
+}
