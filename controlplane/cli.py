@@ -27,10 +27,31 @@ from controlplane.xds.server_tls import ServerTls
 
 
 def _host_port(value: str) -> tuple[str, int]:
+    """HOST:PORT with a port from 1 to 65535. Port 0 (any free port) is refused: Envoys and
+    Prometheus must be told the port, so a random one is never what was meant."""
     host, _, port = value.rpartition(":")
     if not host or not port.isdigit():
         raise argparse.ArgumentTypeError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:18000)")
+    if not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r}: port {port} is out of range; give a port from 1 to 65535")
     return host, int(port)
+
+
+def _listen_address(value: str) -> str:
+    """A checked HOST:PORT, kept as the string the servers take."""
+    _host_port(value)
+    return value
+
+
+def _metrics_address(value: str) -> str:
+    """A checked HOST:PORT, or '' (no metrics)."""
+    return value and _listen_address(value)
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port; give a number from 1 to 65535")
+    return int(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     run_demo = commands.add_parser("demo", help="control plane, a real Envoy and sample backends on 127.0.0.1")
     run_demo.add_argument("--source", default="examples/demo", metavar="PATH",
                           help="the manifests to serve (default: examples/demo)")
-    run_demo.add_argument("--xds-port", type=int, default=demo.DemoPorts.xds)
-    run_demo.add_argument("--admin-port", type=int, default=demo.DemoPorts.admin)
+    run_demo.add_argument("--xds-port", type=_port, default=demo.DemoPorts.xds)
+    run_demo.add_argument("--admin-port", type=_port, default=demo.DemoPorts.admin)
     run_demo.add_argument("--check", action="store_true",
                           help="send 20 requests through Envoy, print who answered, and exit")
 
     run_serve = commands.add_parser("serve", help="serve xDS from Kubernetes or from a directory of manifests")
     run_serve.add_argument("--source", required=True, metavar="kubernetes|PATH",
                            help="'kubernetes', or a directory of YAML manifests (Gateways, Backends, Services, ...)")
-    run_serve.add_argument("--xds-address", default="0.0.0.0:18000", metavar="HOST:PORT")
-    run_serve.add_argument("--metrics-address", default="0.0.0.0:9102", metavar="HOST:PORT",
+    run_serve.add_argument("--xds-address", type=_listen_address, default="0.0.0.0:18000", metavar="HOST:PORT")
+    run_serve.add_argument("--metrics-address", type=_metrics_address, default="0.0.0.0:9102", metavar="HOST:PORT",
                            help="Prometheus metrics; empty to turn off")
     run_serve.add_argument("--namespace", default=os.environ.get("CONTROLPLANE_NAMESPACE") or None,
                            help="watch one namespace (default: all)")
@@ -79,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--xds-address", type=_host_port, default=("127.0.0.1", 18000), metavar="HOST:PORT")
     bootstrap.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
     bootstrap.add_argument("--node-id", default="envoy")
-    bootstrap.add_argument("--admin-port", type=int, default=9901, help="the admin, on 127.0.0.1 only")
-    bootstrap.add_argument("--stats-port", type=int, metavar="PORT", help="also serve the admin's /stats/prometheus "
+    bootstrap.add_argument("--admin-port", type=_port, default=9901, help="the admin, on 127.0.0.1 only")
+    bootstrap.add_argument("--stats-port", type=_port, metavar="PORT", help="also serve the admin's /stats/prometheus "
                            "and /ready (only those) on 0.0.0.0:PORT, for Prometheus and a readiness probe")
     bootstrap.add_argument("--delta", action="store_true", help="use Delta xDS instead of State-of-the-World")
     bootstrap.add_argument("--xds-ca", metavar="PATH", help="connect over TLS, trusting this CA (a path in Envoy's "
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args) -> int:
-    from controlplane.runtime.serve import serve
+    from controlplane.runtime.serve import ServeError, serve
     try:
         leader = None
         if args.source == "kubernetes":
@@ -148,9 +169,11 @@ def _serve(args) -> int:
             xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
         asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
                           leader=leader, xds_tls=xds_tls, memory=memory))
-    except (OSError, ManifestError, SettingsError) as error:
+    except (OSError, ManifestError, SettingsError, ServeError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before serve took the signal over
+        return 130
     return 0
 
 

@@ -1,15 +1,31 @@
-"""The command line: `bootstrap` output accepted by the real `envoy --mode validate`, and the demo."""
+"""The command line: `bootstrap` output accepted by the real `envoy --mode validate`, the demo,
+and `serve`: refused addresses, taken ports, failing tasks and signals, each one clear line."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import grpc
 import pytest
+from envoy.config.core.v3 import base_pb2
+from envoy.service.cluster.v3 import cds_pb2_grpc
+from envoy.service.discovery.v3 import ads_pb2_grpc
+from envoy.service.discovery.v3 import discovery_pb2 as d
 
 from controlplane import cli
-from tests.harness import assert_envoy_accepts, free_port
+from controlplane.runtime import serve as serving
+from controlplane.sources.store import Store
+from controlplane.xds import CLUSTER
+from tests.harness import assert_envoy_accepts, eventually, free_port
+from tests.objects import app, gateway
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.svc:18000",
@@ -111,3 +127,134 @@ def test_bootstrap_for_mutual_tls_to_the_control_plane_is_valid_for_envoy(tmp_pa
 def test_client_certificate_without_a_ca_is_refused(capsys):
     assert cli.main([*EXAMPLE_ARGS, "--xds-client-cert", "c.pem", "--xds-client-key", "k.pem"]) == 2
     assert "need --xds-ca" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "--source", "m", "--xds-address", "127.0.0.1:99999"], "'127.0.0.1:99999': port 99999 is out of range"),
+    (["serve", "--source", "m", "--xds-address", "127.0.0.1:0"], "'127.0.0.1:0': port 0 is out of range"),
+    (["serve", "--source", "m", "--xds-address", ":18000"], "':18000' is not HOST:PORT"),
+    (["serve", "--source", "m", "--metrics-address", "0.0.0.0:70000"], "port 70000 is out of range"),
+    (["bootstrap", "--node-cluster", "g", "--xds-address", "cp:65536"], "port 65536 is out of range"),
+    (["bootstrap", "--node-cluster", "g", "--admin-port", "0"], "'0' is not a port; give a number from 1 to 65535"),
+    (["bootstrap", "--node-cluster", "g", "--stats-port", "99999"], "'99999' is not a port"),
+    (["demo", "--xds-port", "-1"], "'-1' is not a port"),
+])
+def test_ports_out_of_range_are_refused_when_parsing(argv, message, capsys):
+    """`--xds-address 127.0.0.1:99999` used to bind a random port without a word."""
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_empty_metrics_address_turns_metrics_off():
+    args = cli.build_parser().parse_args(["serve", "--source", "m", "--metrics-address", ""])
+    assert (args.metrics_address, args.xds_address) == ("", "0.0.0.0:18000")
+
+
+@pytest.mark.parametrize("taken", ["--xds-address", "--metrics-address"])
+def test_serve_on_a_taken_port_is_one_line_naming_the_address(tmp_path, taken):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        address = f"127.0.0.1:{holder.getsockname()[1]}"
+        addresses = {"--xds-address": f"127.0.0.1:{free_port()}", "--metrics-address": f"127.0.0.1:{free_port()}",
+                     taken: address}
+        served = subprocess.run([sys.executable, "-m", "controlplane.cli", "serve", "--source", str(tmp_path),
+                                 "--state-file", "none", *[part for pair in addresses.items() for part in pair]],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert served.returncode == 1
+    what = "listen for xDS" if taken == "--xds-address" else "serve metrics"
+    assert served.stderr.splitlines()[-1].startswith(f"controlplane serve: cannot {what} on {address}: Address "
+                                                     "already in use;"), served.stderr
+    assert "Traceback" not in served.stderr and "Exception ignored" not in served.stderr, served.stderr
+
+
+@pytest.fixture
+def fast_restarts(monkeypatch):
+    monkeypatch.setattr(serving, "RESTART_BACKOFF", (0.01, 0.05))
+
+
+async def test_a_failing_task_is_logged_once_and_restarted(fast_restarts, caplog):
+    runs = []
+
+    async def watch():
+        runs.append(len(runs))
+        if len(runs) <= 3:
+            raise ValueError("the same input trips it")
+        if len(runs) == 4:
+            raise KeyError("something else")
+        if len(runs) == 5:
+            return
+        await asyncio.Event().wait()
+
+    supervisor = asyncio.create_task(serving.supervise("the watch", watch))
+    await eventually(lambda: len(runs) == 6, what="the sixth run")
+    supervisor.cancel()
+    messages = [(r.getMessage(), r.exc_info is not None) for r in caplog.records if r.name == serving.log.name]
+    assert messages == [
+        ("the watch failed; restarting it in 0s. Envoys keep the configuration published last.", True),
+        ("the watch failed again (ValueError: the same input trips it); restarting it in 0s", False),
+        ("the watch failed again (ValueError: the same input trips it); restarting it in 0s", False),
+        ("the watch failed; restarting it in 0s. Envoys keep the configuration published last.", True),
+        ("the watch ended, which it should not; restarting it in 0s", False),
+    ]
+
+
+class FlakySource:
+    """Its watch raises the first time (input nobody foresaw), then serves a Gateway and a Backend."""
+
+    def __init__(self):
+        self.watches = 0
+
+    async def watch(self, on_change) -> None:
+        self.watches += 1
+        if self.watches == 1:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        on_change(Store([gateway(), *app("api")]))
+        await asyncio.Event().wait()
+
+
+async def test_serve_restarts_a_failed_watch_and_stops_quietly_on_sigterm(fast_restarts, caplog):
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="grpc")
+    port = free_port()
+    source = FlakySource()
+    serving_task = asyncio.create_task(serving.serve(source, xds_address=f"127.0.0.1:{port}", grace=2))
+    node = base_pb2.Node(id="envoy-1", cluster="edge")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        fetch = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel).FetchClusters
+        clusters = await eventually(lambda: _fetched(fetch, node), what="clusters published after the restart")
+        assert len(clusters.resources) == 1 and source.watches == 2
+        stream = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+        await stream.write(d.DiscoveryRequest(node=node, type_url=CLUSTER))
+        await stream.read()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving_task, timeout=10)
+        assert await stream.code() == grpc.StatusCode.UNAVAILABLE
+    tracebacks = [r.getMessage() for r in caplog.records if r.exc_info]
+    assert tracebacks == ["the source's watch failed; restarting it in 0s. Envoys keep the configuration published "
+                          "last."]
+    assert "stopping: 1 Envoy connected; ending their streams" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and not r.exc_info]
+
+
+async def test_serve_exits_with_one_error_when_publishing_stops(fast_restarts, monkeypatch, caplog):
+    async def broken_publisher():
+        raise RuntimeError("a bug in the publisher")
+
+    def feed(source, pipeline):
+        return SimpleNamespace(poke=lambda: None), [asyncio.create_task(broken_publisher())]
+
+    monkeypatch.setattr(serving, "feed", feed)
+    with pytest.raises(serving.ServeError, match="publishing stopped"):
+        await serving.serve(FlakySource(), xds_address=f"127.0.0.1:{free_port()}", grace=1)
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == [
+        "publishing stopped; exiting, so that the process is restarted"]
+
+
+async def _fetched(fetch, node):
+    try:
+        return await fetch(d.DiscoveryRequest(node=node))
+    except grpc.aio.AioRpcError:
+        return None

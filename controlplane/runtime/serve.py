@@ -1,4 +1,12 @@
-"""`controlplane serve`: a source, the pipeline, the xDS server and metrics, until SIGTERM."""
+"""`controlplane serve`: a source, the pipeline, the xDS server and metrics, until SIGTERM.
+
+It ends on a signal, or at startup when it cannot begin (an address taken, a setting wrong):
+never because of input. Every long-lived task is supervised: one that fails (a source's watch
+raising on input nobody foresaw) is logged with its traceback and restarted after a backoff,
+while Envoys keep the configuration published last. A control plane that stopped watching but
+went on serving would look healthy and never publish again; one that exited would drop every
+Envoy's stream over one bad input.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ import ctypes.util
 import gc
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.memory import Memory, MemoryWriter
@@ -73,46 +82,110 @@ def _malloc_trim():
 
 _MALLOC_TRIM = _malloc_trim()
 
+# A failed task is restarted after 1 s, then 2, 4, ... up to 60 s while it keeps failing; after a
+# minute of running well, the next failure starts again from 1 s.
+RESTART_BACKOFF = (1.0, 60.0)
+
+
+class ServeError(Exception):
+    """`serve` cannot go on; the message says why (details, if any, were logged before)."""
+
+
+async def supervise(what: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run `run()` for ever: again after RESTART_BACKOFF whenever it fails or returns.
+
+    A failure is logged with its traceback; the same failure again (type and message) is one line,
+    so a watch that fails on every restart does not fill the log with tracebacks."""
+    first, longest = RESTART_BACKOFF
+    delay, last = first, None
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            await run()
+            error = None
+        except Exception as failure:  # noqa: BLE001 -- any failure: what it is, is logged
+            error = failure
+        if loop.time() - started > longest:  # it ran well for a while: this is a new failure
+            delay, last = first, None
+        if error is None:
+            log.error("%s ended, which it should not; restarting it in %.0fs", what, delay)
+        elif (type(error), str(error)) == last:
+            log.error("%s failed again (%s: %s); restarting it in %.0fs", what, type(error).__name__, error, delay)
+        else:
+            log.error("%s failed; restarting it in %.0fs. Envoys keep the configuration published last.",
+                      what, delay, exc_info=error)
+            last = (type(error), str(error))
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, longest)
+
+
+def _supervised(what: str, run: Callable[[], Awaitable[None]]) -> asyncio.Task:
+    return asyncio.create_task(supervise(what, run), name=what)
+
+
+class _SupervisedSource:
+    """`source` with its watch supervised: restarted (and the files or objects listed again) when it fails."""
+
+    def __init__(self, source: Source):
+        self._source = source
+
+    async def watch(self, on_change) -> None:
+        await supervise("the source's watch", lambda: self._source.watch(on_change))
+
 
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
                 leader: LeaderElection | None = None, xds_tls: ServerTls | None = None, grace: float = 5.0,
                 memory: Memory | None = None) -> None:
-    """Serve until SIGTERM. With `leader` (Kubernetes), the elected replica also writes CRD status.
-    With `memory`, the last accepted state is restored from it first and saved to it on changes (by
-    the leader only, with one)."""
+    """Serve until SIGTERM or SIGINT. With `leader` (Kubernetes), the elected replica also writes
+    CRD status. With `memory`, the last accepted state is restored from it first and saved to it on
+    changes (by the leader only, with one). Raises OSError or ServeError, each one line, when it
+    cannot start (or, for a bug, when publishing stopped)."""
     tune_gc()
     cache = SnapshotCache()
-    server = XdsServer(cache, address=xds_address, tls=xds_tls)
-    await server.start()
     writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None)
     if metrics_address:
-        serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
-                      ready=lambda: pipeline.last is not None)
+        try:
+            serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
+                          ready=lambda: pipeline.last is not None)
+        except OSError as error:
+            raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
+                          "it, or choose another --metrics-address ('' turns metrics off)") from None
         log.info("metrics on http://%s/metrics", metrics_address)
-    memory_writer = _remember(memory, pipeline, leader)
-    coalescer, tasks = feed(source, pipeline)
-    if memory_writer is not None:
-        tasks.append(asyncio.create_task(memory_writer.run()))
-    tasks.append(asyncio.create_task(periodically(coalescer.poke, 60)))
-    tasks.append(asyncio.create_task(periodically(release_free_memory, 60)))
-    if leader is not None:
-        tasks += [asyncio.create_task(leader.run()), asyncio.create_task(writer.run())]
-    stop = asyncio.Event()
+    server = XdsServer(cache, address=xds_address, tls=xds_tls)
+    await server.start()
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    done, _ = await asyncio.wait([asyncio.create_task(stop.wait()), *tasks], return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        if task in tasks and task.exception() is not None:
-            log.error("stopping: %s", task.exception())
-    log.info("shutting down: closing xDS streams within %.0fs; Envoys keep their configuration", grace)
-    await cancel(tasks)
-    if memory_writer is not None:
-        try:
-            memory_writer.save_if_changed()
-        except Exception as error:  # noqa: BLE001 -- stopping anyway: say what a restart will miss
-            log.warning("could not save the last accepted state to %s on the way out: %s", memory, error)
-    if leader is not None:
-        await asyncio.to_thread(leader.release)
-    await server.stop(grace)
+    try:
+        memory_writer = _remember(memory, pipeline, leader)
+        coalescer, tasks = feed(_SupervisedSource(source), pipeline)
+        if memory_writer is not None:
+            tasks.append(_supervised("saving the last accepted state", memory_writer.run))
+        tasks.append(_supervised("the periodic re-publish", lambda: periodically(coalescer.poke, 60)))
+        tasks.append(_supervised("giving free memory back", lambda: periodically(release_free_memory, 60)))
+        if leader is not None:
+            tasks += [_supervised("leader election", leader.run), _supervised("the status writer", writer.run)]
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        # Supervised tasks never end; the one that can is the pipeline's publisher, and only by a bug.
+        broken = [task for task in done if task is not stopped]
+        for task in broken:
+            log.error("publishing stopped; exiting, so that the process is restarted", exc_info=task.exception())
+        stopped.cancel()
+        await cancel(tasks)
+        if memory_writer is not None:
+            try:
+                memory_writer.save_if_changed()
+            except Exception as error:  # noqa: BLE001 -- stopping anyway: say what a restart will miss
+                log.warning("could not save the last accepted state to %s on the way out: %s", memory, error)
+        if leader is not None:
+            await asyncio.to_thread(leader.release)
+        if broken:
+            raise ServeError("publishing stopped (a bug: its traceback is logged above)")
+    finally:
+        await server.stop(grace)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
