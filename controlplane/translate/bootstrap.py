@@ -57,10 +57,10 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
     The xDS cluster speaks HTTP/2 with TCP keepalives so a dead control plane is noticed, and
     Envoy keeps serving its last configuration while it reconnects, retrying the ADS stream with
     the backoff of XDS_RETRY_BASE/XDS_RETRY_MAX (the gRPC service's `retry_policy`: Envoy reads it
-    for xDS streams only). The admin interface stays on
-    127.0.0.1: it can change Envoy's state and must not be reachable from the network. With
-    `stats_port`, a static listener on 0.0.0.0 passes on only the admin's read-only
-    /stats/prometheus (for Prometheus and the alerts) and /ready (for a readiness probe).
+    for xDS streams only). The admin interface stays on 127.0.0.1: it can change Envoy's state
+    and must not be reachable from the network. With `stats_port`, a static listener on 0.0.0.0
+    passes on only the admin's read-only /stats/prometheus (for Prometheus and the alerts) and
+    /ready (for a readiness probe).
     """
     bootstrap = {
         "node": {"id": node_id, "cluster": node_cluster},
