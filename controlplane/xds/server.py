@@ -188,6 +188,7 @@ class XdsServer:
                           "stop what holds it or choose another address") from None
         await server.start()
         self._server = server
+        self._stopping, self._flush_timeout = False, FLUSH_TIMEOUT
         host = self._address.rpartition(":")[0]
         log.info("xDS server listening on %s:%d (%s)", host, self.port,
                  "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca else "TLS")
