@@ -47,13 +47,13 @@ class Pipeline:
         for gone in sorted(self._builders.keys() - translation.groups.keys()):
             self._cache.set_snapshot(gone, Snapshot())
             del self._builders[gone]
-        self._log_problems(translation)
+        self._log_problems(translation, view)
         self.last = translation
         if self._on_translated is not None:
             self._on_translated(translation)
         return translation
 
-    def _log_problems(self, translation: to_ir.Translation) -> None:
+    def _log_problems(self, translation: to_ir.Translation, view: StoreView) -> None:
         """Log each object's problem once (and when it is fixed), not on every translation; a bug's
         traceback once too."""
         for key, trace in sorted(translation.failures.items()):
@@ -64,7 +64,8 @@ class Pipeline:
                     for accepted in conditions[:1] if accepted.status == "False"}
         for key, message in sorted(problems.items()):
             if self._reported.get(key) != message:
-                log.warning("%s not accepted: %s", key, message)
+                origin = view.origins.get(key)
+                log.warning("%s%s not accepted: %s", key, f" (in {origin})" if origin else "", message)
         for key in sorted(set(self._reported) - set(problems)):
             log.info("%s accepted now", key)
         self._reported = problems

@@ -327,7 +327,9 @@ class DirectorySource:
         self.errors[error.path] = error
 
     def store(self) -> Store:
-        return Store(obj for objects in self._by_file.values() for obj in objects.values())
+        store = Store(obj for objects in self._by_file.values() for obj in objects.values())
+        store.origins = {key: str(path) for path, objects in self._by_file.items() for key in objects}
+        return store
 
     async def watch(self, on_change: Callable[[Store], None]) -> None:
         """Call `on_change` with the current objects now and after every change, until cancelled."""

@@ -47,6 +47,7 @@ class StoreView:
         self._sorted_slices: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
         self._changes = changes
         self.version = version
+        self.origins: Mapping[ObjectKey, str] = {}
 
     def __len__(self) -> int:
         return len(self._objects)
@@ -113,6 +114,8 @@ class Store:
         self._changes = _ChangeLog()
         self._version = 0
         self._lock = threading.Lock()
+        self.origins: dict[ObjectKey, str] = {}
+        """Where each object came from, for messages (the file source fills it: the file's path)."""
         for obj in objects:
             self.put(obj)
 
@@ -158,4 +161,6 @@ class Store:
     def view(self) -> StoreView:
         with self._lock:
             self._owned = set()  # the view shares every index now: the next write to one copies it
-            return StoreView(self._objects, dict(self._slices), changes=self._changes, version=self._version)
+            view = StoreView(self._objects, dict(self._slices), changes=self._changes, version=self._version)
+            view.origins = self.origins
+            return view
