@@ -215,16 +215,18 @@ class _Builder:
         self.cases.append((klass, id, build, target, order, tuple(objects), tuple(fields), heavy or klass in HEAVY))
 
     def field(self, klass: str, kind: str, path: tuple, value: Any, *, edit: bool = False,
-              expect_field: str | None = None, also: Sequence[tuple[tuple, Any]] = (), name_field: bool = False):
+              expect_field: str | None = None, also: Sequence[tuple[tuple, Any]] = (), name_field: bool = False,
+              shown: str | None = None):
         """`kind`'s `path` set to `value`, in a newcomer or (edit) in the established object."""
         changes = [*also, (path, value)]
         where = expect_field if expect_field is not None else _field(path)
+        shown = shown or _shown(value)
         if edit:
             file, index, obj_name = EDIT[kind]
-            self.add(klass, f"{kind} {obj_name} {where}={_shown(value)}", _mutated(_edit(file), index, changes),
+            self.add(klass, f"{kind} {obj_name} {where}={shown}", _mutated(_edit(file), index, changes),
                      target=file, objects=[] if name_field else [obj_name], fields=[where])
         else:
-            self.add(klass, f"new {kind} {where}={_shown(value)}", _mutated(NEW[kind], 0, changes),
+            self.add(klass, f"new {kind} {where}={shown}", _mutated(NEW[kind], 0, changes),
                      objects=[] if name_field else ["{name}"], fields=[where])
 
     def build(self) -> list[Case]:
@@ -323,6 +325,11 @@ def _bomb_case(where: str) -> Callable[[World, str], bytes]:
             big = "x" * (256 * 1024)
             refs = ", ".join(["*big"] * 4096)
             return _backend_text(name, f"  extra: {{blob: &big {big}, copies: [{refs}]}}\n")
+        if where == "quadratic-annotations":  # a valid new Backend but for 1 GiB of annotations, from 260 KiB
+            big = "x" * (256 * 1024)
+            notes = ", ".join([f"a0: &big {big}"] + [f"a{i}: *big" for i in range(1, 4096)])
+            text = _backend_text(name)
+            return text.replace(f"namespace: {NS}}}", f"namespace: {NS}, annotations: {{{notes}}}}}", 1)
         raise ValueError(where)
     return _raw(text)
 
@@ -507,7 +514,8 @@ def _out_of_range(b: _Builder) -> None:
         b.field(k, "Gateway", ("spec", "listeners", 0, "port"), value, edit=True)
         b.field(k, "Backend", ("spec", "service", "port"), value, edit=index % 2 == 0)
         b.field(k, "Service", ("spec", "ports", 0, "port"), value, edit=index % 2 == 1)
-        b.field(k, "Service", ("spec", "ports", 0, "targetPort"), value)
+        # targetPort 0 is no error: the API server reads it as unset (the port itself)
+        b.field(k, "Service", ("spec", "ports", 0, "targetPort"), value if value != 0 else "Not_A_Port_Name")
     for position in [("spec", "circuitBreakers", "default", "maxConnections"),
                      ("spec", "circuitBreakers", "default", "maxPendingRequests"),
                      ("spec", "circuitBreakers", "high", "maxRequests"),
@@ -706,14 +714,17 @@ def _collisions(b: _Builder) -> None:
     b.add(k, "Backend API (api in capitals)", new_backend(lambda n: "API"), fields=["metadata.name"])
     b.field(k, "Gateway", ("spec", "listeners"), lambda: [
         {"name": "http", "port": _PORTS.fresh(), "address": "127.0.0.1"},
-        {"name": "http", "port": _PORTS.fresh(), "address": "127.0.0.1"}], expect_field="listeners")
+        {"name": "http", "port": _PORTS.fresh(), "address": "127.0.0.1"}], expect_field="listeners",
+        shown="two listeners named http")
     b.field(k, "Gateway", ("spec", "listeners"), lambda: [
         {"name": "one", "port": _PORTS.same(), "address": "127.0.0.1"},
-        {"name": "two", "port": _PORTS.same(), "address": "127.0.0.1"}], expect_field="listeners")
-    b.field(k, "Backend", ("spec", "routes"), [{"pathPrefix": "/dup"}, {"pathPrefix": "/dup"}], expect_field="routes")
+        {"name": "two", "port": _PORTS.same(), "address": "127.0.0.1"}], expect_field="listeners",
+        shown="two listeners on one port")
+    b.field(k, "Backend", ("spec", "routes"), [{"pathPrefix": "/dup"}, {"pathPrefix": "/dup"}], expect_field="routes",
+            shown="pathPrefix /dup twice")
     b.field(k, "Backend", ("spec", "routes"), [{"path": "/dup", "headers": [{"name": "x-a", "value": "1"}]},
                                                {"path": "/dup", "headers": [{"name": "x-a", "value": "1"}]}],
-            expect_field="routes", edit=True)
+            expect_field="routes", edit=True, shown="path /dup with header x-a=1 twice")
 
 
 class _PortSource:
@@ -760,7 +771,7 @@ def _huge(b: _Builder) -> None:
 def _bombs(b: _Builder) -> None:
     k = "alias-bomb"
     for where in ("service-port", "backend-spec", "slice-address", "listener-address", "labels", "ignored-kind",
-                  "mapping", "recursive-seq", "recursive-map", "recursive-port", "quadratic"):
+                  "mapping", "recursive-seq", "recursive-map", "recursive-port", "quadratic", "quadratic-annotations"):
         b.add(k, f"alias bomb: {where}", _bomb_case(where))
 
 
