@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, ValidationInfo, field_validator
 from pydantic.alias_generators import to_camel
@@ -80,7 +80,7 @@ class EndpointPort(Lenient):
 
 
 class EndpointSlice(Lenient):
-    address_type: str = "IPv4"
+    address_type: Literal["IPv4", "IPv6", "FQDN"] = "IPv4"  # what the API server accepts
     endpoints: list[Endpoint] = Field(default_factory=list)
     ports: list[EndpointPort] = Field(default_factory=list)
 
