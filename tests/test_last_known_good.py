@@ -170,3 +170,22 @@ def test_a_service_with_a_port_envoy_would_refuse_refuses_its_backend_by_name():
     refused = condition(result, "Backend", "api")
     assert refused.reason == "InvalidService" and "spec.ports[0].port" in refused.message
     assert result.failures == {}
+
+
+def test_a_newcomer_served_in_part_never_takes_the_contested_route_later():
+    session = Session()
+    session.apply(gateway(), *app("api", routes=[{"pathPrefix": "/"}]))
+    session.apply(*app("aaa", routes=[{"pathPrefix": "/"}, {"pathPrefix": "/aaa"}]))
+    for _ in range(2):  # the next translations: both were served, but only api whole
+        again = session.translate()
+        assert sorted(routes(again)) == [("/", "shop/api"), ("/aaa", "shop/aaa")]
+
+
+def test_a_newcomer_gateway_served_in_part_never_takes_the_held_port_later():
+    session = Session()
+    session.apply(gateway("zzz", port=8080))
+    session.apply(gateway("aaa", listeners=[{"name": "http", "port": 8080, "address": "127.0.0.1"},
+                                            {"name": "other", "port": 9090, "address": "127.0.0.1"}]))
+    again = session.translate()
+    assert sorted(listener.name for listener in again.groups["edge"].listeners) == ["shop/aaa/other",
+                                                                                   "shop/zzz/http"]

@@ -87,6 +87,7 @@ class _Attempt:
 
 
 _FAILED = "TranslationFailed"
+_PARTIAL = ("RouteConflict", "PortConflict")  # Accepted reasons of an object served in part
 
 
 def translate(view: StoreView, *, now: float | None = None) -> Translation:
@@ -120,6 +121,7 @@ class Translator:
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
         self._good: dict[ObjectKey, _Good] = {}
         self._served: frozenset[ObjectKey] = frozenset()
+        self._partly_served: frozenset[ObjectKey] = frozenset()
         self.remembered_changes = 0
         """Grows whenever what `remembered()` returns changes: when to save it again."""
 
@@ -265,17 +267,22 @@ class Translator:
         for deleted in self._good.keys() - set(view):  # only deleting an object forgets its last good version
             del self._good[deleted]
             self.remembered_changes += 1
-        self._served = frozenset(out.node_groups)
+        # Served whole: a newcomer that got only its free routes or ports must not outrank, next time,
+        # the holder of the ones it was refused.
+        self._served = frozenset(key for key in out.node_groups if out.conditions[key][0].reason not in _PARTIAL)
+        self._partly_served = frozenset(out.node_groups) - self._served
         out.certificate_expiry = self._expiry
         return out
 
     def _holders_first(self, view: StoreView, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
         """Objects in the order they claim routes and ports: those served before keep what they hold,
-        then the oldest (creationTimestamp, which sorts as text), then by namespace/name."""
+        then those served in part (a newcomer's free routes), then the oldest (creationTimestamp, which
+        sorts as text), then by namespace/name."""
         def order(item: tuple[ObjectKey, Mapping[str, Any]]) -> tuple:
             key, obj = item
             created = (obj.get("metadata") or {}).get("creationTimestamp")
-            return (key not in self._served, created if isinstance(created, str) else "~", key)
+            rank = 0 if key in self._served else 1 if key in self._partly_served else 2
+            return (rank, created if isinstance(created, str) else "~", key)
         return sorted(view.of_kind(kind), key=order)
 
     def _attempts(self, key: ObjectKey, obj: Mapping[str, Any]) -> Iterator[_Attempt]:
