@@ -800,19 +800,11 @@ SAMPLE_QUOTAS = {"wrong-type": 7, "unknown-field": 4, "out-of-range": 7, "listen
                  "duplicate": 6, "conflict": 5, "name-collision": 3}
 
 
-KNOWN_BROKEN = {
-    "a newcomer Gateway aaa on the established port and a free one":
-        "1-2 requests on the established listener get 404 while the newcomer's free listener is added and "
-        "removed; not yet root-caused (issue #7 note). `--hostile-full` still runs it",
-}
-
-
 def sample(cases: Sequence[Case]) -> list[Case]:
-    """Evenly spaced cases of every class (a third of them edits where the class has edits), less
-    the KNOWN_BROKEN ones, which the full set still runs."""
+    """Evenly spaced cases of every class (a third of them edits where the class has edits)."""
     chosen: list[Case] = []
     for klass in CLASSES:
-        members = [c for c in cases if c.klass == klass and c.id not in KNOWN_BROKEN]
+        members = [c for c in cases if c.klass == klass]
         quota = min(SAMPLE_QUOTAS[klass], len(members))
         edits = [c for c in members if c.target]
         news = [c for c in members if not c.target]
