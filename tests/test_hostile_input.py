@@ -37,6 +37,7 @@ import httpx
 import pytest
 import yaml
 
+from controlplane.runtime.envoy_process import stop_process
 from tests import hostile
 from tests.harness import eventually, free_port
 
@@ -88,13 +89,8 @@ class Serve:
         return None if self.process is None else self.process.poll()
 
     def stop(self) -> None:
-        if self.running():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process)
 
 
 @dataclass

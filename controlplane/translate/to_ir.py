@@ -644,15 +644,13 @@ def _partially(conditions: tuple[crds.Condition, ...], reason: str, message: str
 def _last_accepted_conditions(obj: Mapping[str, Any], rejected: _Rejected,
                               served_generation: int) -> tuple[crds.Condition, ...]:
     """Refused as it is now; its last accepted version is still served (and programmed, or not)."""
-    generation = _generation(obj)
+    refused, resolved, _not_sent = _rejected_conditions(obj, rejected)
+    generation = refused.observed_generation
     message = (f"{rejected.message}. Envoys keep serving generation {served_generation}, the last accepted version, "
                "until this is fixed (deleting the object removes it)")
-    accepted = _condition("Accepted", "False", rejected.reason, message, generation)
-    if rejected.unresolved:
-        resolved = _condition("ResolvedRefs", "False", rejected.reason, rejected.message, generation)
-    else:
-        resolved = _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation)
-    return accepted, resolved, _accepted_conditions(generation, "")[2]
+    return (_condition("Accepted", "False", rejected.reason, message, generation), resolved,
+            _condition("Programmed", "Unknown", "Pending", f"Waiting for the Envoys to accept generation "
+                       f"{served_generation}, the last accepted version.", generation))
 
 
 def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[crds.Condition, ...]:
