@@ -189,3 +189,55 @@ def test_a_newcomer_gateway_served_in_part_never_takes_the_held_port_later():
     again = session.translate()
     assert sorted(listener.name for listener in again.groups["edge"].listeners) == ["shop/aaa/other",
                                                                                    "shop/zzz/http"]
+
+
+
+def _with_bad_parts(endpoint_slice_: dict) -> dict:
+    broken = copy.deepcopy(endpoint_slice_)
+    broken["ports"].append({"name": "metrics", "port": 70000, "protocol": "TCP"})
+    broken["endpoints"].append({"addresses": ["999.1.2.3"], "conditions": {"ready": True}})
+    return broken
+
+
+@pytest.mark.parametrize("one_store", [True, False], ids=["fast-path", "full"])
+def test_an_endpoint_slice_part_envoy_would_refuse_is_left_out_alone(one_store):
+    """Kubernetes stores an EndpointSlice port of 70000 and we get it from the watch: only that port
+    (and an endpoint with a bad address) is left out; the slice's other endpoints keep serving, and
+    the Backend's status says what was left out, as the problem comes and goes (with one store,
+    on the EndpointSlice fast path)."""
+    good_slice = endpoint_slice("api", [ready("10.0.0.1"), ready("10.0.0.2")])
+    store = Store([gateway(), backend("api"), service("api"), good_slice])
+    translator = to_ir.Translator()
+
+    def put(obj: dict) -> to_ir.Translation:
+        nonlocal store
+        if one_store:
+            store.put(obj)
+        else:
+            view = store.view()
+            store = Store([*(view.get(*key) for key in view if key != ObjectKey.of(obj)), obj])
+        return translator.translate(store.view())
+
+    translator.translate(store.view())
+    translation = put(_with_bad_parts(good_slice))
+    assert endpoints(translation) == ["10.0.0.1", "10.0.0.2"]
+    resolved = condition(translation, "Backend", "api", 1)
+    assert (resolved.status, resolved.reason) == ("False", "InvalidEndpointSlice")
+    assert "EndpointSlice api-1" in resolved.message and "70000" in resolved.message
+    assert "999.1.2.3" in resolved.message
+    assert condition(translation, "Backend", "api").status == "True"  # still accepted
+
+    fixed = put(endpoint_slice("api", [ready("10.0.0.3")]))
+    assert endpoints(fixed) == ["10.0.0.3"]
+    assert condition(fixed, "Backend", "api", 1).status == "True"
+
+
+def test_endpoint_changes_on_the_fast_path_are_remembered_for_a_restart():
+    store = Store([gateway(), *app("api", "10.0.0.1")])
+    translator = to_ir.Translator()
+    translator.translate(store.view())
+    store.put(endpoint_slice("api", [ready("10.0.0.9")]))
+    translator.translate(store.view())
+    remembered = translator.remembered()["objects"]
+    assert [item["endpoints"] for item in remembered if item["object"]["kind"] == "Backend"] == [[
+        ["10.0.0.9", 8080, False]]]

@@ -226,10 +226,10 @@ UPSTREAM_SECRETS = [ca_secret("endpoints-ca", AUTHORITY.cert_pem),
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(changes=st.lists(st.tuples(st.sampled_from(["a", "b", "c", "orphan"]), st.integers(0, 3),
-                                  st.sampled_from(["put", "delete", "not-ready"])), min_size=1, max_size=8))
+                                  st.sampled_from(["put", "delete", "not-ready", "bad-port"])), min_size=1, max_size=8))
 def test_incremental_translation_equals_a_full_one(changes):
     """The EndpointSlice fast path of `Translator` gives exactly what a full translation gives,
-    Backends with a WebSocket cluster and with upstream TLS included."""
+    Backends with a WebSocket cluster and with upstream TLS included, and slices with a bad port."""
     upstream_tls = {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCertificateSecret": "edge-client"}
     store = Store([gateway(), *app("a", websocket={"circuitBreakers": {"maxConnections": 5}}),
                    *app("b", "10.0.0.2", tls=upstream_tls), *app("c", "10.0.0.3", port=80), *UPSTREAM_SECRETS])
@@ -241,7 +241,10 @@ def test_incremental_translation_equals_a_full_one(changes):
             store.delete(ObjectKey("EndpointSlice", NS, name))
         else:
             conditions = {"ready": action == "put", "serving": True, "terminating": action != "put"}
-            store.put(endpoint_slice(service_name, [(f"10.9.0.{host}", conditions)], name=name))
+            extra = endpoint_slice(service_name, [(f"10.9.0.{host}", conditions)], name=name)
+            if action == "bad-port":  # Kubernetes stores it; only that port is left out, and the status says so
+                extra["ports"].append({"name": "metrics", "port": 70000, "protocol": "TCP"})
+            store.put(extra)
         incremental = translator.translate(store.view())
         full = to_ir.translate(store.view())
         assert incremental.groups == full.groups

@@ -191,6 +191,8 @@ class Translator:
         """Only EndpointSlices changed: they change endpoints, never acceptance, conditions or routes,
         so only the Backends of the touched Services are rebuilt (tests prove it equals a full pass)."""
         earlier, last = self._last
+        if any(_slice_problem(obj) for key in changed for obj in (earlier.get(*key), view.get(*key)) if obj is not None):
+            return self._translate(view)  # a slice's problems come or go: they are on its Backends' status
         services = {(key.namespace, service) for key in changed
                     for obj in (earlier.get(*key), view.get(*key)) if obj is not None
                     and (service := ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL))}
@@ -201,6 +203,10 @@ class Translator:
                 # Secrets unchanged: so are the warnings
                 backend = self._backend(view, key, spec, attempt, warnings=[])
                 replaced[backend.name] = backend
+                good = self._good.get(key)
+                if attempt.variant == "now" and good is not None and good.endpoints != backend.endpoints:
+                    self._good[key] = dataclasses.replace(good, endpoints=backend.endpoints)
+                    self.remembered_changes += 1
         if not replaced:
             return last
         groups = {name: group if not any(b.name in replaced for b in group.backends) else ir.NodeGroup(
@@ -226,7 +232,7 @@ class Translator:
                 view, key, attempt, gateways, claimed))
             if placed is None:
                 continue
-            attempt, (gateway, spec, backend, routes, warnings, conflicts) = placed
+            attempt, (gateway, spec, backend, routes, (warnings, left_out), conflicts) = placed
             node_cluster = gateway.spec.node_cluster
             self._service_users.setdefault((key.namespace, spec.service.name), []).append((key, attempt))
             for target, served in routes.items():
@@ -243,8 +249,10 @@ class Translator:
             if conflicts:
                 out.conditions[key] = _partially(out.conditions[key], "RouteConflict", "; ".join(conflicts)
                                                  + ". The Backend's other routes are served")
-            if warnings:
-                out.conditions[key] = _with_unresolved(out.conditions[key], "InvalidSecret", "; ".join(warnings))
+            if warnings or left_out:
+                out.conditions[key] = _with_unresolved(out.conditions[key],
+                                                       "InvalidSecret" if warnings else "InvalidEndpointSlice",
+                                                       "; ".join((*warnings, *left_out)))
 
         group_listeners: dict[str, list[ir.Listener]] = {}
         for gateway in gateways.values():
@@ -338,10 +346,12 @@ class Translator:
         targets = _target_listeners(gateway, spec)
         warnings: list[str] = []
         backend = self._backend(view, key, spec, attempt, warnings=warnings)
+        slices = view.endpoint_slices(key.namespace, spec.service.name)
+        left_out = self._cached(("slice-problems", key), tuple(slices), _slice_problems, slices)
         routes = self._cached(("routes", key, attempt.variant), (spec,), _routes, spec, backend)
         served, conflicts = _claim_routes(key, routes, targets, claimed)
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
-        return (gateway, spec, backend, served, warnings, conflicts), (service, backend.endpoints)
+        return (gateway, spec, backend, served, (warnings, left_out), conflicts), (service, backend.endpoints)
 
     def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, attempt: _Attempt, *,
                  warnings: list[str]) -> ir.Backend:
@@ -506,11 +516,8 @@ def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple
     """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
     found: dict[tuple[str, int], ir.Endpoint] = {}
     for raw in slices:
-        try:
-            endpoint_slice = kube.EndpointSlice.model_validate(raw)
-        except ValidationError:  # never seen here: the API server validates slices, the file source refuses them
-            continue
-        if endpoint_slice.address_type not in ("IPv4", "IPv6"):
+        endpoint_slice = _usable_slice(raw)
+        if endpoint_slice is None or endpoint_slice.address_type not in ("IPv4", "IPv6"):
             continue
         number = next((p.port for p in endpoint_slice.ports if p.name == port.name and p.port), None)
         if number is None:
@@ -525,6 +532,44 @@ def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple
             for address in endpoint.addresses[:1]:
                 found[(address, number)] = ir.Endpoint(address, number, draining)
     return tuple(sorted(found.values()))  # by address and port: each pair is there once
+
+
+def _usable_slice(raw: Mapping[str, Any]) -> kube.EndpointSlice | None:
+    """The EndpointSlice without the ports and endpoints Envoy would refuse. Kubernetes stores an
+    EndpointSlice port of 0, -1 or 70000 (it checks a Service's ports, not a slice's): such a part
+    is left out (and reported by `_slice_problems`), the rest of the slice still serves."""
+    try:
+        return kube.EndpointSlice.model_validate(raw)
+    except ValidationError:
+        pass
+    family = raw.get("addressType", "IPv4")
+    parts = {field: [part for part in (raw.get(field) if isinstance(raw.get(field), list) else ())
+                     if _slice_problem({"addressType": family, field: [part]}) is None]
+             for field in ("ports", "endpoints")}
+    try:
+        return kube.EndpointSlice.model_validate({**raw, **parts})
+    except ValidationError:  # its addressType or its shape itself: nothing in it can be used
+        return None
+
+
+def _slice_problem(raw: Mapping[str, Any]) -> str | None:
+    try:
+        kube.EndpointSlice.model_validate(raw)
+    except ValidationError as error:
+        return "; ".join(problems.explain(error, ""))
+    return None
+
+
+def _slice_problems(slices: list[Mapping[str, Any]]) -> tuple[str, ...]:
+    """What was left out of a Backend's EndpointSlices, one sentence per slice, for its status."""
+    found = []
+    for raw in slices:
+        wrong = _slice_problem(raw)
+        if wrong is not None:
+            name = (raw.get("metadata") or {}).get("name")
+            found.append(f"EndpointSlice {name}: {wrong.lstrip('.')}: those ports or endpoints are left out (the rest "
+                         "of the slice is served): fix the EndpointSlice or the controller that writes it")
+    return tuple(found)
 
 
 def _with_endpoints(backend: ir.Backend, endpoints: tuple[ir.Endpoint, ...]) -> ir.Backend:
