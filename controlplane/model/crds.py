@@ -101,7 +101,8 @@ class GatewaySpec(Spec):
             values = [getattr(listener, what) for listener in self.listeners]
             repeated = sorted({str(v) for v in values if values.count(v) > 1})
             if repeated:
-                raise ValueError(f"listener {what}s must be unique; repeated: {', '.join(repeated)}")
+                raise problems.problem("unique", f"listener {what}s must be unique; repeated: {', '.join(repeated)}",
+                                       at=".listeners")
         return self
 
 

@@ -75,7 +75,7 @@ def _is_field(part: str | int) -> bool:
 def _sentence(problem: Mapping[str, Any], prefix: str) -> str:
     *path, last = problem["loc"] or ("",)
     parts = [p for p in path if _is_field(p)]
-    if problem["type"] == "extra_forbidden" or _is_field(last):  # an unknown field is named as the user wrote it
+    if problem["type"] == "extra_forbidden" or (_is_field(last) and last != ""):  # an unknown field as written
         parts.append(last)
     where = prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
     context = problem.get("ctx") or {}
