@@ -309,3 +309,20 @@ def test_any_sequence_of_changes_serves_each_file_or_its_last_good_objects(steps
             view = source.store().view()
             assert len(view) == len(expected)
             assert all(view.get(*ObjectKey.of(obj)) == obj for obj in expected)
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"apiVersion": "v1", "kind": 5, "metadata": {"name": "api"}},
+     "document 1: kind: 5 is not a kind; write the object's kind as a string"),
+    ({"apiVersion": 5, "kind": "Backend", "metadata": {"name": "api"}},
+     "(Backend api): apiVersion: 5 does not serve Backend; write apiVersion: xds.controlplane.dev/v1alpha1"),
+    ({"apiVersion": "v1", "kind": "EndpointSlice", "metadata": {"name": "api-1"}},
+     "apiVersion: 'v1' does not serve EndpointSlice; write apiVersion: discovery.k8s.io/v1"),
+])
+def test_a_kind_that_is_not_a_string_or_a_wrong_api_version_is_refused(tmp_path, manifest, message):
+    """A cluster would refuse both (kubectl: no matches for kind "Backend" in version "v1"): so does
+    the file, instead of serving it or skipping it as a kind we do not read."""
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ManifestError) as refused:
+        parse_file(tmp_path / "a.yaml")
+    assert message in str(refused.value)

@@ -41,11 +41,15 @@ from typing import Any
 
 import yaml
 
-from controlplane.model import kube
+from controlplane.model import crds, kube
 from controlplane.sources.store import KINDS, ObjectKey, Store
 
 log = logging.getLogger(__name__)
 
+API_VERSIONS = {"Gateway": crds.API_VERSION, "Backend": crds.API_VERSION, "Service": "v1", "Secret": "v1",
+                "EndpointSlice": "discovery.k8s.io/v1"}
+"""The apiVersion of each kind we read: any other is an object no cluster would take (kubectl: no
+matches for kind "Backend" in version "v1")."""
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 100
 MAX_NODES = 1_000_000
@@ -119,8 +123,11 @@ def parse_file(path: Path) -> list[Mapping[str, Any]]:
         metadata = document.get("metadata")
         if not document.get("kind") or not isinstance(metadata, dict) or not metadata.get("name"):
             raise ManifestError(path, f"document {index + 1} has no kind or no metadata.name")
+        if not isinstance(document["kind"], str):
+            raise ManifestError(path, f"document {index + 1}: kind: {document['kind']!r} is not a kind; write the "
+                                      "object's kind as a string, such as Backend")
         if document["kind"] in KINDS:
-            wrong = kube.problems(document) + _name_problems(document)
+            wrong = kube.problems(document) + _name_problems(document) + _api_version_problems(document)
             if wrong:
                 raise ManifestError(path, f"document {index + 1} ({document['kind']} "
                                           f"{document['metadata']['name']}): {'; '.join(wrong)}")
@@ -202,6 +209,13 @@ def _check_nesting_and_aliases(text: str) -> None:
         if nodes > MAX_NODES:
             raise _Refused(event.start_mark, f"more than {MAX_NODES:,} YAML nodes, counting each alias as all it "
                                              "stands for (an alias bomb?); split the file, and use fewer aliases")
+
+
+def _api_version_problems(document: Mapping[str, Any]) -> list[str]:
+    kind, expected = document["kind"], API_VERSIONS[document["kind"]]
+    if document.get("apiVersion", expected) == expected:  # left out: the kind says which object it is
+        return []
+    return [f"apiVersion: {document.get('apiVersion')!r} does not serve {kind}; write apiVersion: {expected}"]
 
 
 def _name_problems(document: Mapping[str, Any]) -> list[str]:
