@@ -326,3 +326,14 @@ def test_a_kind_that_is_not_a_string_or_a_wrong_api_version_is_refused(tmp_path,
     with pytest.raises(ManifestError) as refused:
         parse_file(tmp_path / "a.yaml")
     assert message in str(refused.value)
+
+
+def test_an_alias_bomb_of_long_strings_is_refused_before_it_is_built(tmp_path):
+    """A thousand aliases of a 100 KiB string are few nodes but 100 MB of text once built (a state
+    file of a GiB when such a Backend is remembered): refused like a bomb of nodes."""
+    long_text = "x" * 100_000
+    notes = ", ".join(f"n{i}: *long" for i in range(1000))
+    (tmp_path / "a.yaml").write_text(f"kind: Backend\nmetadata: {{name: api, labels: {{l: &long {long_text}}}, "
+                                     f"annotations: {{{notes}}}}}\n")
+    with pytest.raises(ManifestError, match="more than 16 MiB of text, counting each alias as all it stands for"):
+        parse_file(tmp_path / "a.yaml")

@@ -12,8 +12,9 @@ either read or refused, and it is refused when
   labels that are not a mapping), a name the API server would refuse (`api/websocket` would
   collide with Backend `api`'s WebSocket cluster) or one object twice: what a cluster could hold,
   a file may hold, nothing more;
-- it is over 4 MiB, is nested over 100 levels deep, or holds over a million YAML nodes counting
-  each alias as all it stands for (an "alias bomb" a few lines long stands for billions): limits
+- it is over 4 MiB, is nested over 100 levels deep, or holds over a million YAML nodes or 16 MiB of
+  text counting each alias as all it stands for (an "alias bomb" a few lines long stands for
+  billions of nodes, or of copies of one long string): limits
   far above any real manifest, checked on the parser's events before any object is built, so a
   hostile file costs neither the stack nor the memory;
 - it defines an object another file already serves: the one served stays (at startup, the first
@@ -53,6 +54,7 @@ matches for kind "Backend" in version "v1")."""
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_DEPTH = 100
 MAX_NODES = 1_000_000
+MAX_EXPANDED_CHARACTERS = 16 * 1024 * 1024
 
 # libyaml (C) when PyYAML has it: five times faster than the pure-Python parser on large files.
 _Parser = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -173,33 +175,35 @@ def _too_large(path: Path, size: int) -> ManifestError:
 
 def _check_nesting_and_aliases(text: str) -> None:
     """Refuse, from the parser's events alone, what would exhaust the stack or memory if built:
-    nesting over MAX_DEPTH, over MAX_NODES nodes once aliases are expanded, an alias inside itself."""
-    depth = nodes = 0
-    open_nodes: list[list] = []  # per open collection: [anchor, nodes before it, deepest depth within]
-    anchored: dict[str, tuple[int, int]] = {}  # anchor -> (nodes it stands for, levels it adds)
+    nesting over MAX_DEPTH, over MAX_NODES nodes or MAX_EXPANDED_CHARACTERS of scalars once aliases
+    are expanded, an alias inside itself."""
+    depth = nodes = characters = 0
+    # per open collection: [anchor, nodes before it, deepest depth within, characters before it]
+    open_nodes: list[list] = []
+    anchored: dict[str, tuple[int, int, int]] = {}  # anchor -> (nodes it stands for, levels it adds, characters)
     for event in yaml.parse(text, Loader=_Parser):
         reached = depth
         if isinstance(event, yaml.DocumentStartEvent):
             anchored = {}
         elif isinstance(event, yaml.AliasEvent):
-            if any(anchor == event.anchor for anchor, _, _ in open_nodes):
+            if any(anchor == event.anchor for anchor, *_ in open_nodes):
                 raise _Refused(event.start_mark, f"the alias *{event.anchor} is inside the node &{event.anchor} it "
                                                  "names (a value that contains itself); write the value out")
-            size, levels = anchored.get(event.anchor, (1, 0))  # an unknown anchor is the loader's error
-            nodes, reached = nodes + size, depth + levels
+            size, levels, length = anchored.get(event.anchor, (1, 0, 0))  # an unknown anchor is the loader's error
+            nodes, reached, characters = nodes + size, depth + levels, characters + length
         elif isinstance(event, yaml.ScalarEvent):
-            nodes += 1
+            nodes, characters = nodes + 1, characters + len(event.value)
             if event.anchor is not None:
-                anchored[event.anchor] = (1, 0)
+                anchored[event.anchor] = (1, 0, len(event.value))
         elif isinstance(event, yaml.CollectionStartEvent):
             nodes, depth = nodes + 1, depth + 1
             reached = depth
-            open_nodes.append([event.anchor, nodes - 1, depth])
+            open_nodes.append([event.anchor, nodes - 1, depth, characters])
         elif isinstance(event, yaml.CollectionEndEvent):
-            anchor, before, deepest = open_nodes.pop()
+            anchor, before, deepest, characters_before = open_nodes.pop()
             depth -= 1
             if anchor is not None:
-                anchored[anchor] = (nodes - before, deepest - depth)
+                anchored[anchor] = (nodes - before, deepest - depth, characters - characters_before)
             reached = deepest
         if reached > MAX_DEPTH:
             raise _Refused(event.start_mark, f"nested more than {MAX_DEPTH} levels deep (counting what aliases stand "
@@ -209,6 +213,10 @@ def _check_nesting_and_aliases(text: str) -> None:
         if nodes > MAX_NODES:
             raise _Refused(event.start_mark, f"more than {MAX_NODES:,} YAML nodes, counting each alias as all it "
                                              "stands for (an alias bomb?); split the file, and use fewer aliases")
+        if characters > MAX_EXPANDED_CHARACTERS:
+            raise _Refused(event.start_mark, f"more than {MAX_EXPANDED_CHARACTERS // 2**20} MiB of text, counting "
+                                             "each alias as all it stands for (an alias bomb?); split the file, and "
+                                             "use fewer aliases")
 
 
 def _api_version_problems(document: Mapping[str, Any]) -> list[str]:
