@@ -42,7 +42,7 @@ def test_a_restart_during_a_bad_edit_and_a_bad_rotation_serves_what_was_served(t
     assert served(first.translate(Store(during).view())) == served_before
 
     memory = FileMemory(tmp_path / "state" / "last-accepted.json")
-    memory.save(first.remembered())
+    memory.save(first.remembered_json())
     assert stat.S_IMODE((tmp_path / "state" / "last-accepted.json").stat().st_mode) == 0o600  # private keys
 
     restarted = to_ir.Translator()
@@ -68,8 +68,8 @@ def test_the_state_lives_in_a_secret_every_replica_reads(api):
     assert memory.load() is None
     translator = to_ir.Translator()
     translator.translate(Store([gateway(), *app("api")]).view())
-    memory.save(translator.remembered())
-    memory.save(translator.remembered())  # an update of the Secret it created
+    memory.save(translator.remembered_json())
+    memory.save(translator.remembered_json())  # an update of the Secret it created
     other_replica = to_ir.Translator()
     assert other_replica.restore(SecretMemory(kube, "controlplane-system").load()) == []
     assert other_replica.remembered() == translator.remembered()

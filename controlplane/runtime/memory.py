@@ -40,7 +40,8 @@ SECRET_LIMIT = 1024 * 1024 - 64 * 1024  # the API server refuses Secrets over 1 
 class Memory(Protocol):
     def load(self) -> dict[str, Any] | None: ...
 
-    def save(self, state: dict[str, Any]) -> None: ...
+    def save(self, state: bytes) -> None:
+        """`state`: the JSON document (`Translator.remembered_json()`)."""
 
 
 class FileMemory:
@@ -61,12 +62,12 @@ class FileMemory:
             log.warning("cannot read the last accepted state from %s (%s): starting without it", self.path, error)
             return None
 
-    def save(self, state: dict[str, Any]) -> None:
+    def save(self, state: bytes) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.")
         try:
             with os.fdopen(descriptor, "wb") as out:  # mkstemp: readable by its owner only
-                out.write(json.dumps(state, separators=(",", ":")).encode())
+                out.write(state)
             os.replace(temporary, self.path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
@@ -99,8 +100,8 @@ class SecretMemory:
             log.warning("%s does not hold a readable state (%s): starting without it", self, error)
             return None
 
-    def save(self, state: dict[str, Any]) -> None:
-        packed = gzip.compress(json.dumps(state, separators=(",", ":")).encode())
+    def save(self, state: bytes) -> None:
+        packed = gzip.compress(state)
         if len(packed) > SECRET_LIMIT:
             raise ValueError(f"the state is {len(packed) // 1024} KiB gzipped, over what a Secret holds "
                              f"({SECRET_LIMIT // 1024} KiB)")
@@ -123,7 +124,7 @@ class MemoryWriter:
     """Saves the translator's state when it changed, from a thread, at most once per `interval`;
     with `may_write` (the leader), only while it says so."""
 
-    def __init__(self, memory: Memory, state: Callable[[], dict[str, Any]], changes: Callable[[], int], *,
+    def __init__(self, memory: Memory, state: Callable[[], bytes], changes: Callable[[], int], *,
                  may_write: Callable[[], bool] = lambda: True, interval: float = 1.0):
         self._memory, self._state, self._changes = memory, state, changes
         self._may_write, self._interval = may_write, interval
@@ -137,7 +138,7 @@ class MemoryWriter:
             self._saved = pending[0]
         return pending is not None
 
-    def _pending(self) -> tuple[int, dict[str, Any]] | None:
+    def _pending(self) -> tuple[int, bytes] | None:
         """(change count, state) to save, taken on the loop: translation changes the state there."""
         changes = self._changes()
         if changes == self._saved or not self._may_write():

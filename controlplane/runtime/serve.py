@@ -48,7 +48,7 @@ def _remember(memory: Memory | None, pipeline: Pipeline, leader: LeaderElection 
             for line in skipped:
                 log.warning("not restoring the last valid version of %s", line)
     may_write = (lambda: leader.is_leader) if leader is not None else (lambda: True)
-    return MemoryWriter(memory, translator.remembered, lambda: translator.remembered_changes, may_write=may_write)
+    return MemoryWriter(memory, translator.remembered_json, lambda: translator.remembered_changes, may_write=may_write)
 
 
 def tune_gc() -> None:
