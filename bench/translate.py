@@ -4,7 +4,8 @@
 
 Full: store view -> IR -> Envoy resources -> serialized Snapshot, from cold caches.
 One endpoint changed: the same, with one EndpointSlice updated (what a pod restart causes); ten
-successive changes after each full pass, as a running control plane sees them.
+successive changes after each full pass, as a running control plane sees them; and, after each
+change, the last accepted state `serve` saves (`Translator.remembered_json()`, on the event loop).
 The garbage collector is tuned as `controlplane serve` tunes it (runtime.serve.tune_gc).
 """
 
@@ -76,7 +77,7 @@ def main() -> None:
     if args.one_pass:
         Publisher().publish(Store(objects(args.backends, args.endpoints)))
         return
-    full, changed = [], []
+    full, changed, remembered = [], [], []
     for round_number in range(args.repeat):
         store = Store(objects(args.backends, args.endpoints))
         publisher = Publisher()
@@ -90,11 +91,15 @@ def main() -> None:
             started = time.perf_counter()
             snapshot = publisher.publish(store)
             changed.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
+            publisher.translator.remembered_json()
+            remembered.append((time.perf_counter() - started) * 1000)
             assert snapshot.version != previous.version
             previous = snapshot
     print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
     print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
     print(f"  one endpoint changed -> snapshot: {min(changed):7.1f} / {statistics.median(changed):7.1f} ms")
+    print(f"  then the state to save:           {min(remembered):7.1f} / {statistics.median(remembered):7.1f} ms")
 
 
 if __name__ == "__main__":
