@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 
 from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.sources.store import ObjectKey
@@ -93,20 +95,25 @@ async def test_410_gone_relists_and_never_publishes_a_state_without_known_object
     assert all(ObjectKey("EndpointSlice", NS, "api-1") in state for state in recorder.states)
 
 
-async def test_api_server_going_away_keeps_the_known_state_and_catches_up(api):
+async def test_api_server_going_away_keeps_the_known_state_catches_up_and_logs_two_lines(api, caplog):
+    caplog.set_level(logging.INFO)
     for obj in [gateway(), *app("api")]:
         api.create(obj)
     async with watching(api) as (_source, recorder):
         await eventually(lambda: recorder.states, what="the first publication")
         published = len(recorder.states)
         api.stop()
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(3.0)  # long enough for a 30 s backoff cap to have grown past 2 s
         assert len(recorder.states) == published  # nothing was withdrawn while the API server was away
         api.start()
         api.create(endpoint_slice("api", [ready("10.0.0.7")], name="api-after"))
-        await eventually(lambda: recorder.has("EndpointSlice", "api-after"), timeout=20,
-                         what="changes after the API server came back")
+        await eventually(lambda: recorder.has("EndpointSlice", "api-after"), timeout=2.5,
+                         what="changes within about 2 s of the API server's return")
     assert all(ObjectKey("EndpointSlice", NS, "api-1") in state for state in recorder.states)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("Kubernetes API server not answering"), warnings
+    back = [r.getMessage() for r in caplog.records if "answering again after" in r.getMessage()]
+    assert len(back) == 1 and re.search(r"after [3-9]\.\ds", back[0]), back
 
 
 async def test_one_namespace_only(api):

@@ -3,6 +3,10 @@
 Like a dynamic client without discovery: the paths are ours, for our CRDs and built-in kinds
 alike, and bodies are plain dicts. Used by the source (list, watch), the status writer (patch
 status) and leader election (the Lease).
+
+Retrying is the callers' (the source's backoff, the leader's renew loop), never urllib3's: its
+default retries each failed request three times, logging a warning each time (186 `Retrying`
+lines in one 30 s API-server outage), and delays the caller's own error handling.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class Kind:
 class KubeApi:
     def __init__(self, api_client: k8s.ApiClient):
         self.api_client = api_client
+        _without_retries(api_client)
 
     def request(self, method: str, path: str, *, query: dict[str, str] | None = None, body: Any = None,
                 content_type: str = "application/json", timeout: float = 30):
@@ -76,6 +81,14 @@ class KubeApi:
 
     def json(self, method: str, path: str, **options) -> dict[str, Any]:
         return json.loads(self.request(method, path, **options).read() or b"{}")
+
+
+def _without_retries(api_client: k8s.ApiClient) -> None:
+    """Every connection pool of this client, present and future, fails at once instead of retrying."""
+    pool_manager = api_client.rest_client.pool_manager
+    if pool_manager.connection_pool_kw.get("retries") is not False:
+        pool_manager.connection_pool_kw["retries"] = False
+        pool_manager.clear()  # pools already made keep the retries they were made with
 
 
 def _status_message(data: bytes) -> str:

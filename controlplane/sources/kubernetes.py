@@ -4,9 +4,15 @@ One reflector thread per kind (the official client is synchronous): list the col
 in the store in one step, then watch from the list's resourceVersion with bookmarks. On 410 Gone
 it lists again, and the store keeps the known state until that list has succeeded: a broken
 watch never becomes an empty endpoint set. Any other failure (the API server restarting, a
-dropped connection, a timeout) is retried with exponential backoff and full jitter, from the last
-resourceVersion seen. Requests go through `ApiClient.call_api`, so kubeconfig, in-cluster
-service-account tokens and TLS are the client's own; paths and raw JSON are ours, for every kind.
+dropped connection, a timeout) is retried with a short capped backoff, from the last
+resourceVersion seen, so the source catches up within about a second of the API server's return.
+Requests go through `ApiClient.call_api`, so kubeconfig, in-cluster service-account tokens and
+TLS are the client's own; paths and raw JSON are ours, for every kind.
+
+An outage is two log lines, not one per kind and retry: one when the API server stops
+answering, one when it answers again (with how long it was away). A failing kind (403, 404) is
+logged once per distinct error, and a 403 only once it outlasts the API server's RBAC cache
+warming up at its start.
 
 Nothing is published until every kind has been listed once: Envoy never sees Backends whose
 Services have not been read yet.
@@ -19,6 +25,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -40,25 +47,71 @@ WATCHED = (
 )
 
 
+# A 401/403 in the first seconds the API server answers is not yet worth a warning: a starting
+# API server answers 403 to everyone for about 2 s while its RBAC cache loads.
+RBAC_WARMUP = 5.0
+
+
 class _Expired(Exception):
     """410 Gone: the resourceVersion we watch from is too old; list again."""
 
 
 @dataclass
 class Backoff:
-    """Exponential backoff with full jitter, reset after a success."""
+    """Exponential backoff with equal jitter (a delay in [d/2, d]), reset after a success.
+
+    Why these numbers: catch-up within 2 s of the API server's return means no reflector may be
+    asleep for longer than about 1 s when it comes back, hence `cap` = 1 s (a 30 s cap once made
+    catch-up take 8-21 s). Equal jitter keeps at least 0.5 s between retries at the cap, so a
+    replica retries each kind at most twice a second: 10 requests/s for its five kinds, against a
+    server that is down (a refused connection) or overloaded (where 429/5xx answers are cheap),
+    and the replicas' retries are spread out rather than synchronized.
+    """
 
     base: float = 0.2
-    cap: float = 30.0
+    cap: float = 1.0
     attempt: int = 0
 
     def next_delay(self) -> float:
-        delay = random.uniform(0, min(self.cap, self.base * 2 ** self.attempt))
+        ceiling = min(self.cap, self.base * 2 ** self.attempt)
         self.attempt += 1
-        return delay
+        return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:
         self.attempt = 0
+
+
+class _Availability:
+    """Whether the API server answers, shared by the reflectors: one log line per outage and return.
+
+    "Answers" means any HTTP response (a 403 or a 503 is an answer, logged by its kind); no answer
+    is a refused or broken connection or a timeout.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lost_at: float | None = None
+        self._answering_since = time.monotonic()
+
+    def lost(self, error: Exception) -> None:
+        with self._lock:
+            if self._lost_at is not None:
+                return
+            self._lost_at = time.monotonic()
+        log.warning("Kubernetes API server not answering (%s); serving the last known state, retrying every "
+                    "second at most", brief(error))
+
+    def answered(self) -> None:
+        with self._lock:
+            lost_at, self._lost_at = self._lost_at, None
+            if lost_at is not None:
+                self._answering_since = time.monotonic()
+        if lost_at is not None:
+            log.info("Kubernetes API server answering again after %.1fs; catching up", time.monotonic() - lost_at)
+
+    def answering_for(self) -> float:
+        """Seconds since the API server answered first (since the source started, or since an outage)."""
+        return time.monotonic() - self._answering_since
 
 
 class _Reflector:
@@ -69,6 +122,7 @@ class _Reflector:
         self.synced = threading.Event()
         self.backoff = Backoff(base=source.backoff_base)
         self._response = None
+        self._logged_error: str | None = None  # logged once; repeats are not
 
     def run(self) -> None:
         while not self.source.stopping.is_set():
@@ -76,7 +130,6 @@ class _Reflector:
                 if self.resource_version is None:
                     self._list()
                 self._watch()
-                self.backoff.reset()
             except _Expired:
                 log.info("%s: resourceVersion %s expired (410 Gone); listing again, serving the known state meanwhile",
                          self.kind.plural, self.resource_version)
@@ -84,10 +137,28 @@ class _Reflector:
             except Exception as error:  # noqa: BLE001 -- any failure is retried; the known state stays served
                 if self.source.stopping.is_set():
                     return
-                delay = self.backoff.next_delay()
-                log.warning("%s: %s; retrying in %.1fs (serving the last known state)%s", self.kind.plural,
-                            brief(error), delay, _hint(error))
-                self.source.stopping.wait(delay)
+                self._report(error)
+                self.source.stopping.wait(self.backoff.next_delay())
+
+    def _succeeded(self) -> None:
+        self.backoff.reset()
+        if self._logged_error is not None:
+            log.info("%s: listing and watching again", self.kind.plural)
+            self._logged_error = None
+
+    def _report(self, error: Exception) -> None:
+        """Log a failure once: no answer through `_Availability`, an answer (403, 404) once per message."""
+        if not isinstance(error, ApiError):
+            self.source.availability.lost(error)
+            return
+        self.source.availability.answered()
+        message = brief(error)
+        if message == self._logged_error:
+            return
+        if error.status in (401, 403) and self.source.availability.answering_for() < RBAC_WARMUP:
+            return  # a starting API server answers 403 to everyone while its RBAC cache loads
+        self._logged_error = message
+        log.warning("%s: %s; retrying (serving the last known state)%s", self.kind.plural, message, _hint(error))
 
     def _list(self) -> None:
         body = json.loads(self.source.get(self.kind.path(self.source.namespace), {}, timeout=30).read())
@@ -98,6 +169,7 @@ class _Reflector:
             items.append(item)
         self.source.store.replace_kind(self.kind.kind, items, self.source.namespace)
         self.resource_version = body["metadata"]["resourceVersion"]
+        self._succeeded()
         self.synced.set()
         self.source.changed()
 
@@ -106,6 +178,7 @@ class _Reflector:
                  "timeoutSeconds": str(int(self.source.watch_timeout * random.uniform(1.0, 1.2)))}
         response = self.source.get(self.kind.path(self.source.namespace), query,
                                    timeout=self.source.watch_timeout * 1.2 + self.source.read_timeout)
+        self._succeeded()
         self._response = response
         try:
             for event in _events(response):
@@ -153,11 +226,14 @@ class KubernetesSource:
         self.backoff_base = backoff_base
         self.store = Store()
         self.stopping = threading.Event()
+        self.availability = _Availability()
         self._reflectors = [_Reflector(self, kind) for kind in kinds]
         self._notify: Callable[[], None] = lambda: None
 
     def get(self, path: str, query: dict[str, str], *, timeout: float):
-        return self.api.request("GET", path, query=query, timeout=timeout)
+        response = self.api.request("GET", path, query=query, timeout=timeout)
+        self.availability.answered()
+        return response
 
     def synced(self) -> bool:
         return all(reflector.synced.is_set() for reflector in self._reflectors)
