@@ -84,3 +84,18 @@ async def served(xds, tmp_path):
     _coalescer, tasks = feed(source, pipeline)
     yield source, pipeline, server
     await cancel(tasks)
+
+
+@pytest.fixture(scope="session")
+def real_kube():
+    """A real kube-apiserver + etcd with our CRDs and RBAC (tests/real_kube.py says how to use it)."""
+    from tests.real_kube import start_real_kube
+    yield from start_real_kube()
+
+
+@pytest.fixture
+def kube_namespace(real_kube):
+    """A fresh namespace on `real_kube`, emptied on teardown with the control plane's Leases and memory."""
+    namespace = real_kube.new_namespace()
+    yield namespace
+    real_kube.clean_namespace(namespace)
