@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import errno
+import fcntl
 import logging
+import os
 import re
+import signal
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import watchfiles
 import yaml
 
 from controlplane.model import crds, kube
@@ -65,6 +71,27 @@ _SERVICE_NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _SUBDOMAIN_RULE = ("lowercase letters, digits, '-' and '.', starting and ending with a letter or digit, "
                    "at most 253 characters")
 _LABEL_RULE = "lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters"
+
+Stamp = tuple[int, int, int, int]
+"""(mtime, ctime, size, inode) of a file: a write or a rename into place changes it."""
+UNREADABLE: Stamp = (0, 0, -1, 0)
+"""The stamp of a path that cannot be looked at (a link loop): no file's stamp."""
+
+EVENTS, POLL = "events", "poll"
+MODE_VARIABLE = "CONTROLPLANE_FILE_WATCH"
+EVENT_STEP_MS = 5
+"""How often watchfiles looks for events the kernel queued, and how long a batch waits for more:
+what a change costs in latency, against wake-ups when nothing happens (0.2 ms of CPU a second)."""
+EVENT_BATCH_MS = 50
+"""A burst of events is handed over at least this often."""
+LOAD_GAP = 0.05
+"""At most one re-read of the directory per LOAD_GAP seconds: a burst costs a few, not one per file."""
+SETTLE = 0.1
+"""Where no lease tells whether a file is still open for writing, it is read once its stamp has
+stayed the same for SETTLE seconds."""
+RECHECK_FIRST, RECHECK_LAST = 0.01, 0.5
+"""A file not complete yet is looked at again after 10 ms, then twice as long each time, up to 0.5 s."""
+logging.getLogger("watchfiles").setLevel(logging.WARNING)  # it logs every batch of events at INFO
 
 
 class ManifestError(Exception):
@@ -241,23 +268,73 @@ def _name_problems(document: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def open_for_writing(path: Path) -> bool | None:
+    """Whether a process has `path` open for writing; None where that cannot be told.
+
+    Linux grants a read lease only on a file no process has open for writing (fcntl(2),
+    F_SETLEASE), so taking one and giving it back at once tells, whatever the writer (an editor,
+    a `>` redirection, a copy). Only the file's owner (or root) may take a lease, and a network file
+    system's other clients are not seen: there the caller waits for the file to settle instead."""
+    if not hasattr(fcntl, "F_SETLEASE"):
+        return None
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block us
+    except OSError:
+        return None
+    try:
+        # A writer opening the file while we hold the lease makes the kernel signal us: SIGURG, which
+        # is ignored, not SIGIO, which would end the process. The writer waits the microseconds we hold it.
+        fcntl.fcntl(descriptor, fcntl.F_SETSIG, signal.SIGURG)
+        fcntl.fcntl(descriptor, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+    except OSError as error:
+        return True if error.errno == errno.EAGAIN else None  # EAGAIN: open for writing; else not ours, no leases
+    else:
+        fcntl.fcntl(descriptor, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(descriptor)
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """The directory's device and inode: another one at the same path (moved into place) is another directory."""
+    try:
+        status = directory.stat()
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino) if stat.S_ISDIR(status.st_mode) else None
+
+
 class DirectorySource:
     """Loads a directory into a Store and reloads it when its files change."""
 
-    def __init__(self, directory: Path | str, *, interval: float = 0.25):
+    def __init__(self, directory: Path | str, *, interval: float = 0.25, mode: str | None = None):
+        """`interval`: how often to poll where there are no file-system events. `mode`: EVENTS or
+        POLL; by default the CONTROLPLANE_FILE_WATCH environment variable, else EVENTS."""
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ManifestError(self.directory, "is not a directory of manifests")
         self.interval = interval
+        self.mode = mode or os.environ.get(MODE_VARIABLE) or EVENTS
+        if self.mode not in (EVENTS, POLL):
+            raise ManifestError(self.directory, f"{MODE_VARIABLE}={self.mode!r} is not a way to watch it; set "
+                                                f"{EVENTS} (file-system events) or {POLL}, or leave it unset")
         # Invariant: no key is in two files' served objects; `_holders` maps each to its file.
         self._by_file: dict[Path, dict[ObjectKey, Mapping[str, Any]]] = {}  # served: each file's last good objects
         self._holders: dict[ObjectKey, Path] = {}
         self._waiting: dict[Path, dict[ObjectKey, Mapping[str, Any]]] = {}  # read, but defining a served object
-        self._polled: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file at the last poll
-        self._applied: dict[Path, tuple[int, int]] = {}  # (mtime, size) of every file when it was read
+        self._applied: dict[Path, Stamp] = {}  # the stamp of every file when it was read
+        self._changing: dict[Path, tuple[Stamp, int, float]] = {}  # changed, not read yet: stamp, since which look, when
+        self._looks = 0
+        self._gone = False
+        self._announced: set[Path] = set()  # files said to be open for writing
         self.errors: dict[Path, ManifestError] = {}
 
-    def _files(self) -> dict[Path, tuple[int, int]]:
+    @property
+    def pending(self) -> bool:
+        """Whether a changed file waits to be complete (its writer has it open, or it has not settled)."""
+        return bool(self._changing)
+
+    def _files(self) -> dict[Path, Stamp]:
         found = {}
         for path in sorted([*self.directory.rglob("*.yaml"), *self.directory.rglob("*.yml")]):
             if any(part.startswith(".") for part in path.relative_to(self.directory).parts):
@@ -266,28 +343,42 @@ class DirectorySource:
                 status = path.stat()
             except FileNotFoundError:  # deleted since, or a dangling link: as good as absent
                 continue
-            except OSError:  # a link loop, say: (0, -1) is no file's stamp, so it is read once, and refused
-                found[path] = (0, -1)
+            except OSError:  # a link loop, say: UNREADABLE is no file's stamp, so it is read once, and refused
+                found[path] = UNREADABLE
                 continue
-            found[path] = (status.st_mtime_ns, status.st_size)
+            found[path] = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino)
         return found
 
     def load(self, *, settled_only: bool = False) -> bool:
         """Re-read changed files; returns whether the set of objects may have changed.
 
-        With `settled_only`, a changed file waits until a later call finds it unchanged.
+        With `settled_only`, a changed file waits until it is complete (`_complete`). A directory
+        that is gone keeps serving what its files served, until it is back.
         """
-        files = self._files()
-        previous_poll, self._polled = self._polled, files
+        self._looks += 1
+        if _identity(self.directory) is None:
+            if not self._gone:
+                log.error("%s is gone: keeping the %d objects its files served; changes apply again once it is "
+                          "back", self.directory, sum(len(objects) for objects in self._by_file.values()))
+            self._gone = True
+            return False
+        if self._gone:
+            log.warning("%s is back: reading its files again", self.directory)
+            self._gone = False
+        files, now = self._files(), time.monotonic()
         removed = set(self._applied) - set(files)
         for path in removed:
             del self._applied[path]
             self._serve(path, None)
             self._waiting.pop(path, None)
             self.errors.pop(path, None)
-        changed = [path for path, stamp in files.items() if self._applied.get(path) != stamp
-                   and (not settled_only or previous_poll.get(path) == stamp)]
+        changed = [path for path, stamp in files.items() if self._applied.get(path) != stamp]
+        self._changing = {path: self._changing.get(path, (None, 0, 0.0)) for path in changed}
+        if settled_only:
+            changed = [path for path in changed if self._complete(path, files[path], now)]
         for path in changed:
+            del self._changing[path]
+            self._announced.discard(path)
             self._applied[path] = files[path]
             try:
                 self._waiting[path] = {ObjectKey.of(obj): obj for obj in parse_file(path)}
@@ -297,6 +388,28 @@ class DirectorySource:
         if removed or changed:
             self._apply_waiting()
         return bool(removed or changed)
+
+    def _complete(self, path: Path, stamp: Stamp, now: float) -> bool:
+        """Whether a changed file is written in full: no process has it open for writing and, where
+        that cannot be told (or when polling, where a writer may be on another machine), its stamp
+        stayed the same for SETTLE seconds (polling: since the previous poll).
+
+        Editors and `>` redirections truncate a file before writing it: reading it in between would
+        apply an empty file, deleting its objects, and a parse error that follows would then keep
+        that empty state as the "last good" one."""
+        seen, look, since = self._changing[path]
+        if seen != stamp:
+            self._changing[path] = (stamp, self._looks, now)
+            look, since = self._looks, now
+        if stamp == UNREADABLE:
+            return True  # read at once: reading it says what is wrong
+        writing = open_for_writing(path)
+        if writing and now - since >= 1.0 and path not in self._announced:
+            log.info("%s is open for writing by another program: its change applies once it is closed", path)
+            self._announced.add(path)
+        if self.mode == POLL:
+            return not writing and look < self._looks
+        return writing is False or (writing is None and now - since >= SETTLE)
 
     def _apply_waiting(self) -> None:
         """Serve every file read that can be without defining an object twice; refuse the rest."""
@@ -353,11 +466,67 @@ class DirectorySource:
         store.origins = {key: str(path) for path, objects in self._by_file.items() for key in objects}
         return store
 
+
     async def watch(self, on_change: Callable[[Store], None]) -> None:
         """Call `on_change` with the current objects now and after every change, until cancelled."""
         self.load()
         on_change(self.store())
+        if self.mode == EVENTS:
+            try:
+                await self._follow_events(on_change)
+            except (OSError, RuntimeError) as error:  # no inotify here, or its limits reached (fs.inotify.*)
+                log.warning("%s: file-system events are not available (%s: %s); polling it every %gs instead",
+                            self.directory, type(error).__name__, error, self.interval)
+                self.mode = POLL
+        else:
+            log.info("polling %s every %gs for changes (%s=%s)", self.directory, self.interval, MODE_VARIABLE, POLL)
         while True:
             await asyncio.sleep(self.interval)
             if await asyncio.to_thread(self.load, settled_only=True):
                 on_change(self.store())
+
+    async def _follow_events(self, on_change: Callable[[Store], None]) -> None:
+        """Re-read on file-system events, until a watcher fails. Events only say when to look: what
+        changed is what the files' stamps say, so a hidden file's event (a ConfigMap volume swaps its
+        `..data` link) finds the files that changed through it."""
+        log.info("watching %s for changes with file-system events (%s=%s polls it instead)", self.directory,
+                 MODE_VARIABLE, POLL)
+        while True:
+            identity = _identity(self.directory)
+            if identity is None:  # gone: look for it again, without events until it is back
+                self.load(settled_only=True)
+                await asyncio.sleep(self.interval * 2)
+                continue
+            await self._follow_directory(on_change, identity)
+            if self.load(settled_only=True):  # moved away, or another directory moved into place
+                on_change(self.store())
+
+    async def _follow_directory(self, on_change: Callable[[Store], None], identity: tuple[int, int]) -> None:
+        """Re-read on each batch of events in the directory `identity` is, until it is gone or replaced.
+        A burst (a `git checkout` of 1,000 files) is one batch per EVENT_BATCH_MS at most, read at most
+        once per LOAD_GAP; a file that is not complete yet is looked at again, sooner at first."""
+        loop = asyncio.get_running_loop()
+        events = watchfiles.awatch(self.directory, watch_filter=None, debounce=EVENT_BATCH_MS, step=EVENT_STEP_MS,
+                                   force_polling=False, recursive=True, ignore_permission_denied=True)
+        batch = asyncio.ensure_future(anext(events))
+        await asyncio.sleep(0)  # the watcher starts (the first step of `batch`): a change from now on is an event
+        recheck, loaded_at = RECHECK_FIRST, -LOAD_GAP
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, loaded_at + LOAD_GAP - loop.time()))
+                loaded_at = loop.time()
+                if await asyncio.to_thread(self.load, settled_only=True):
+                    on_change(self.store())
+                if _identity(self.directory) != identity:
+                    return
+                done, _ = await asyncio.wait({batch}, timeout=recheck if self.pending else None)
+                if batch in done:
+                    batch.result()  # a watcher that failed raises here
+                    batch = asyncio.ensure_future(anext(events))
+                    recheck = RECHECK_FIRST
+                else:
+                    recheck = min(recheck * 2, RECHECK_LAST)
+        finally:
+            batch.cancel()
+            await asyncio.gather(batch, return_exceptions=True)
+            await events.aclose()
