@@ -297,9 +297,9 @@ def test_the_extremes_of_every_range_load_in_envoy(tmp_path):
                                   "EndpointSlice's addressType is IPv4)"),
     (_slice("IPv4", "localhost"), "endpoints[0].addresses[0]: 'localhost' is not an IPv4 address"),
     (_slice("IPv6", "10.0.0.1"), "endpoints[0].addresses[0]: '10.0.0.1' is not an IPv6 address"),
-    (_slice("IPv4", port=70000), "ports[0].port: Input should be less than or equal to 65535 (it is 70000)"),
-    (_slice("IPv4", port=-1), "ports[0].port: Input should be greater than or equal to 1 (it is -1)"),
-    (_slice("IPv4", port=2**32), "ports[0].port: Input should be less than or equal to 65535 (it is 4294967296)"),
+    (_slice("IPv4", port=70000), "ports[0].port: must be at most 65535 (it is 70000)"),
+    (_slice("IPv4", port=-1), "ports[0].port: must be at least 1 (it is -1)"),
+    (_slice("IPv4", port=2**32), "ports[0].port: must be at most 65535 (it is 4294967296)"),
 ])
 def test_a_bad_endpoint_slice_raises_a_validation_error_that_says_what_is_wrong(raw, message):
     with pytest.raises(ValidationError) as raised:
@@ -314,7 +314,7 @@ def test_fqdn_endpoint_slices_and_absent_ports_are_not_refused():
 
 
 @pytest.mark.parametrize(("ports", "message"), [
-    ([{"port": 70000}], "spec.ports[0].port: Input should be less than or equal to 65535 (it is 70000)"),
+    ([{"port": 70000}], "spec.ports[0].port: must be at most 65535 (it is 70000)"),
     ([{"port": 80, "targetPort": "HTTP_x"}], "spec.ports[0].targetPort: 'HTTP_x' is neither a port number "
                                              "(1-65535) nor a port name"),
     ([{"port": 80, "targetPort": 70000}], "spec.ports[0].targetPort: 70000 is not a port number (1-65535)"),

@@ -28,16 +28,17 @@ from tests.objects import NS, service
     ("- just\n- a list\n", "document 1 is not a mapping"),
     ("kind: Service\nmetadata: {}\n", "document 1 has no kind or no metadata.name"),
     ("kind: Service\nmetadata: [api]\n", "document 1 has no kind or no metadata.name"),
-    ("kind: Backend\nmetadata: {name: 7}\n", "document 1 (Backend 7): metadata.name: Input should be a valid string"),
+    ("kind: Backend\nmetadata: {name: 7}\n", "document 1 (Backend 7): metadata.name: must be a string (it is 7)"),
     ("kind: Service\nmetadata: {name: api}\nspec: {ports: [{name: http, port: http}]}\n",
-     "document 1 (Service api): spec.ports[0].port: Input should be a valid integer"),
+     "document 1 (Service api): spec.ports[0].port: must be a whole number, such as 8080 (it is 'http')"),
     ("kind: ConfigMap\nmetadata: {name: x}\n---\nkind: EndpointSlice\nmetadata: {name: api-1}\n"
-     "endpoints: [{addresses: 10.0.0.1}]\n", "document 2 (EndpointSlice api-1): endpoints[0].addresses: Input should "
-     "be a valid list"),
+     "endpoints: [{addresses: 10.0.0.1}]\n", "document 2 (EndpointSlice api-1): endpoints[0].addresses: must be a "
+     "list (it is '10.0.0.1')"),
     ("kind: Backend\nmetadata: {name: api, labels: [x], generation: two}\n",
-     "metadata.labels: Input should be a valid dictionary; metadata.generation: Input should be a valid integer"),
-    ("kind: Secret\nmetadata: {name: tls}\ndata: [tls.crt]\n", "document 1 (Secret tls): data: Input should be a "
-     "valid dictionary"),
+     "metadata.labels: must be a mapping (key: value) (it is ['x']); metadata.generation: must be a whole number, "
+     "such as 8080 (it is 'two')"),
+    ("kind: Secret\nmetadata: {name: tls}\ndata: [tls.crt]\n", "document 1 (Secret tls): data: must be a mapping "
+     "(key: value) (it is ['tls.crt'])"),
 ])
 def test_parse_errors_say_where(tmp_path, text, message):
     path = tmp_path / "bad.yaml"

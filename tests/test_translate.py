@@ -47,17 +47,17 @@ BAD_BACKENDS = [
     ("unknown field", [*app("api", circuitBreakers={"default": {"maxConection": 5}})], "Invalid",
      "spec.circuitBreakers.default.maxConection: unknown field"),
     ("absurd budget", [*app("api", circuitBreakers={"default": {"maxConnections": -3}})], "Invalid",
-     "spec.circuitBreakers.default.maxConnections: Input should be greater than or equal to 1"),
+     "spec.circuitBreakers.default.maxConnections: must be at least 1 (it is -3)"),
     ("websocket typo", [*app("api", websocket={"circuitBreaker": {"maxConnections": 5}})], "Invalid",
      "spec.websocket.circuitBreaker: unknown field"),
     ("absurd websocket budget", [*app("api", websocket={"circuitBreakers": {"maxRequests": 0}})], "Invalid",
-     "spec.websocket.circuitBreakers.maxRequests: Input should be greater than or equal to 1"),
+     "spec.websocket.circuitBreakers.maxRequests: must be at least 1 (it is 0)"),
     ("bad TLS hostname", [*app("api", tls={"caSecret": "ca", "hostname": "https://api"})], "Invalid",
      "spec.tls.hostname: 'https://api' is not a DNS name"),
     ("both paths", [*app("api", routes=[{"path": "/a", "pathPrefix": "/a"}])], "Invalid",
      "set exactly one of pathPrefix and path"),
     ("relative path", [*app("api", routes=[{"pathPrefix": "api"}])], "Invalid", "spec.routes[0].pathPrefix"),
-    ("no routes", [*app("api", routes=[])], "Invalid", "spec.routes: List should have at least 1 item"),
+    ("no routes", [*app("api", routes=[])], "Invalid", "spec.routes: needs at least 1 item (it has 0)"),
     ("duplicate route in itself", [*app("api", routes=[{"pathPrefix": "/a"}, {"pathPrefix": "/a"}])],
      "DuplicateRoute", "spec.routes[1] repeats an earlier route"),
     ("route another backend has", [*app("api", routes=[{"pathPrefix": "/shared"}]),
@@ -96,7 +96,7 @@ def test_conflicting_gateway_port_is_refused_on_the_later_gateway():
 
 def test_invalid_gateway_message_names_the_field():
     bad = gateway(listeners=[{"name": "http", "port": 70000}])
-    assert "spec.listeners[0].port: Input should be less than or equal to 65535" in accepted(
+    assert "spec.listeners[0].port: must be at most 65535 (it is 70000)" in accepted(
         translate(bad), "Gateway", "edge").message
 
 

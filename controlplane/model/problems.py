@@ -3,7 +3,8 @@
 One wording for every object we validate: our CRDs (as status conditions) and the Kubernetes
 objects a manifest file holds (as the file's error). A user never reads pydantic's own
 vocabulary (`constrained-str`, `function-after[...]`, `Value error,`, `instance of X`, a regex):
-`explain` rewrites it, patterns are named for what they stand for (`_PATTERN_WORDS`), and the
+`explain` rewrites it (`_WORDING`: "must be at most 65535 (it is 70000)", not "Input should be less
+than or equal to 65535"), patterns are named for what they stand for (`_PATTERN_WORDS`), and the
 checks pydantic has no words for (an IP literal, a port) are here too, each raising a
 `PydanticCustomError` with its sentence.
 
@@ -94,12 +95,49 @@ def _what(problem: Mapping[str, Any], context: Mapping[str, Any]) -> str:
                 "protobuf cannot carry to Envoy)")
     if kind == "value_error":
         return message.removeprefix("Value error, ")
-    if kind == "model_type":
-        message = message.split(" or instance of ")[0]  # a Python class name means nothing to a user
-    if message.startswith(("Input should", "String should")) and (
-            isinstance(value, (str, int, float, bool)) or value is None):
-        message += f" (it is {shown(value)})"
-    return message
+    if kind == "missing":
+        return "required, but missing: add it"
+    wording = _WORDING.get(kind)
+    if wording is not None:
+        return wording(value, context) + ("" if kind in ("too_short", "too_long") else f" (it is {shown(value)})")
+    return message  # a sentence of ours (a PydanticCustomError), or pydantic's for a type we never meet
+
+
+def _items(count: int) -> str:
+    return f"{count} item" if count == 1 else f"{count} items"
+
+
+def _whole_number(value: Any, _context: Mapping[str, Any]) -> str:
+    if isinstance(value, str) and value.strip().isdigit():
+        return "must be a whole number, not a string: write it without quotes"
+    return "must be a whole number, such as 8080"
+
+
+_WORDING = {
+    # pydantic's error types, in our words: what is wrong and what would be right. The value is
+    # added after each, as "(it is ...)", but for lists (their length is).
+    "int_type": _whole_number, "int_parsing": _whole_number, "int_from_float": _whole_number,
+    "greater_than_equal": lambda _value, context: f"must be at least {context['ge']}",
+    "greater_than": lambda _value, context: f"must be more than {context['gt']}",
+    "less_than_equal": lambda _value, context: f"must be at most {context['le']}",
+    "less_than": lambda _value, context: f"must be less than {context['lt']}",
+    "string_type": lambda _value, _context: "must be a string",
+    "string_too_short": lambda _value, context: "must not be empty" if context["min_length"] == 1 else
+    f"must have at least {context['min_length']} characters",
+    "string_too_long": lambda _value, context: f"is too long: at most {context['max_length']} characters",
+    "too_short": lambda _value, context: f"needs at least {_items(context['min_length'])} (it has "
+                                         f"{context['actual_length']})",
+    "too_long": lambda _value, context: f"may have at most {_items(context['max_length'])} (it has "
+                                        f"{context['actual_length']})",
+    "list_type": lambda _value, _context: "must be a list",
+    "dict_type": lambda _value, _context: "must be a mapping (key: value)",
+    "model_type": lambda _value, _context: "must be a mapping of fields (name: value)",
+    "model_attributes_type": lambda _value, _context: "must be a mapping of fields (name: value)",
+    "bool_type": lambda _value, _context: "must be true or false",
+    "bool_parsing": lambda _value, _context: "must be true or false",
+    "enum": lambda _value, context: f"must be {context['expected']}",
+    "literal_error": lambda _value, context: f"must be {context['expected']}",
+}
 
 
 def shown(value: Any) -> str:
