@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/grpc_floor.py
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/websocket_surge.py
+	$(BIN)/python bench/kube_propagation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
