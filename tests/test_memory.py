@@ -62,8 +62,10 @@ def test_a_damaged_state_file_is_ignored_with_a_warning(tmp_path, caplog):
     assert "cannot read the last accepted state" in caplog.text
 
 
-def test_the_state_lives_in_a_secret_every_replica_reads(api):
-    kube = KubeApi(api.client())
+def test_the_state_lives_in_a_secret_every_replica_reads(real_kube, kube_namespace):
+    """On a real API server, as the ServiceAccount of k8s/controlplane/rbac.yaml (its Role allows
+    exactly this Secret): created, updated, read by another replica."""
+    kube = KubeApi(real_kube.api_client("controlplane"))
     memory = SecretMemory(kube, "controlplane-system")
     assert memory.load() is None
     translator = to_ir.Translator()
@@ -73,6 +75,8 @@ def test_the_state_lives_in_a_secret_every_replica_reads(api):
     other_replica = to_ir.Translator()
     assert other_replica.restore(SecretMemory(kube, "controlplane-system").load()) == []
     assert other_replica.remembered() == translator.remembered()
+    stored = real_kube.get("v1", "Secret", "controlplane-last-accepted", namespace="controlplane-system")
+    assert stored["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "controlplane"}
 
 
 async def test_the_writer_saves_only_changes_and_only_while_allowed(tmp_path):
