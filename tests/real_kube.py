@@ -253,10 +253,12 @@ class RealKube:
     # ---- requests
 
     def request(self, method: str, path: str, *, user: str = "admin", query: dict[str, str] | None = None,
-                body: Any = None, content_type: str = "application/json", timeout: float = 30) -> dict[str, Any]:
-        """One request; the decoded JSON answer, or KubeError for 4xx/5xx."""
+                body: Any = None, content_type: str = "application/json", accept: str = "application/json",
+                timeout: float = 30) -> dict[str, Any]:
+        """One request; the decoded JSON answer, or KubeError for 4xx/5xx. `accept` may ask for a
+        Table (what kubectl get prints): application/json;as=Table;v=v1;g=meta.k8s.io."""
         api_client = self._clients.get(user) or self._clients.setdefault(user, self.api_client(user))
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         method, url, headers, body, post = api_client.param_serialize(

@@ -181,7 +181,21 @@ class ServiceRef(Spec):
     port: PortOrName = Field(description="The Service port, by number or by name.")
 
 
+_ROUTES_DO_NOT_REPEAT = (
+    "self.routes.all(a, (has(a.headers) && size(a.headers) > 0) || self.routes.exists_one(b, "
+    "(!has(b.headers) || size(b.headers) == 0) && (has(a.path) ? has(b.path) && b.path == a.path : "
+    "!has(b.path) && (!has(a.pathPrefix) || has(b.pathPrefix) && b.pathPrefix == a.pathPrefix))))")
+"""Two routes with the same path (or pathPrefix) and no headers match the same requests. Routes with
+headers are compared by translation (DuplicateRoute): their header lists are sets, and CEL cannot
+compare 128 routes' sets of 16 headers within the API server's cost budget."""
+
+
 class BackendSpec(Spec):
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": _ROUTES_DO_NOT_REPEAT,
+         "message": "routes must not repeat: two routes with the same path (or pathPrefix) and no headers match "
+                    "the same requests; remove one"}]})
+
     gateway: DnsLabel = Field(description="The Gateway, in the Backend's namespace, that serves these routes.")
     listener: DnsLabel | None = Field(None, description="One listener of the Gateway; all of them if unset.")
     service: ServiceRef
