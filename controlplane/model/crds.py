@@ -55,7 +55,13 @@ class ListenerTls(Spec):
     certificate_secret: DnsLabel = Field(description="A kubernetes.io/tls Secret (tls.crt, tls.key) in the "
                                          "Gateway's namespace: the certificate Envoy presents.")
     client_ca_secret: DnsLabel | None = Field(None, description="A Secret with ca.crt: when set, clients must "
-                                              "present a certificate signed by it (mutual TLS).")
+                                              "present a certificate signed by it (mutual TLS). A new ca.crt that "
+                                              "drops a CA is refused unless the Secret's annotation "
+                                              "xds.controlplane.dev/drop-cas lists its SHA-256 fingerprint.")
+    clients_trust_secret: DnsLabel | None = Field(None, description="A Secret with ca.crt: what this listener's "
+                                                  "clients trust. A certificate that does not chain to it is refused. "
+                                                  "Unset: a rotation must chain to the ca.crt of the certificate "
+                                                  "Secret's last valid version.")
 
 
 class Listener(Spec):
@@ -70,6 +76,10 @@ class Listener(Spec):
     protocol: Protocol = Protocol.HTTP
     address: IpAddress = Field("0.0.0.0", description="The IP address Envoy binds, 0.0.0.0 by default "
                                "(:: for IPv6).")
+    hostname: Annotated[str, Field(max_length=253, pattern=r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+                                   r"(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")] | None = Field(
+        None, description="The name clients reach this listener by, as in Gateway API (a wildcard such as "
+        "*.example.com allowed): its certificate must cover it, or a rotation to it is refused.")
     tls: ListenerTls | None = None
 
     @model_validator(mode="after")
@@ -94,6 +104,10 @@ class GatewaySpec(Spec):
     node_cluster: DnsLabel = Field(description="Envoys whose node.cluster equals this get this Gateway.")
     listeners: list[Listener] = Field(min_length=1, max_length=64)
     limits: GatewayLimits = GatewayLimits()
+    min_certificate_lifetime: Annotated[str, Field(min_length=2, max_length=24, pattern=r"^(?:(\d{1,6})h)?"
+                                                   r"(?:(\d{1,6})m)?(?:(\d{1,6})s)?$")] | None = Field(
+        None, description="The remaining lifetime a new certificate of this Gateway must have, such as 24h or "
+        "90m (the default: the serve flag, 24h): a rotation to one that expires sooner is refused.")
 
     @model_validator(mode="after")
     def _unique_listeners(self) -> GatewaySpec:
