@@ -1,4 +1,5 @@
-# The control plane image (tests/e2e builds it and loads it into kind as controlplane:dev).
+# The control plane image: `make image` builds it as controlplane:dev, the name k8s/controlplane/deployment.yaml
+# uses; the README's Kubernetes quickstart (and tests/e2e, with the same steps) loads it into kind.
 FROM python:3.11-slim
 WORKDIR /app
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1

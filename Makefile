@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench crds install clean
+.PHONY: demo test bench crds image install clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: install Python 3.11+ or run 'make PYTHON=python3 ...'"; exit 1; }
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 crds: $(STAMP)
 	$(BIN)/controlplane crds --output k8s/crds
+
+# The control plane's image, as k8s/controlplane/deployment.yaml names it (kind: `kind load docker-image`).
+IMAGE ?= controlplane:dev
+image:
+	docker build -t $(IMAGE) .
 
 bench: $(STAMP)
 	$(BIN)/python bench/xds_fanout.py

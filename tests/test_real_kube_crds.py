@@ -16,7 +16,8 @@ import yaml
 
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir
-from tests.real_kube import CRDS, KubeError
+from tests.e2e.test_kind import quickstart
+from tests.real_kube import CRDS, REPO, KubeError
 
 GROUP_VERSION = "xds.controlplane.dev/v1alpha1"
 
@@ -141,8 +142,8 @@ def test_an_unknown_field_is_refused_by_strict_validation_and_pruned_without_it(
     typo = backend(circuitBreakers={"default": {"maxConection": 10}})
     with pytest.raises(KubeError) as refused:  # what kubectl apply does (fieldValidation=Strict)
         real_kube.create(copy.deepcopy(typo), namespace=kube_namespace)
-    assert refused.value.status == 400 and 'unknown field "spec.circuitBreakers.default.maxConection"' in \
-        refused.value.message, refused.value
+    assert refused.value.status == 400 and 'strict decoding error: unknown field ' \
+        '"spec.circuitBreakers.default.maxConection"' in refused.value.message, refused.value
     stored = real_kube.create(copy.deepcopy(typo), namespace=kube_namespace, field_validation="Ignore")
     assert stored["spec"]["circuitBreakers"] == {"default": {}}  # kubectl apply --validate=false: silently dropped
 
@@ -272,3 +273,28 @@ def test_kubectl_get_shows_why_an_object_is_refused(real_kube, kube_namespace):
         namespace=kube_namespace, subresource="status", user="controlplane")
     row = _table(real_kube, kube_namespace, wide=True)
     assert (row["Accepted"], row["Programmed"], row["Reason"], row["Message"]) == ("True", "True", None, None)
+
+
+def test_the_quickstart_manifests_apply_in_the_quickstart_order(real_kube):
+    """What the README's quickstart applies (tests/e2e runs it on kind) is accepted as written, strictly
+    validated, by a real API server; then deleted, so other tests see none of it."""
+    files = []
+    for step in quickstart():
+        if step.startswith("kubectl apply"):
+            for path in (REPO / argument for argument in step.split()[2:] if argument != "-f"):
+                files += sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    assert REPO / "k8s" / "examples" / "echo.yaml" in files
+    applied = []
+    try:
+        for path in files:
+            for document in yaml.safe_load_all(path.read_text()):
+                if document:
+                    stored = real_kube.apply(document)
+                    applied.append((stored["apiVersion"], stored["kind"], stored["metadata"]))
+        kinds = {kind for _, kind, _ in applied}
+        assert {"Gateway", "Backend", "Deployment", "Service", "ClusterRoleBinding"} <= kinds, kinds
+    finally:
+        for api_version, kind, metadata in reversed(applied):
+            if kind not in ("CustomResourceDefinition", "Namespace", "ServiceAccount", "ClusterRole",
+                            "ClusterRoleBinding", "Role", "RoleBinding"):  # the fixture's own, as shipped
+                real_kube.delete(api_version, kind, metadata["name"], namespace=metadata.get("namespace"))
