@@ -23,6 +23,7 @@ import functools
 import json
 import operator
 import traceback
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,10 @@ class Translation:
     """Objects whose current version is refused, served from their last accepted one -> its generation."""
     failures: dict[ObjectKey, str] = field(default_factory=dict)
     """Objects refused because translating them raised unexpectedly (a bug) -> the traceback."""
+    secret_rotations: tuple[secrets.Rotation, ...] = ()
+    """Secret versions judged by this translation that replace a last valid one (for the log)."""
+    secret_rotations_total: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    """(result, reason) -> rotations since start: the counter controlplane_secret_rotations_total."""
 
 
 class _Rejected(Exception):
@@ -107,13 +112,19 @@ class Translator:
     is kept on purpose: the last valid version of each TLS Secret (see `_secret`).
     """
 
-    def __init__(self):
+    def __init__(self, *, min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME):
+        """`min_certificate_lifetime`: seconds a new certificate must still be valid for, unless its
+        Gateway says otherwise (spec.minCertificateLifetime)."""
+        self._min_lifetime = min_certificate_lifetime
+        self._rotations: list[secrets.Rotation] = []
+        self._rotation_totals: Counter[tuple[str, str]] = Counter()
         self._memo: dict[tuple, tuple[tuple, bool, Any]] = {}
         self._used: set[tuple] = set()
-        # The last Secret value that was valid, per Secret: what Envoys keep getting when a rotation
-        # brings a bad one (the postmortem's outage). Policy, not a cache: it outlives the objects.
-        self._last_valid: dict[tuple[str, str, str], Any] = {}
-        self._last_valid_objects: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+        # The last Secret value that was valid, per Secret and use (secrets.Use: what its user requires):
+        # what Envoys keep getting when a rotation brings a bad one (the postmortem's outage), and what
+        # a rotation must stay trusted by. Policy, not a cache: it outlives the objects.
+        self._last_valid: dict[tuple[str, str, str, secrets.Use | None], secrets.Checked] = {}
+        self._last_valid_objects: dict[tuple[str, str, str, secrets.Use | None], Mapping[str, Any]] = {}
         self._now: float | None = None
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
@@ -145,8 +156,10 @@ class Translator:
                                             "endpoints": [list(e) for e in good.endpoints]}, separators=(",", ":")))
             parts[key] = cached
         self._good_json = parts  # deleted objects' parts go with them
-        last_valid_secrets = [{"use": use, "namespace": namespace, "name": name, "object": obj}
-                              for (use, namespace, name), obj in sorted(self._last_valid_objects.items())]
+        last_valid_secrets = [{"use": kind, "namespace": namespace, "name": name, "object": obj,
+                               **({"for": use.as_json()} if use is not None else {})}
+                              for (kind, namespace, name, use), obj in sorted(self._last_valid_objects.items(),
+                                                                              key=lambda item: repr(item[0]))]
         return (f'{{"version":1,"objects":[{",".join(part for _, part in parts.values())}],"secrets":'
                 f'{json.dumps(last_valid_secrets, separators=(",", ":"))}}}').encode()
 
@@ -162,6 +175,7 @@ class Translator:
         self._served = frozenset(self._good)
         for item in remembered.get("secrets", ()):
             use, namespace, secret = item["use"], item["namespace"], item["name"]
+            for_ = secrets.Use.from_json(item["for"]) if item.get("for") else None  # absent: saved by an older version
             parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use == "certificate"
                            else (secrets.trusted_ca, names.trusted_ca_secret(namespace, secret)))
             try:
@@ -169,8 +183,8 @@ class Translator:
             except secrets.SecretProblem as problem:
                 skipped.append(f"Secret {namespace}/{secret}: {problem}")
                 continue
-            self._last_valid[(use, namespace, secret)] = checked
-            self._last_valid_objects[(use, namespace, secret)] = item["object"]
+            self._last_valid[(use, namespace, secret, for_)] = checked
+            self._last_valid_objects[(use, namespace, secret, for_)] = item["object"]
         return skipped
 
     def _cached(self, key: tuple, inputs: tuple, compute, *args):
@@ -229,13 +243,15 @@ class Translator:
             for name, group in last.groups.items()}
         return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
                            node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
-                           serving_last_accepted=last.serving_last_accepted, failures=last.failures)
+                           serving_last_accepted=last.serving_last_accepted, failures=last.failures,
+                           secret_rotations_total=last.secret_rotations_total)
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
         self._next_validity_change = float("inf")
         self._service_users = {}
         self._expiry: dict[tuple[str, str, str], float] = {}
+        self._rotations = []
         out = Translation(groups={}, conditions={})
         gateways = self._accepted_gateways(view, out)
         listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
@@ -295,6 +311,7 @@ class Translator:
         self._served = frozenset(key for key in out.node_groups if out.conditions[key][0].reason not in _PARTIAL)
         self._partly_served = frozenset(out.node_groups) - self._served
         out.certificate_expiry = self._expiry
+        out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
         return out
 
     def _holders_first(self, view: StoreView, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
@@ -386,11 +403,11 @@ class Translator:
 
     def _upstream_tls(self, view: StoreView, backend: ObjectKey, spec: crds.UpstreamTls,
                       warnings: list[str]) -> ir.UpstreamTls:
-        ca = self._secret(view, backend.namespace, spec.ca_secret, "ca", warnings)
+        ca = self._secret(view, backend, spec.ca_secret, secrets.Use("upstream-ca"), warnings)
         client_certificate = None
         if spec.client_certificate_secret is not None:
-            client_certificate = self._secret(view, backend.namespace, spec.client_certificate_secret, "certificate",
-                                              warnings)
+            client_certificate = self._secret(view, backend, spec.client_certificate_secret,
+                                              secrets.Use("client", min_lifetime=self._min_lifetime), warnings)
         return self._cached(("upstream-tls", backend), (spec.hostname, ca, client_certificate), ir.UpstreamTls,
                             spec.hostname, ca, client_certificate)
 
@@ -432,18 +449,25 @@ class Translator:
         tls, warnings = {}, []
         for listener in given:
             if listener.tls is not None:
-                tls[listener.name] = self._tls(view, key, listener.name, listener.tls, warnings)
+                tls[listener.name] = self._tls(view, key, listener, self._gateway_min_lifetime(spec), warnings)
         for listener in given:
             ports[(spec.node_cluster, listener.port)] = key
         return _Gateway(key, spec, tls, tuple(given)), warnings, conflicts
 
-    def _tls(self, view: StoreView, gateway: ObjectKey, listener: str, spec: crds.ListenerTls,
+    def _gateway_min_lifetime(self, spec: crds.GatewaySpec) -> float:
+        if spec.min_certificate_lifetime is None:
+            return self._min_lifetime
+        return secrets.parse_duration(spec.min_certificate_lifetime)  # the model checked its pattern
+
+    def _tls(self, view: StoreView, gateway: ObjectKey, listener: crds.Listener, min_lifetime: float,
              warnings: list[str]) -> ir.Tls:
-        certificate = self._secret(view, gateway.namespace, spec.certificate_secret, "certificate", warnings)
+        spec = listener.tls
+        use = secrets.Use("server", listener.hostname, min_lifetime, spec.clients_trust_secret)
+        certificate = self._secret(view, gateway, spec.certificate_secret, use, warnings)
         client_ca = None
         if spec.client_ca_secret is not None:
-            client_ca = self._secret(view, gateway.namespace, spec.client_ca_secret, "ca", warnings)
-        return self._cached(("tls", gateway, listener), (certificate, client_ca), ir.Tls, certificate, client_ca)
+            client_ca = self._secret(view, gateway, spec.client_ca_secret, secrets.Use("client-ca"), warnings)
+        return self._cached(("tls", gateway, listener.name), (certificate, client_ca), ir.Tls, certificate, client_ca)
 
     def _watch_validity(self, window: secrets.Window) -> None:
         """Remember the next moment a certificate in use changes validity: a translation at or after
@@ -452,33 +476,58 @@ class Translator:
             if self._now is None or moment > self._now:
                 self._next_validity_change = min(self._next_validity_change, moment)
 
-    def _secret(self, view: StoreView, namespace: str, secret: str, use: str, warnings: list[str]):
-        """A validated Secret value; if the current one is bad, the last valid one, with a warning."""
+    def _secret(self, view: StoreView, user: ObjectKey, secret: str, use: secrets.Use, warnings: list[str]):
+        """A Secret value that passed every check of `use`; if the current version fails one, the last
+        valid version for this use, with a warning. A new version replacing a last valid one is a
+        rotation: counted, and recorded for the log, once per version and user."""
+        namespace, where = user.namespace, f"{user.namespace}/{secret}"
         obj = view.get("Secret", namespace, secret)
-        parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use == "certificate"
+        kind = "certificate" if use.certificate else "ca"
+        parse, name = ((secrets.certificate, names.certificate_secret(namespace, secret)) if use.certificate
                        else (secrets.trusted_ca, names.trusted_ca_secret(namespace, secret)))
-        try:
-            checked = self._cached(("secret", use, namespace, secret), (obj,), _checked_secret, parse, obj,
-                                   f"{namespace}/{secret}", name)
-            self._watch_validity(checked.window)
-            problem = checked.window.problem(self._now) if self._now is not None else None
-            if problem is not None:
-                raise _Rejected("InvalidSecret", problem, unresolved=True)
-        except _Rejected as rejected:
-            previous = self._last_valid.get((use, namespace, secret))
-            if previous is None or (self._now is not None and previous.window.problem(self._now)):
-                raise
-            warnings.append(f"{rejected.message}. Envoys keep the last valid version of this Secret until it is "
-                            "fixed")
+        key = (kind, namespace, secret, use)
+        previous = self._last_valid.get(key) or self._last_valid.get((kind, namespace, secret, None))
+        checked = self._cached(("secret", kind, namespace, secret), (obj,), _parsed_secret, parse, obj, where, name)
+        if isinstance(checked, secrets.Checked):
+            trust = None
+            if use.clients_trust_secret is not None:
+                trust_obj = view.get("Secret", namespace, use.clients_trust_secret)
+                trust = self._cached(("secret", "ca", namespace, use.clients_trust_secret), (trust_obj,),
+                                     _parsed_secret, secrets.trusted_ca, trust_obj, f"{namespace}/"
+                                     f"{use.clients_trust_secret}", names.trusted_ca_secret(namespace,
+                                                                                           use.clients_trust_secret))
+            failures = [*self._cached(("secret-use", key), (checked, previous, trust), _lasting_failures, checked, use,
+                                      previous, trust, f"{namespace}/{use.clients_trust_secret}")]
+            if self._now is not None and checked.window is not None:
+                self._watch_validity(checked.window)
+                new = previous is None or previous.content != checked.content
+                failures += secrets.time_failures(checked, use, now=self._now, new=new)
+        else:
+            failures = list(checked.failures)
+        usable = previous is not None and (self._now is None or previous.window.problem(self._now) is None)
+        if previous is not None and previous.content != secrets.content(obj):
+            self._cached(("rotation", key, user), (obj,), self._rotated, secrets.Rotation(
+                where, f"{user.kind} {user.namespace}/{user.name}", tuple(failures),
+                previous.version if failures and usable else None))
+        if failures:
+            message = secrets.describe(where, failures)
+            if not usable:
+                raise _Rejected("InvalidSecret", message, unresolved=True)
+            warnings.append(f"{message}. Envoys keep the last valid version of this Secret ({previous.version}) until "
+                            "it is fixed")
             self._watch_validity(previous.window)
-            self._expiry[(namespace, secret, use)] = previous.window.not_after.timestamp()
+            self._expiry[(namespace, secret, kind)] = previous.window.not_after.timestamp()
             return previous.value
-        if self._last_valid.get((use, namespace, secret)) is not checked:
-            self._last_valid[(use, namespace, secret)] = checked
-            self._last_valid_objects[(use, namespace, secret)] = obj
+        if previous is not checked:
+            self._last_valid[key] = checked
+            self._last_valid_objects[key] = obj
             self.remembered_changes += 1
-        self._expiry[(namespace, secret, use)] = checked.window.not_after.timestamp()
+        self._expiry[(namespace, secret, kind)] = checked.window.not_after.timestamp()
         return checked.value
+
+    def _rotated(self, rotation: secrets.Rotation) -> None:
+        self._rotations.append(rotation)
+        self._rotation_totals[rotation.result, rotation.reason] += 1
 
 
 def _claim_secrets(origins: dict[str, ObjectKey], key: ObjectKey, *used: ir.Certificate | ir.TrustedCa | None) -> None:
@@ -607,11 +656,16 @@ def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
                        max_connections=max_connections, tls=tls)
 
 
-def _checked_secret(parse, obj, where: str, name: str) -> secrets.Checked:
+def _parsed_secret(parse, obj, where: str, name: str) -> secrets.Checked | secrets.SecretProblem:
     try:
         return parse(obj, where=where, name=name)
     except secrets.SecretProblem as problem:
-        raise _Rejected("InvalidSecret", str(problem), unresolved=True) from None
+        return problem
+
+
+def _lasting_failures(checked: secrets.Checked, use: secrets.Use, previous: secrets.Checked | None,
+                      trust: secrets.Checked | secrets.SecretProblem | None, trust_label: str) -> list[secrets.Failure]:
+    return secrets.lasting_failures(checked, use, previous=previous, clients_trust=trust, trust_label=trust_label)
 
 
 def _route(route: crds.Route, backend: str, websocket: ir.WebSocketCluster | None) -> ir.Route:
