@@ -1,4 +1,13 @@
-"""A small, faithful Kubernetes API test server, over real HTTP on 127.0.0.1.
+"""A small Kubernetes API test server, over real HTTP on 127.0.0.1: for faults a real one cannot make.
+
+Most Kubernetes tests belong on the real kube-apiserver (tests/real_kube.py): it validates the CRD
+schema and CEL, enforces RBAC as shipped, merges status patches, serves selectors and pagination,
+none of which this server models (it took every object, let anyone do anything, and replaced the
+whole status on a "merge patch": ten defects went unseen). Keep this one only for what the real
+server cannot do on demand and fast: cut every open watch at once (`drop_watches()`) while the
+server stays up, send bookmarks every fraction of a second (the real one: about once a minute),
+and answer 410 Gone to a running watch the moment a test calls `compact()` (the real one's watch
+cache keeps serving a window of events after an etcd compaction; there, see `force_gone()`).
 
 Why not kmock: its stateful emulator returns placeholder resourceVersions and does not serve the
 official client's watch requests (see DESIGN.md). This server does what our source relies on:
