@@ -6,8 +6,9 @@ none of which this server models (it took every object, let anyone do anything, 
 whole status on a "merge patch": ten defects went unseen). Keep this one only for what the real
 server cannot do on demand and fast: cut every open watch at once (`drop_watches()`) while the
 server stays up, send bookmarks every fraction of a second (the real one: about once a minute),
-and answer 410 Gone to a running watch the moment a test calls `compact()` (the real one's watch
-cache keeps serving a window of events after an etcd compaction; there, see `force_gone()`).
+and answer 410 Gone to a watch from an older version as soon as a test calls `compact()`, with no
+restart (the real one's watch cache keeps serving a window of events after an etcd compaction;
+there, `force_gone()` restarts it).
 
 Why not kmock: its stateful emulator returns placeholder resourceVersions and does not serve the
 official client's watch requests (see DESIGN.md). This server does what our source relies on:
