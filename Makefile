@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/websocket_surge.py
 	$(BIN)/python bench/kube_propagation.py
+	$(BIN)/python bench/file_propagation.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
