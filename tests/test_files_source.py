@@ -264,7 +264,7 @@ async def test_a_burst_of_1000_writes_is_a_few_publications(tmp_path, watched):
             (tmp_path / f"{name}.yaml").write_text(_manifest(name))
     await asyncio.to_thread(burst)
     await eventually(lambda: published[-1] == _keys(*names), timeout=30, what="all 1,000 files to be served")
-    assert len(published) <= 25, len(published)  # one per file would be 1,001
+    assert len(published) <= 15, len(published)  # one per file would be 1,001; measured 5-6
 
 
 async def test_a_directory_that_disappears_keeps_serving_and_is_read_again_when_back(tmp_path, watched, caplog):

@@ -517,9 +517,9 @@ class DirectorySource:
         try:
             while True:
                 await asyncio.sleep(max(0.0, loaded_at + gap - loop.time()))
-                loaded_at = loop.time()
                 if await asyncio.to_thread(self.load, settled_only=True):
                     on_change(self.store())
+                loaded_at = loop.time()  # after it: a long re-read is no quiet spell
                 if _identity(self.directory) != identity:
                     return
                 done, _ = await asyncio.wait({batch}, timeout=recheck if self.pending else None)
