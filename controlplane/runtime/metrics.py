@@ -18,7 +18,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controlplane.ir import types as ir
 from controlplane.translate.to_ir import Translation
@@ -81,7 +81,13 @@ class ControlPlaneCollector:
             for cluster, priority, budget in _budgets(translation):
                 for resource, limit in _effective_limits(budget):
                     limits.add_metric([cluster, priority, resource], limit)
-        yield from (connected, rejecting, rejected, last_accepted, unresolved, limits, expiry)
+        rotations = CounterMetricFamily("controlplane_secret_rotations", "New versions of a TLS Secret replacing a "
+                                        "last valid one, per object using it: accepted, or refused by the named "
+                                        "check (Envoys keep the last valid version).", labels=["result", "reason"])
+        if translation is not None:
+            for (result, reason), count in sorted(translation.secret_rotations_total.items()):
+                rotations.add_metric([result, reason], count)
+        yield from (connected, rejecting, rejected, last_accepted, unresolved, limits, expiry, rotations)
 
 
 # Envoy's limits where a budget leaves one unset (config.cluster.v3.CircuitBreakers.Thresholds).

@@ -48,6 +48,9 @@ class Pipeline:
             self._cache.set_snapshot(gone, Snapshot())
             del self._builders[gone]
         self._log_problems(translation, view)
+        if translation is not self.last:  # a translation reused whole judged no Secret again
+            for rotation in translation.secret_rotations:
+                log.log(logging.WARNING if rotation.failures else logging.INFO, "%s", rotation.log_line())
         self.last = translation
         if self._on_translated is not None:
             self._on_translated(translation)

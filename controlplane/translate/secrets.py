@@ -93,7 +93,8 @@ class Rotation:
         kept = (f"Envoys keep serving the last valid version ({self.served})" if self.served is not None
                 else "no valid version is left to serve, so what uses it is refused")
         return (f"Secret {self.secret}: rotation refused for {self.user}, check "
-                f"{', '.join(f.check for f in self.failures)} failed: {describe(self.secret, self.failures)}; {kept}")
+                f"{', '.join(f.check for f in self.failures)} failed: {'; '.join(f.text for f in self.failures)}; "
+                f"{kept}")
 
 
 @dataclass(frozen=True)
