@@ -206,7 +206,7 @@ def certificate_parts(chain_pem: bytes | None, key_pem: bytes | None, ca_pem: by
     pipeline sees them all at once); `labels` names the parts in messages (files, for the CLI)."""
     label = {part: part for part in PARTS} | dict(labels or {})
     chain = _certificates(chain_pem, label["tls.crt"], failures) if chain_pem is not None else []
-    authorities = _certificates(ca_pem, label["ca.crt"], failures) if ca_pem else []
+    authorities = _certificates(ca_pem, label["ca.crt"], failures) if ca_pem is not None else []
     key = _private_key(key_pem, label["tls.key"], failures) if key_pem is not None else None
     window = None
     if chain:
@@ -256,9 +256,9 @@ def lasting_failures(checked: Checked, use: Use, *, previous: Checked | None = N
         return _dropped_authorities(checked, previous) if use.purpose == "client-ca" else []
     if not checked.chain:
         return []
-    leaf, found = checked.chain[0], []
+    leaf, found, crt = checked.chain[0], [], _label(checked)
     if use.hostname is not None and not _covers(leaf, use.hostname):
-        found.append(Failure("Hostname", f"the certificate in tls.crt covers {_dns_names(leaf)}, not "
+        found.append(Failure("Hostname", f"the certificate in {crt} covers {_dns_names(leaf)}, not "
                              f"{use.hostname} (the listener's hostname), so clients would refuse it; issue one "
                              f"with {use.hostname} in its DNS subjectAltNames"))
     wanted = ExtendedKeyUsageOID.SERVER_AUTH if use.purpose == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -266,11 +266,11 @@ def lasting_failures(checked: Checked, use: Use, *, previous: Checked | None = N
     if usages is not None and wanted not in usages:
         allowed = ", ".join(_EKU_NAMES.get(u, u.dotted_string) for u in usages) or "nothing"
         who = "a listener's clients require" if use.purpose == "server" else "the Backend's endpoints require"
-        found.append(Failure("ExtendedKeyUsage", f"the certificate in tls.crt allows {allowed} (extended key usage), "
+        found.append(Failure("ExtendedKeyUsage", f"the certificate in {crt} allows {allowed} (extended key usage), "
                              f"not {_EKU_NAMES[wanted]}, which {who}; issue it with {_EKU_NAMES[wanted]}"))
     key_usage = _extension(leaf, x509.KeyUsage)
     if key_usage is not None and not key_usage.digital_signature:
-        found.append(Failure("KeyUsage", f"the certificate in tls.crt has key usage without digitalSignature, which "
+        found.append(Failure("KeyUsage", f"the certificate in {crt} has key usage without digitalSignature, which "
                              f"a TLS handshake needs to sign with its {checked.key_kind or 'private'} key; issue it "
                              "with digitalSignature"))
     if use.clients_trust_secret is not None:
@@ -416,9 +416,14 @@ def _clients_trust_failures(checked: Checked, trust: Checked | SecretProblem | N
                         "tls.clientsTrustSecret or that Secret")]
     if _reaches(checked.chain, trust.authorities):
         return []
-    return [Failure("ClientsTrust", f"the certificate in tls.crt (issued by {_issuer(checked.chain)}) does not chain "
+    return [Failure("ClientsTrust", f"the certificate in {_label(checked)} (issued by {_issuer(checked.chain)}) "
+                    "does not chain "
                     f"to what the listener's clients trust ({label}: {', '.join(map(_subject, trust.authorities))}); "
                     "give clients the new CA first (add it to that Secret), then rotate")]
+
+
+def _label(checked: Checked) -> str:
+    return checked.window.key if checked.window is not None else "tls.crt"
 
 
 def _continuity_failures(checked: Checked, previous: Checked) -> list[Failure]:
@@ -434,7 +439,8 @@ def _continuity_failures(checked: Checked, previous: Checked) -> list[Failure]:
         return []
     else:
         trusted = _issuer(previous.chain)
-    return [Failure("NewIssuer", f"the certificate in tls.crt moves to issuer {_issuer(checked.chain)}, which the "
+    return [Failure("NewIssuer", f"the certificate in {_label(checked)} moves to issuer {_issuer(checked.chain)}, "
+                    "which the "
                     f"last valid version did not list in its ca.crt (it trusted {trusted}), so clients may not "
                     "trust it yet: first add the new CA to ca.crt keeping the certificate, let clients take it, "
                     "then rotate the certificate (or declare tls.clientsTrustSecret)")]
