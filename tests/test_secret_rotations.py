@@ -202,7 +202,8 @@ async def envoy_secrets(envoy) -> dict[str, tuple[str, str]]:
     """What Envoy has loaded over SDS: name -> (version, when), which changes with any new secret."""
     dump = await envoy.config_dump()
     section = next(c for c in dump["configs"] if c["@type"].endswith("SecretsConfigDump"))
-    return {s["name"]: (s.get("version_info"), s.get("last_updated")) for s in section.get("dynamic_active_secrets", [])}
+    return {secret["name"]: (secret.get("version_info"), secret.get("last_updated"))
+            for secret in section.get("dynamic_active_secrets", [])}
 
 
 async def presented(port: int, context: ssl.SSLContext) -> bytes:

@@ -175,8 +175,9 @@ def certificate(secret: Mapping[str, Any] | None, *, where: str, name: str) -> C
         raise SecretProblem(where, [Failure("NotFound", "does not exist: create it (kubectl create secret tls), or "
                                             "fix the name")])
     if secret.get("type") != "kubernetes.io/tls":
-        raise SecretProblem(where, [Failure("WrongType", f"is of type {secret.get('type') or 'Opaque'!r}: a "
-                                            "certificate needs a kubernetes.io/tls Secret (kubectl create secret tls)")])
+        kind = secret.get("type") or "Opaque"
+        raise SecretProblem(where, [Failure("WrongType", f"is of type {kind!r}: a certificate needs a "
+                                            "kubernetes.io/tls Secret (kubectl create secret tls)")])
     failures: list[Failure] = []
     parts = {part: _data(secret, part, failures, required=part != "ca.crt") for part in PARTS}
     checked = certificate_parts(parts["tls.crt"], parts["tls.key"], parts["ca.crt"], failures, where=where, name=name)
