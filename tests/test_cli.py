@@ -95,8 +95,11 @@ def test_render_bootstrap_inlines_listener_and_upstream_tls_secrets_and_envoy_ac
     from tests.certs import ca_secret, issue, tls_secret
     from tests.harness import write
     from tests.objects import app, gateway
+    from cryptography.x509.oid import ExtendedKeyUsageOID
     authority = issue("test CA", ca=True)
-    server = issue("localhost", issuer=authority)
+    # presented to clients and, upstream, to the endpoints: both extended key usages
+    server = issue("localhost", issuer=authority,
+                   extended_usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH))
     write(tmp_path / "all.yaml", gateway(listeners=[
         {"name": "https", "port": 8443, "protocol": "HTTPS",
          "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
