@@ -493,7 +493,7 @@ def _unknown_fields(b: _Builder) -> None:
     for kind, path, value, edit in [
             ("Gateway", ("spec", "listener"), "http", False),
             ("Gateway", ("spec", "listeners", 0, "prot"), "HTTP", False),
-            ("Gateway", ("spec", "listeners", 0, "hostname"), "shop.example", True),
+            ("Gateway", ("spec", "listeners", 0, "hostName"), "shop.example", True),  # the field is hostname
             ("Gateway", ("spec", "limits", "maxConnection"), 100, False),
             ("Gateway", ("spec", "foo"), 1, True),
             ("Backend", ("spec", "route"), [{"pathPrefix": "/x"}], False),
