@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from controlplane import check_secret
 from controlplane.runtime import demo
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
@@ -108,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "container); the server certificate must name the --xds-address host")
     bootstrap.add_argument("--xds-client-cert", metavar="PATH", help="Envoy's certificate, for mutual TLS")
     bootstrap.add_argument("--xds-client-key", metavar="PATH", help="Envoy's private key, for mutual TLS")
+    check_secret.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "check-secret":  # its output is the checks' verdict: no log lines around it
+        return check_secret.run(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)

@@ -261,3 +261,17 @@ async def _fetched(fetch, node):
         return await fetch(d.DiscoveryRequest(node=node))
     except grpc.aio.AioRpcError:
         return None
+
+
+def test_check_secret_is_a_command_of_controlplane(tmp_path):
+    """`controlplane check-secret` as a pipeline runs it: the verdict on stdout, no log lines, exit 1."""
+    import yaml
+
+    from tests.test_check_secret import WORLD
+    secret = WORLD.certificate_secret(WORLD.server(dns_names=("other.example.test",)))
+    (tmp_path / "secret.yaml").write_text(yaml.safe_dump(secret))
+    done = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "check-secret", "--secret",
+                           str(tmp_path / "secret.yaml"), "--hostname", WORLD.hostname],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stdout.startswith("FAIL Hostname: "), done.stdout + done.stderr
+    assert done.stderr == ""
