@@ -58,3 +58,22 @@ async def test_a_failed_publication_is_logged_and_the_next_change_is_still_publi
         await asyncio.sleep(0.1)
     assert attempts == [0, 1]
     assert "publishing failed" in caplog.text and "a translation bug" in caplog.text
+
+
+def test_a_refused_object_is_logged_once_then_as_accepted_or_deleted(caplog):
+    from controlplane.runtime.pipeline import Pipeline
+    from controlplane.sources.store import ObjectKey, Store
+    from controlplane.xds import SnapshotCache
+    from tests.objects import NS, app, gateway
+
+    pipeline = Pipeline(SnapshotCache())
+    store = Store([gateway(), *app("api", service="missing"), *app("web", service="gone")])
+    caplog.set_level("INFO")
+    pipeline.publish(store.view())
+    pipeline.publish(store.view())
+    assert caplog.text.count(f"Backend {NS}/api not accepted") == 1
+    store.put(app("api")[0])  # fixed: it names its own Service now
+    store.delete(ObjectKey("Backend", NS, "web"))
+    pipeline.publish(store.view())
+    assert f"Backend {NS}/api accepted now" in caplog.text
+    assert f"Backend {NS}/web deleted" in caplog.text and f"Backend {NS}/web accepted now" not in caplog.text

@@ -73,7 +73,10 @@ class Pipeline:
             if self._reported.get(key) != (message, origin):
                 log.warning("%s%s not accepted: %s", key, f" (in {origin})" if origin else "", message)
         for key in sorted(set(self._reported) - set(problems)):
-            log.info("%s accepted now", key)
+            if view.get(*key) is not None:
+                log.info("%s accepted now", key)
+            else:
+                log.info("%s deleted (it was not accepted; its problem is gone with it)", key)
         self._reported = problems
 
 
