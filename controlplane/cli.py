@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from controlplane import check_secret
-from controlplane.runtime import demo
+from controlplane.runtime import demo, logs
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
 from controlplane.translate import render, to_ir, to_xds
@@ -55,8 +56,20 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("controlplane")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="controlplane", description="An xDS control plane for Envoy.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper, default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one object per line (message, level, logger, and node, group, type, version "
+                        "where they apply), for log pipelines")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_demo = commands.add_parser("demo", help="control plane, a real Envoy and sample backends on 127.0.0.1")
@@ -117,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-secret":  # its output is the checks' verdict: no log lines around it
         return check_secret.run(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(args.log_level, args.log_format)
     if args.command == "demo":
         ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)
         try:

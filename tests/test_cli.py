@@ -275,3 +275,40 @@ def test_check_secret_is_a_command_of_controlplane(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1 and done.stdout.startswith("FAIL Hostname: "), done.stdout + done.stderr
     assert done.stderr == ""
+
+
+def test_json_logs_are_one_object_per_line_with_the_object_and_file(tmp_path):
+    """`serve --log-format json` with a refused Backend: every line of its log parses as JSON, and
+    the refusal carries the object and the file as fields a log pipeline can filter on."""
+    import json
+
+    import yaml
+
+    from tests.objects import NS, backend, gateway
+    (tmp_path / "edge.yaml").write_text(yaml.safe_dump_all([gateway(), backend("api", service="missing")]))
+    serving = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "--log-format", "json", "--log-level",
+                                "info", "serve", "--source", str(tmp_path), "--state-file", "none",
+                                "--xds-address", f"127.0.0.1:{free_port()}", "--metrics-address", ""],
+                               stderr=subprocess.PIPE, text=True, cwd=REPO)
+    lines: list[dict] = []
+    try:
+        for line in serving.stderr:  # bounded: serve logs the refusal within a second of starting
+            lines.append(json.loads(line))
+            if "not accepted" in lines[-1]["message"] or len(lines) > 50:
+                break
+    finally:
+        serving.send_signal(signal.SIGTERM)
+        rest = serving.communicate(timeout=30)[1]
+    lines += [json.loads(line) for line in rest.splitlines()]
+    refusal = next(entry for entry in lines if "not accepted" in entry["message"])
+    assert refusal["level"] == "WARNING" and refusal["object"] == f"Backend {NS}/api"
+    assert refusal["file"] == str(tmp_path / "edge.yaml")
+    assert all({"time", "level", "logger", "message"} <= entry.keys() for entry in lines)
+
+
+def test_version_is_the_installed_package_version(capsys):
+    import importlib.metadata
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"controlplane {importlib.metadata.version('controlplane')}"

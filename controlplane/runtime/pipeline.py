@@ -71,7 +71,8 @@ class Pipeline:
                     for accepted in conditions[:1] if accepted.status == "False"}
         for key, (message, origin) in sorted(problems.items()):
             if self._reported.get(key) != (message, origin):
-                log.warning("%s%s not accepted: %s", key, f" (in {origin})" if origin else "", message)
+                log.warning("%s%s not accepted: %s", key, f" (in {origin})" if origin else "", message,
+                            extra={"object": key, "file": origin})
         for key in sorted(set(self._reported) - set(problems)):
             if view.get(*key) is not None:
                 log.info("%s accepted now", key)
