@@ -102,10 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
                            help="require Envoys to present a certificate signed by this CA (mutual TLS)")
 
     run_render = commands.add_parser("render", help="print the Envoy resources a node group gets")
-    run_render.add_argument("--source", required=True, metavar="PATH", help="a directory of YAML manifests")
+    run_render.add_argument("--source", required=True, metavar="kubernetes|PATH",
+                            help="a directory of YAML manifests, or kubernetes: the live cluster's objects, read once")
     run_render.add_argument("--node-cluster", required=True, help="the node group (a Gateway's nodeCluster)")
-    run_render.add_argument("--format", choices=["yaml", "json", "bootstrap"], default="yaml",
-                            help="bootstrap: a static Envoy bootstrap with everything inline")
+    run_render.add_argument("--format", choices=["yaml", "json", "config-dump", "bootstrap"], default="yaml",
+                            help="config-dump: keyed like Envoy's /config_dump?include_eds, to diff with a running "
+                            "Envoy's; bootstrap: a static Envoy bootstrap with everything inline. Private keys "
+                            "are redacted, except in bootstrap")
+    run_render.add_argument("--namespace", default=None, help="with --source kubernetes: one namespace only")
+    run_render.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None, metavar="PATH",
+                            help="with --source kubernetes (default: KUBECONFIG, ~/.kube/config, in-cluster)")
 
     write_crds = commands.add_parser("crds", help="write the CRDs generated from the models (make crds)")
     write_crds.add_argument("--output", default="k8s/crds", metavar="DIR")
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return _serve(args)
     if args.command == "render":
+        if args.source == "kubernetes":
+            return _render_kubernetes(args)
         try:
             source = DirectorySource(Path(args.source))
         except ManifestError as error:
@@ -205,12 +213,8 @@ class SettingsError(Exception):
     """A setting `serve` cannot start with; the message says which and what to do."""
 
 
-def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
+def _kube_api_client(kubeconfig: str | None):
     from kubernetes import client, config
-
-    from controlplane.runtime.leader import LeaderElection
-    from controlplane.sources.kube_api import KubeApi
-    from controlplane.sources.kubernetes import KubernetesSource
     try:
         if kubeconfig or Path("~/.kube/config").expanduser().exists():
             config.load_kube_config(config_file=kubeconfig)
@@ -219,7 +223,14 @@ def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
     except (config.ConfigException, OSError) as error:
         raise SettingsError(f"cannot configure the Kubernetes client ({error}): pass --kubeconfig, set "
                               "KUBECONFIG, or run in a pod with a service account") from None
-    api_client = client.ApiClient()
+    return client.ApiClient()
+
+
+def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
+    from controlplane.runtime.leader import LeaderElection
+    from controlplane.sources.kube_api import KubeApi
+    from controlplane.sources.kubernetes import KubernetesSource
+    api_client = _kube_api_client(kubeconfig)
     # The Lease lives in the control plane's own namespace (the Deployment sets POD_NAMESPACE).
     leader = LeaderElection(KubeApi(api_client), namespace=os.environ.get("POD_NAMESPACE") or namespace or "default",
                             identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
@@ -229,6 +240,21 @@ def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
 def crd_yaml(manifest: dict) -> str:
     return "# Generated from controlplane/model/crds.py by `make crds`: edit the models, not this file.\n" + \
         yaml.safe_dump(manifest, sort_keys=False)
+
+
+def _render_kubernetes(args) -> int:
+    """What the live cluster's objects translate to: each kind listed once, as `serve` lists them."""
+    from controlplane.sources.kube_api import brief
+    from controlplane.sources.kubernetes import KubernetesSource
+    try:
+        store = KubernetesSource(_kube_api_client(args.kubeconfig), namespace=args.namespace).read_once()
+    except SettingsError as error:
+        print(f"controlplane render: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 -- an API server away or refusing: one line, no traceback
+        print(f"controlplane render: cannot read the cluster's objects ({brief(error)})", file=sys.stderr)
+        return 2
+    return _print_rendered(store.view(), args.node_cluster, args.format, failed=False)
 
 
 def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
@@ -241,7 +267,11 @@ def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
         source_log.disabled = False
     for error in source.errors.values():
         print(f"error: {error}", file=sys.stderr)
-    translation = to_ir.translate(source.store().view(), now=time.time())
+    return _print_rendered(source.store().view(), node_cluster, output, failed=bool(source.errors))
+
+
+def _print_rendered(view, node_cluster: str, output: str, *, failed: bool) -> int:
+    translation = to_ir.translate(view, now=time.time())
     problems = [(key, conditions[0].message) for key, conditions in sorted(translation.conditions.items())
                 if conditions[0].status == "False"]
     for key, message in problems:
@@ -254,12 +284,19 @@ def _render(source: DirectorySource, node_cluster: str, output: str) -> int:
         return 1
     snapshot = to_xds.snapshot(group)
     if output == "bootstrap":
-        print(yaml.safe_dump(render.static_bootstrap(snapshot), sort_keys=False), end="")
+        text = yaml.safe_dump(render.static_bootstrap(snapshot), sort_keys=False)
+    elif output == "config-dump":
+        text = json.dumps(render.config_dump(snapshot), indent=2) + "\n"
     elif output == "json":
-        print(json.dumps(render.resources_document(snapshot), indent=2))
+        text = json.dumps(render.resources_document(snapshot), indent=2) + "\n"
     else:
-        print(yaml.safe_dump(render.resources_document(snapshot), sort_keys=False), end="")
-    return 1 if problems or source.errors else 0
+        text = yaml.safe_dump(render.resources_document(snapshot), sort_keys=False)
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `render ... | head`: the reader has what it wanted; end quietly, as any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+    return 1 if problems or failed else 0
 
 
 if __name__ == "__main__":

@@ -34,4 +34,4 @@ def configure(level: str = "INFO", form: str = "text") -> None:
     """Log to stderr at `level` (DEBUG, INFO, WARNING, ERROR), as text or as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if form == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op where logging is set up already (pytest)

@@ -238,6 +238,12 @@ class KubernetesSource:
     def synced(self) -> bool:
         return all(reflector.synced.is_set() for reflector in self._reflectors)
 
+    def read_once(self) -> Store:
+        """Every kind listed once, no watch (`render --source kubernetes`); raises what the API answers."""
+        for reflector in self._reflectors:
+            reflector._list()
+        return self.store
+
     def changed(self) -> None:
         if self.synced():
             self._notify()

@@ -1,6 +1,9 @@
 """What a node group gets, as plain data: for `controlplane render`, golden tests and reviews.
 
-`resources_document` lists the Envoy resources as proto3 JSON mappings. `static_bootstrap` turns
+`resources_document` lists the Envoy resources as proto3 JSON mappings (secrets too, their private
+keys redacted). `config_dump` shapes them like the dynamic part of Envoy's admin `/config_dump`
+(`?include_eds`), so what the control plane would send and what an Envoy runs can be diffed
+(`controlplane render --format config-dump`; docs/operations in README). `static_bootstrap` turns
 a snapshot into an Envoy bootstrap with everything inline (EDS clusters become STATIC, RDS
 becomes inline route configurations, SDS secrets are inlined), so `envoy --mode validate` can check it with no control
 plane running.
@@ -14,7 +17,7 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from google.protobuf import json_format
 
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
@@ -30,9 +33,75 @@ def _as_dict(message) -> dict[str, Any]:
     return json.loads(json_format.MessageToJson(message))
 
 
+REDACTED = "[redacted]"
+
+
+def _redacted(message):
+    """A Secret as Envoy's /config_dump shows it: the private key's value replaced by "[redacted]"
+    (Envoy redacts its sensitive fields the same way), the certificates as they are."""
+    if message.DESCRIPTOR.full_name == secret_pb2.Secret.DESCRIPTOR.full_name and message.HasField("tls_certificate"):
+        key = message.tls_certificate.private_key
+        for field in ("inline_bytes", "inline_string"):
+            if key.HasField(field):
+                setattr(key, field, REDACTED.encode() if field == "inline_bytes" else REDACTED)
+    return message
+
+
 def resources_document(snapshot: Snapshot) -> dict[str, list[dict[str, Any]]]:
-    return {SHORT_NAMES[type_url]: [_as_dict(m) for m in _messages(snapshot, type_url)]
-            for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE)}
+    return {SHORT_NAMES[type_url]: [_as_dict(_redacted(m)) for m in _messages(snapshot, type_url)]
+            for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)}
+
+
+def _as_dump_entry(message) -> dict[str, Any]:
+    """As /config_dump prints a resource: proto field names, with its type as "@type"."""
+    return {"@type": f"type.googleapis.com/{message.DESCRIPTOR.full_name}",
+            **json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))}
+
+
+def _endpoints_as_envoy_shows_them(snapshot: Snapshot) -> list:
+    """Envoy's dump of endpoints is not what it was sent but its host sets: one entry per EDS
+    cluster (two clusters sharing a ClusterLoadAssignment show it twice), with the defaults it
+    applied written out. Shown the same way, the two diff (tests/test_render.py holds it to Envoy)."""
+    assignments = {m.cluster_name: m for m in _messages(snapshot, ENDPOINT)}
+    shown = []
+    for cluster in _messages(snapshot, CLUSTER):
+        if cluster.type != cluster_pb2.Cluster.EDS:
+            continue
+        assignment = endpoint_pb2.ClusterLoadAssignment()
+        assignment.CopyFrom(assignments.get(cluster.eds_cluster_config.service_name or cluster.name,
+                                            endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster.name)))
+        for group in assignment.endpoints:
+            group.locality.SetInParent()
+            group.load_balancing_weight.value = group.load_balancing_weight.value  # written out, 0 when unset
+            for host in group.lb_endpoints:
+                host.endpoint.health_check_config.SetInParent()
+                host.load_balancing_weight.value = host.load_balancing_weight.value or 1
+        if not assignment.policy.HasField("overprovisioning_factor"):
+            assignment.policy.overprovisioning_factor.value = 140  # Envoy's default
+        shown.append(assignment)
+    return shown
+
+
+_DUMPS = (  # (the config dump type, its list of dynamic resources, how one entry holds its resource)
+    (CLUSTER, "ClustersConfigDump", "dynamic_active_clusters", lambda m: {"cluster": _as_dump_entry(m)}),
+    (ENDPOINT, "EndpointsConfigDump", "dynamic_endpoint_configs", lambda m: {"endpoint_config": _as_dump_entry(m)}),
+    (LISTENER, "ListenersConfigDump", "dynamic_listeners",
+     lambda m: {"name": m.name, "active_state": {"listener": _as_dump_entry(m)}}),
+    (ROUTE, "RoutesConfigDump", "dynamic_route_configs", lambda m: {"route_config": _as_dump_entry(m)}),
+    (SECRET, "SecretsConfigDump", "dynamic_active_secrets",
+     lambda m: {"name": m.name, "secret": _as_dump_entry(_redacted(m))}),
+)
+
+
+def config_dump(snapshot: Snapshot) -> dict[str, Any]:
+    """The node group's resources keyed as Envoy's `/config_dump?include_eds` keys its dynamic ones,
+    without what only a running Envoy has (`version_info`, `last_updated`, static resources), in
+    name order (Envoy lists secrets in an order of its own)."""
+    def resources(type_url: str) -> list:
+        return _endpoints_as_envoy_shows_them(snapshot) if type_url == ENDPOINT else _messages(snapshot, type_url)
+    return {"configs": [{"@type": f"type.googleapis.com/envoy.admin.v3.{dump_type}",
+                         field: [entry(m) for m in resources(type_url)]}
+                        for type_url, dump_type, field, entry in _DUMPS]}
 
 
 def _inline_secrets(transport_socket, secrets) -> None:
