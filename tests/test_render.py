@@ -8,6 +8,9 @@ with a real Envoy's dump of the same manifests (only what a running Envoy adds t
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +25,11 @@ pytestmark = pytest.mark.envoy
 DYNAMIC = {"ClustersConfigDump": "dynamic_active_clusters", "EndpointsConfigDump": "dynamic_endpoint_configs",
            "ListenersConfigDump": "dynamic_listeners", "RoutesConfigDump": "dynamic_route_configs",
            "SecretsConfigDump": "dynamic_active_secrets"}
+
+
+README_JQ_FILTER = next(line for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+                        if line.startswith("curl -s 'localhost:9901")).split(" jq '", 1)[1].rsplit("' >", 1)[0]
+"""The jq program the README gives users to make a running Envoy's /config_dump diff with render's."""
 
 
 def dynamic_part(dump: dict) -> dict:
@@ -39,7 +47,7 @@ def dynamic_part(dump: dict) -> dict:
             entries.append(entry)
         if dump_type == "SecretsConfigDump":  # Envoy lists them in an order of its own
             entries.sort(key=lambda entry: entry["name"])
-        kept.append({"@type": config["@type"], DYNAMIC[dump_type]: entries})
+        kept.append({"@type": config["@type"], **({DYNAMIC[dump_type]: entries} if entries else {})})
     return {"configs": kept}
 
 
@@ -73,6 +81,11 @@ async def test_render_config_dump_is_what_a_real_envoy_runs_with_keys_redacted(s
 
     from_files = rendered(capsys, "--source", str(source.directory))
     assert from_files == running
+    if shutil.which("jq"):  # the README's own command gives the same (where jq is installed)
+        dumped_by_envoy = (await envoy.admin.get("/config_dump?include_eds")).text
+        normalized = subprocess.run(["jq", README_JQ_FILTER], input=dumped_by_envoy, capture_output=True, text=True,
+                                    check=True).stdout
+        assert json.loads(normalized) == from_files
     dumped = json.dumps(from_files)
     assert certificate.key_pem.decode().splitlines()[1] not in dumped and "W3JlZGFjdGVkXQ==" in dumped
 

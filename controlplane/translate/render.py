@@ -99,9 +99,14 @@ def config_dump(snapshot: Snapshot) -> dict[str, Any]:
     name order (Envoy lists secrets in an order of its own)."""
     def resources(type_url: str) -> list:
         return _endpoints_as_envoy_shows_them(snapshot) if type_url == ENDPOINT else _messages(snapshot, type_url)
-    return {"configs": [{"@type": f"type.googleapis.com/envoy.admin.v3.{dump_type}",
-                         field: [entry(m) for m in resources(type_url)]}
-                        for type_url, dump_type, field, entry in _DUMPS]}
+    configs = []
+    for type_url, dump_type, field, entry in _DUMPS:
+        config = {"@type": f"type.googleapis.com/envoy.admin.v3.{dump_type}"}
+        entries = [entry(m) for m in resources(type_url)]
+        if entries:  # as Envoy prints it: an empty list is left out
+            config[field] = entries
+        configs.append(config)
+    return {"configs": configs}
 
 
 def _inline_secrets(transport_socket, secrets) -> None:
