@@ -44,11 +44,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--usage", choices=("server", "client"), default="server",
                         help="server: a listener's certificate (serverAuth); client: one Envoy presents upstream "
                         "(clientAuth); default server")
-    parser.add_argument("--min-lifetime", type=_duration, default=secrets.DEFAULT_MIN_LIFETIME, metavar="DURATION",
+    parser.add_argument("--min-lifetime", type=duration, default=secrets.DEFAULT_MIN_LIFETIME, metavar="DURATION",
                         help="the remaining lifetime the certificate must have, such as 24h (the default) or 90m")
 
 
-def _duration(text: str) -> float:
+def duration(text: str) -> float:
+    """An argparse type: '24h', '90m', '1h30m' as seconds."""
     try:
         return secrets.parse_duration(text)
     except ValueError as error:

@@ -23,7 +23,7 @@ from controlplane import check_secret
 from controlplane.runtime import demo, logs
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
-from controlplane.translate import render, to_ir, to_xds
+from controlplane.translate import render, secrets, to_ir, to_xds
 from controlplane.translate.bootstrap import XdsClientTls, ads_bootstrap
 from controlplane.xds.server_tls import ServerTls
 
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: under $XDG_STATE_HOME or ~/.local/state/controlplane/; 'none' to keep none). "
                            "With kubernetes it is the Secret controlplane-last-accepted in the control plane's "
                            "namespace")
+    run_serve.add_argument("--min-certificate-lifetime", type=check_secret.duration, metavar="DURATION",
+                           default=secrets.DEFAULT_MIN_LIFETIME,
+                           help="a Secret rotation to a certificate with less time left is refused (the current "
+                           "one keeps serving); default 24h; a Gateway's spec.minCertificateLifetime overrides it")
     run_serve.add_argument("--xds-tls-cert", type=Path, metavar="PATH",
                            help="serve xDS over TLS with this certificate (PEM; re-read when it changes)")
     run_serve.add_argument("--xds-tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
@@ -193,7 +197,8 @@ def _serve(args) -> int:
                 raise SettingsError("--xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs both)")
             xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
         asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
-                          leader=leader, xds_tls=xds_tls, memory=memory))
+                          leader=leader, xds_tls=xds_tls, memory=memory,
+                          min_certificate_lifetime=args.min_certificate_lifetime))
     except (OSError, ManifestError, SettingsError, ServeError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1

@@ -77,3 +77,26 @@ def test_a_refused_object_is_logged_once_then_as_accepted_or_deleted(caplog):
     pipeline.publish(store.view())
     assert f"Backend {NS}/api accepted now" in caplog.text
     assert f"Backend {NS}/web deleted" in caplog.text and f"Backend {NS}/web accepted now" not in caplog.text
+
+
+def test_serve_s_minimum_certificate_lifetime_reaches_translation():
+    """`serve --min-certificate-lifetime 6h`: a certificate with 12 h left is served; with the
+    default (24 h) the same new certificate is refused."""
+    from controlplane import cli
+    from controlplane.runtime.pipeline import Pipeline
+    from controlplane.sources.store import ObjectKey, Store
+    from controlplane.xds import SnapshotCache
+    from tests.certs import issue, tls_secret
+    from tests.objects import NS, gateway
+
+    args = cli.build_parser().parse_args(["serve", "--source", "m", "--min-certificate-lifetime", "6h"])
+    assert args.min_certificate_lifetime == 6 * 3600
+    short_lived = issue("localhost", valid_days=1.5, starts_days_ago=1)  # 12 h left
+    store = Store([gateway(listeners=[{"name": "https", "port": 8443, "protocol": "HTTPS",
+                                       "tls": {"certificateSecret": "edge-cert"}}]),
+                   tls_secret("edge-cert", short_lived.cert_pem, short_lived.key_pem)])
+    key = ObjectKey("Gateway", NS, "edge")
+    relaxed = Pipeline(SnapshotCache(), min_certificate_lifetime=args.min_certificate_lifetime).publish(store.view())
+    default = Pipeline(SnapshotCache()).publish(store.view())
+    assert relaxed.conditions[key][0].status == "True"
+    assert default.conditions[key][0].status == "False" and "(check ExpiresSoon)" in default.conditions[key][0].message

@@ -17,17 +17,18 @@ from collections.abc import Callable
 from typing import Protocol
 
 from controlplane.sources.store import ObjectKey, Store, StoreView
-from controlplane.translate import to_ir, to_xds
+from controlplane.translate import secrets, to_ir, to_xds
 from controlplane.xds import Snapshot, SnapshotCache, SnapshotError
 
 log = logging.getLogger(__name__)
 
 
 class Pipeline:
-    def __init__(self, cache: SnapshotCache, *, on_translated: Callable[[to_ir.Translation], None] | None = None):
+    def __init__(self, cache: SnapshotCache, *, on_translated: Callable[[to_ir.Translation], None] | None = None,
+                 min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME):
         self._cache = cache
         self._on_translated = on_translated
-        self.translator = to_ir.Translator()
+        self.translator = to_ir.Translator(min_certificate_lifetime=min_certificate_lifetime)
         self._builders: dict[str, to_xds.SnapshotBuilder] = {}
         self._reported: dict[ObjectKey, tuple[str, str | None]] = {}
         self._failed: set[ObjectKey] = set()

@@ -23,6 +23,7 @@ from controlplane.runtime.memory import Memory, MemoryWriter
 from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
 from controlplane.runtime.pipeline import Pipeline, Source, cancel, feed, periodically
 from controlplane.runtime.status import StatusWriter
+from controlplane.translate import secrets
 from controlplane.xds import SnapshotCache, XdsServer
 from controlplane.xds.server_tls import ServerTls
 
@@ -136,7 +137,7 @@ class _SupervisedSource:
 
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
                 leader: LeaderElection | None = None, xds_tls: ServerTls | None = None, grace: float = 5.0,
-                memory: Memory | None = None) -> None:
+                memory: Memory | None = None, min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME) -> None:
     """Serve until SIGTERM or SIGINT. With `leader` (Kubernetes), the elected replica also writes
     CRD status. With `memory`, the last accepted state is restored from it first and saved to it on
     changes (by the leader only, with one). Raises OSError or ServeError, each one line, when it
@@ -144,7 +145,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
     tune_gc()
     cache = SnapshotCache()
     writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
-    pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None)
+    pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None,
+                        min_certificate_lifetime=min_certificate_lifetime)
     if metrics_address:
         try:
             serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
