@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="watch one namespace (default: all)")
     run_serve.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None,
                            help="default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account")
+    run_serve.add_argument("--lease-namespace", metavar="NAMESPACE",
+                           help="with kubernetes: the control plane's own namespace, where its Leases and last "
+                           "accepted state live (default: $POD_NAMESPACE, else the pod's ServiceAccount namespace)")
     run_serve.add_argument("--state-file", metavar="PATH",
                            help="with a directory source: where the last accepted state is kept across restarts "
                            "(default: under $XDG_STATE_HOME or ~/.local/state/controlplane/; 'none' to keep none). "
@@ -185,7 +188,7 @@ def _serve(args) -> int:
     try:
         leader = None
         if args.source == "kubernetes":
-            source, leader = _kubernetes_source(args.kubeconfig, args.namespace)
+            source, leader = _kubernetes_source(args.kubeconfig, args.namespace, args.lease_namespace)
             memory = SecretMemory(leader.api, leader.namespace)
         else:
             source = DirectorySource(Path(args.source))
@@ -231,13 +234,16 @@ def _kube_api_client(kubeconfig: str | None):
     return client.ApiClient()
 
 
-def _kubernetes_source(kubeconfig: str | None, namespace: str | None):
-    from controlplane.runtime.leader import LeaderElection
+def _kubernetes_source(kubeconfig: str | None, namespace: str | None, lease_namespace: str | None):
+    from controlplane.runtime.leader import LeaderElection, NamespaceUnknown, own_namespace
     from controlplane.sources.kube_api import KubeApi
     from controlplane.sources.kubernetes import KubernetesSource
+    try:
+        own = own_namespace(lease_namespace, os.environ)
+    except NamespaceUnknown as error:
+        raise SettingsError(str(error)) from None
     api_client = _kube_api_client(kubeconfig)
-    # The Lease lives in the control plane's own namespace (the Deployment sets POD_NAMESPACE).
-    leader = LeaderElection(KubeApi(api_client), namespace=os.environ.get("POD_NAMESPACE") or namespace or "default",
+    leader = LeaderElection(KubeApi(api_client), namespace=own,
                             identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}")
     return KubernetesSource(api_client, namespace=namespace), leader
 

@@ -33,7 +33,8 @@ def serve(api, tmp_path):
     log = open(tmp_path / "serve.log", "wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "controlplane.cli", "serve", "--source", "kubernetes", "--kubeconfig", str(kubeconfig),
-         "--xds-address", f"127.0.0.1:{ports['xds']}", "--metrics-address", f"127.0.0.1:{ports['metrics']}"],
+         "--xds-address", f"127.0.0.1:{ports['xds']}", "--metrics-address", f"127.0.0.1:{ports['metrics']}",
+         "--lease-namespace", "default"],
         stdout=log, stderr=subprocess.STDOUT)
     yield process, ports
     if process.poll() is None:

@@ -31,7 +31,7 @@ def test_rbac_allows_exactly_what_the_control_plane_does():
     status = {("xds.controlplane.dev", f"{plural}/status", "patch") for plural in ("gateways", "backends")}
     assert cluster_rules == watched | status
     lease_rules = granted(find("controlplane/rbac.yaml", "Role")["rules"])
-    assert lease_rules == {("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")}
+    assert lease_rules == {("coordination.k8s.io", "leases", verb) for verb in ("get", "list", "create", "update", "delete")}
     assert not any("*" in part for rule in cluster_rules | lease_rules for part in rule)
 
 

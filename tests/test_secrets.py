@@ -10,6 +10,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from controlplane.runtime.envoy_process import envoy_binary
+from controlplane.runtime.fleet import summarize
 from controlplane.runtime.status import with_programmed
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import builders as b
@@ -199,7 +200,7 @@ def test_an_envoy_nack_of_a_secret_marks_the_object_that_uses_it():
     nack = NackRecord(SECRET, "v2", ("shop/endpoints-ca/ca",), "Failed to load trusted CA certificates", 0.0)
     rejecting = EnvoyStatus(node_id="e1", node_group="edge", connected_since=0, transport="ads",
                             types={SECRET: TypeStatus("v2", "v1", nack)})
-    conditions = with_programmed(result, [rejecting])
+    conditions = with_programmed(result, summarize([rejecting]))
     programmed = {key.kind: next(c for c in found if c.type == "Programmed") for key, found in conditions.items()}
     assert programmed["Backend"].status == "False"
     assert "rejected shop/endpoints-ca/ca: Failed to load trusted CA certificates" in programmed["Backend"].message

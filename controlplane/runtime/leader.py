@@ -6,6 +6,10 @@ fight over conditions. The algorithm is client-go's: the holder renews the Lease
 updates carry the Lease's resourceVersion, so two replicas cannot both win (409 Conflict). A
 replica stops acting as leader as soon as it could not renew in time, and releases the Lease on
 shutdown so a peer takes over at once.
+
+The Lease lives in the control plane's own namespace: `--lease-namespace`, else `POD_NAMESPACE`
+(the Deployment sets it from the downward API), else the pod's ServiceAccount namespace file.
+Never a guessed `default`: with the shipped RBAC that is a 403 every renewal and no status ever.
 """
 
 from __future__ import annotations
@@ -13,13 +17,48 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from controlplane.sources.kube_api import ApiError, Kind, KubeApi, brief, parse_timestamp, timestamp
 
 log = logging.getLogger(__name__)
 
 LEASE = Kind("Lease", "coordination.k8s.io", "v1", "leases")
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# A starting API server answers 403 to everyone for about 2 s while its RBAC cache loads.
+RBAC_WARMUP = 5.0
+
+
+class NamespaceUnknown(Exception):
+    """No namespace for the Lease and what the control plane keeps; the message says what to set."""
+
+
+def own_namespace(flag: str | None, environ: Mapping[str, str],
+                  service_account_file: Path = SERVICE_ACCOUNT_NAMESPACE) -> str:
+    """Where the Leases and the last accepted state live: --lease-namespace, else POD_NAMESPACE,
+    else the pod's ServiceAccount namespace file."""
+    if flag:
+        return flag
+    if environ.get("POD_NAMESPACE"):
+        return environ["POD_NAMESPACE"]
+    try:
+        found = service_account_file.read_text().strip()
+    except OSError:
+        found = ""
+    if found:
+        return found
+    raise NamespaceUnknown(
+        "cannot tell which namespace the control plane's Leases and last accepted state live in: pass "
+        f"--lease-namespace (e.g. controlplane-system), or set POD_NAMESPACE; in a pod, {service_account_file} "
+        "says it, but it is not there")
+
+
+def _hint(error: Exception, namespace: str) -> str:
+    if isinstance(error, ApiError) and error.status in (401, 403):
+        return (f". The control plane's ServiceAccount may not get/create/update Leases in namespace {namespace!r}: "
+                "apply k8s/controlplane/rbac.yaml, and run in (or pass --lease-namespace) the namespace it names")
+    return ""
 
 
 class LeaderElection:
@@ -76,14 +115,38 @@ class LeaderElection:
             log.warning("could not release the Lease (a peer takes over when it expires): %s", error)
 
     async def run(self) -> None:
+        """Acquire or renew every `retry_period`. Each change of role is one log line (losing it too,
+        with why); a failure is logged once until it changes, and a 401/403 only once it outlasts
+        the API server's RBAC warm-up (a starting API server answers 403 for about 2 s)."""
+        leading, failing = False, None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         while True:
+            error = None
             try:
-                was_leader = self.is_leader
-                leading = await asyncio.to_thread(self.try_acquire_or_renew)
-                if leading != was_leader:
-                    log.info("%s the status writer", "now" if leading else "no longer")
-            except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
-                log.warning("leader election: %s; retrying in %.0fs", brief(error), self.retry_period)
+                await asyncio.to_thread(self.try_acquire_or_renew)
+            except Exception as failure:  # noqa: BLE001 -- the API server away must not stop the control plane
+                error = failure
+            if error is None and failing is not None:
+                log.info("leader election: the Lease %s/%s answers again", self._namespace, self._name)
+                failing = None
+            elif error is not None and brief(error) != failing:
+                warming = (isinstance(error, ApiError) and error.status in (401, 403)
+                           and loop.time() - started < RBAC_WARMUP)
+                if not warming:
+                    log.warning("leader election: %s; retrying every %.0fs%s", brief(error), self.retry_period,
+                                _hint(error, self._namespace))
+                    failing = brief(error)
+            if self.is_leader != leading:
+                leading = self.is_leader
+                if leading:
+                    log.info("now the status writer (holding the Lease %s/%s as %s)", self._namespace, self._name,
+                             self.identity)
+                else:
+                    log.warning("no longer the status writer: the Lease %s/%s %s; another replica writes status",
+                                self._namespace, self._name,
+                                f"could not be renewed in time ({brief(error)})" if error is not None
+                                else "is held by another replica")
             await asyncio.sleep(self.retry_period)
 
     def _lease_body(self, now: float, *, transitions: int, acquired: str | None = None) -> dict:

@@ -18,11 +18,13 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from controlplane.runtime.fleet import EnvoyRecords
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.memory import Memory, MemoryWriter
 from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
 from controlplane.runtime.pipeline import Pipeline, Source, cancel, feed, periodically
 from controlplane.runtime.status import StatusWriter
+from controlplane.sources.kube_api import brief
 from controlplane.translate import secrets
 from controlplane.xds import SnapshotCache, XdsServer
 from controlplane.xds.server_tls import ServerTls
@@ -50,6 +52,15 @@ def _remember(memory: Memory | None, pipeline: Pipeline, leader: LeaderElection 
                 log.warning("not restoring the last valid version of %s", line)
     may_write = (lambda: leader.is_leader) if leader is not None else (lambda: True)
     return MemoryWriter(memory, translator.remembered_json, lambda: translator.remembered_changes, may_write=may_write)
+
+
+def _leave(leader: LeaderElection, records: EnvoyRecords) -> None:
+    """On shutdown: give the Lease up and delete this replica's Envoy record (its Envoys reconnect elsewhere)."""
+    leader.release()
+    try:
+        records.remove()
+    except Exception as error:  # noqa: BLE001 -- stopping anyway; the leader deletes it once it expires
+        log.warning("could not delete this replica's Envoy record (it expires by itself): %s", brief(error))
 
 
 def tune_gc() -> None:
@@ -138,13 +149,17 @@ class _SupervisedSource:
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
                 leader: LeaderElection | None = None, xds_tls: ServerTls | None = None, grace: float = 5.0,
                 memory: Memory | None = None, min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME) -> None:
-    """Serve until SIGTERM or SIGINT. With `leader` (Kubernetes), the elected replica also writes
-    CRD status. With `memory`, the last accepted state is restored from it first and saved to it on
+    """Serve until SIGTERM or SIGINT. With `leader` (Kubernetes: `source` is a KubernetesSource),
+    every replica records its Envoys' state and the elected one also writes CRD status. With `memory`, the last accepted state is restored from it first and saved to it on
     changes (by the leader only, with one). Raises OSError or ServeError, each one line, when it
     cannot start (or, for a bug, when publishing stopped)."""
     tune_gc()
     cache = SnapshotCache()
-    writer = StatusWriter(leader.api, cache, leader) if leader is not None else None
+    writer = records = None
+    if leader is not None:  # Kubernetes: the source has a store, whose objects carry their current status
+        records = EnvoyRecords(leader.api, namespace=leader.namespace, identity=leader.identity,
+                               duration=leader.lease_duration)
+        writer = StatusWriter(leader.api, cache, leader, objects=source.store.view, records=records)
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None,
                         min_certificate_lifetime=min_certificate_lifetime)
     if metrics_address:
@@ -169,7 +184,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         tasks.append(_supervised("the periodic re-publish", lambda: periodically(coalescer.poke, 60)))
         tasks.append(_supervised("giving free memory back", lambda: periodically(release_free_memory, 60)))
         if leader is not None:
-            tasks += [_supervised("leader election", leader.run), _supervised("the status writer", writer.run)]
+            tasks += [_supervised("leader election", leader.run),
+                      _supervised("the status writer and this replica's Envoy record", writer.run)]
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
         # Supervised tasks never end; the one that can is the pipeline's publisher, and only by a bug.
@@ -184,7 +200,7 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
             except Exception as error:  # noqa: BLE001 -- stopping anyway: say what a restart will miss
                 log.warning("could not save the last accepted state to %s on the way out: %s", memory, error)
         if leader is not None:
-            await asyncio.to_thread(leader.release)
+            await asyncio.to_thread(_leave, leader, records)
         if broken:
             raise ServeError("publishing stopped (a bug: its traceback is logged above)")
     finally:

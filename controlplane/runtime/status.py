@@ -1,9 +1,15 @@
 """CRD status: translation's conditions, with `Programmed` from what the Envoys did with them.
 
-`Programmed` is True once every connected Envoy of the object's node group has accepted what it
-was sent; False, with Envoy's own message, when an Envoy rejected a resource this object produced
-(the Envoy keeps serving its last accepted configuration); Unknown while no Envoy is connected or
-a push is in flight. Only the leader writes, and only what changed (a merge patch of /status).
+`Programmed` is True once every Envoy of the object's node group, on every replica, has accepted
+what it was sent; False, with Envoy's own message, when an Envoy rejected a resource this object
+produced (the Envoy keeps serving its last accepted configuration); Unknown while no Envoy is
+connected or a push is in flight. Other replicas' Envoys come from their records (runtime/fleet.py).
+
+Only the leader writes, and only what differs from the object's current status as the watch last
+saw it (a merge patch of /status, with the object's uid as a precondition): a new leader, an
+API server back after an outage, or an object deleted and created again under the same name each
+get exactly the writes that change something, and `lastTransitionTime` stays as it is while a
+condition's status does not change.
 """
 
 from __future__ import annotations
@@ -11,39 +17,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from controlplane.model import crds
+from controlplane.runtime.fleet import EnvoyRecords, GroupEnvoys, fleet, summarize
 from controlplane.runtime.leader import LeaderElection
 from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
 from controlplane.sources.kubernetes import WATCHED
-from controlplane.sources.store import ObjectKey
+from controlplane.sources.store import ObjectKey, StoreView
 from controlplane.translate.to_ir import Translation
-from controlplane.xds import EnvoyStatus, SnapshotCache
+from controlplane.xds import SnapshotCache
 
 log = logging.getLogger(__name__)
 
 KINDS = {kind.kind: kind for kind in WATCHED if kind.group == crds.GROUP}
+CONDITION_FIELDS = ("type", "status", "reason", "message", "observedGeneration", "lastTransitionTime")
 
 
-class _GroupEnvoys:
-    """What the Envoys of one node group did, read once per status pass (not once per object)."""
-
-    def __init__(self, envoys: list[EnvoyStatus]):
-        self.count = len(envoys)
-        self.rejections = [(envoy.node_id, nack, frozenset(nack.resource_names)) for envoy in envoys
-                           for state in envoy.types.values() if (nack := state.rejected) is not None]
-        self.all_accepted = all(state.version_acked == state.version_sent
-                                for envoy in envoys for state in envoy.types.values())
-
-
-def with_programmed(translation: Translation, envoys: Iterable[EnvoyStatus]) -> dict[ObjectKey, list[crds.Condition]]:
-    """Every object's conditions, its Programmed condition decided by the Envoys' ACKs and NACKs."""
-    by_group: dict[str, list[EnvoyStatus]] = {}
-    for envoy in envoys:
-        by_group.setdefault(envoy.node_group, []).append(envoy)
-    groups = {group: _GroupEnvoys(members) for group, members in by_group.items()}
-    nobody = _GroupEnvoys([])
+def with_programmed(translation: Translation, groups: Mapping[str, GroupEnvoys]) -> dict[ObjectKey, list[crds.Condition]]:
+    """Every object's conditions, its Programmed condition decided by its node group's Envoys
+    (`groups`: from `summarize` of this replica's Envoys, or `fleet` of every replica's)."""
+    nobody = GroupEnvoys()
     produced: dict[ObjectKey, set[str]] = {}
     for resource, origin in translation.origins.items():
         produced.setdefault(origin, set()).add(resource)
@@ -57,67 +52,127 @@ def with_programmed(translation: Translation, envoys: Iterable[EnvoyStatus]) -> 
     return result
 
 
-def _programmed(pending: crds.Condition, group: str, resources: set[str], envoys: _GroupEnvoys) -> crds.Condition:
+def _programmed(pending: crds.Condition, group: str, resources: set[str], envoys: GroupEnvoys) -> crds.Condition:
     generation = pending.observed_generation
-    for node_id, nack, names in envoys.rejections:
-        if resources & names:
-            rejected = ", ".join(sorted(resources & names))
+    for rejection in envoys.rejections:
+        if resources & rejection.resources:
+            rejected = ", ".join(sorted(resources & rejection.resources))
+            who = f"Envoy {rejection.node_id}"
+            if rejection.envoys > 1:
+                who += f" (and {rejection.envoys - 1} more)"
+            if rejection.replica:
+                who += f", connected to replica {rejection.replica},"
             return crds.Condition(type="Programmed", status="False", reason="Rejected",
-                                  message=f"Envoy {node_id} rejected {rejected}: {nack.message}. It keeps "
+                                  message=f"{who} rejected {rejected}: {rejection.message}. It keeps "
                                           "serving its last accepted configuration; fix this object.",
                                   observed_generation=generation)
-    if not envoys.count:
+    if not envoys.envoys:
         return crds.Condition(type="Programmed", status="Unknown", reason="NoEnvoys",
                               message=f"No Envoy of node cluster {group!r} is connected.",
                               observed_generation=generation)
-    if envoys.all_accepted:
+    if not envoys.pending:
         return crds.Condition(type="Programmed", status="True", reason="Programmed",
-                              message=f"Accepted by {envoys.count} Envoy(s) of node cluster {group!r}.",
+                              message=f"Accepted by {envoys.envoys} Envoy(s) of node cluster {group!r}.",
+                              observed_generation=generation)
+    if envoys.behind:
+        return crds.Condition(type="Programmed", status="Unknown", reason="Pending",
+                              message=f"Replica(s) {', '.join(envoys.behind)} have not yet sent the current "
+                                      f"configuration to their Envoys of node cluster {group!r}.",
                               observed_generation=generation)
     return pending
 
 
 class StatusWriter:
+    """The leader's status writes; every replica's record of its own Envoys (with `records`)."""
+
     def __init__(self, api: KubeApi, cache: SnapshotCache, leader: LeaderElection, *,
+                 objects: Callable[[], StoreView], records: EnvoyRecords | None = None,
                  clock: Callable[[], float] = time.time):
         self._api = api
         self._cache = cache
         self._leader = leader
+        self._objects = objects
+        self._records = records
         self._clock = clock
         self._translation: Translation | None = None
-        self._written: dict[ObjectKey, list[dict]] = {}
+        self._written: dict[ObjectKey, tuple[str, str, list[dict]]] = {}
+        """What this replica wrote, with the object's (uid, resourceVersion) just before: until the
+        watch brings a newer version of the object, that write is its current status."""
 
     def update(self, translation: Translation) -> None:
         self._translation = translation
 
     async def run(self, interval: float = 1.0) -> None:
+        failing: str | None = None
         while True:
-            if self._leader.is_leader and self._translation is not None:
-                try:
-                    await asyncio.to_thread(self.write_changed, self._translation, self._cache.status())
-                except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
-                    log.warning("writing status: %s; retrying in %.0fs", brief(error), interval)
-            else:
-                self._written.clear()  # a new term starts from what is in the API server
+            try:
+                await asyncio.to_thread(self.write_pass)
+                if failing is not None:
+                    log.info("writing status (and this replica's Envoy record) works again")
+                    failing = None
+            except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
+                if brief(error) != failing:
+                    log.warning("writing status or this replica's Envoy record: %s; retrying every %.0fs",
+                                brief(error), interval)
+                    failing = brief(error)
             await asyncio.sleep(interval)
 
-    def write_changed(self, translation: Translation, envoys: list[EnvoyStatus]) -> None:
-        for key, conditions in sorted(with_programmed(translation, envoys).items()):
-            previous = self._written.get(key, [])
-            body = [self._as_status(condition, previous) for condition in conditions]
-            if body == previous:
+    def _snapshots(self, groups: Iterable[str]) -> dict[str, str]:
+        """The version of the snapshot this replica serves each of `groups`."""
+        found = {group: self._cache.snapshot(group) for group in groups}
+        return {group: snapshot.version for group, snapshot in found.items() if snapshot is not None}
+
+    def write_pass(self) -> int:
+        """Record this replica's Envoys; as the leader, write every status that differs. Returns the writes."""
+        envoys = self._cache.status()
+        local = summarize(envoys, self._snapshots({envoy.node_group for envoy in envoys}))
+        if self._records is not None:
+            self._records.publish(local)
+        translation = self._translation
+        if not self._leader.is_leader or translation is None:
+            return 0
+        if self._records is not None:
+            local = fleet(local, self._records.peers(), self._snapshots(translation.groups))
+        return self.write_changed(translation, local, self._objects())
+
+    def write_changed(self, translation: Translation, groups: Mapping[str, GroupEnvoys], view: StoreView) -> int:
+        writes = 0
+        for key, conditions in sorted(with_programmed(translation, groups).items()):
+            current = view.get(*key)
+            if current is None:  # deleted since it was translated
+                self._written.pop(key, None)
+                continue
+            metadata = current.get("metadata") or {}
+            uid, version = metadata.get("uid", ""), metadata.get("resourceVersion", "")
+            before = self._current_conditions(key, current, uid, version)
+            body = [self._as_status(condition, before) for condition in conditions]
+            if body == before:
                 continue
             try:
                 self._api.json("PATCH", KINDS[key.kind].path(key.namespace, key.name, "status"),
-                               body={"status": {"conditions": body}}, content_type="application/merge-patch+json")
-                self._written[key] = body
+                               body={"metadata": {"uid": uid}, "status": {"conditions": body}},
+                               content_type="application/merge-patch+json")
             except ApiError as error:
-                if error.status != 404:  # deleted meanwhile: nothing to write
+                # 404: deleted meanwhile; 409: deleted and created again (another uid): the watch brings it.
+                if error.status not in (404, 409):
                     log.warning("could not write the status of %s: %s", key, error)
+                continue
+            self._written[key] = (uid, version, body)
+            writes += 1
+        for key in self._written.keys() - translation.conditions.keys():
+            del self._written[key]
+        return writes
+
+    def _current_conditions(self, key: ObjectKey, current: Mapping[str, Any], uid: str, version: str) -> list[dict]:
+        written = self._written.get(key)
+        if written is not None and written[:2] == (uid, version):
+            return written[2]  # the watch has not brought our write back yet
+        conditions = (current.get("status") or {}).get("conditions") or []
+        return [{name: c[name] for name in CONDITION_FIELDS if name in c} for c in conditions if isinstance(c, dict)]
 
     def _as_status(self, condition: crds.Condition, previous: list[dict]) -> dict:
         body = condition.model_dump(by_alias=True, exclude={"last_transition_time"})
-        before = next((p for p in previous if p["type"] == condition.type), None)
-        unchanged = before is not None and before["status"] == condition.status
+        before = next((p for p in previous if p.get("type") == condition.type), None)
+        unchanged = before is not None and before.get("status") == condition.status and before.get("lastTransitionTime")
         body["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else timestamp(self._clock())
         return body
