@@ -9,10 +9,10 @@ import time
 import pytest
 
 from controlplane.runtime.fleet import MAX_REJECTIONS, fleet, from_json, record_name, summarize, to_json
-from controlplane.runtime.leader import LeaderElection, NamespaceUnknown, own_namespace
+from controlplane.runtime.leader import LeaderElection, NamespaceUnknown, RbacWarmUp, own_namespace
 from controlplane.runtime.status import with_programmed
 from controlplane.runtime.pipeline import cancel
-from controlplane.sources.kube_api import KubeApi, timestamp
+from controlplane.sources.kube_api import ApiError, KubeApi, timestamp
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir
 from controlplane.xds import CLUSTER, LISTENER, EnvoyStatus, NackRecord, TypeStatus
@@ -160,3 +160,15 @@ async def test_losing_leadership_is_one_log_line_saying_why(api, caplog):
     assert lines[0].startswith("now the status writer")
     assert lines[1:] == ["no longer the status writer: the Lease controlplane/controlplane-status-writer is held "
                          "by another replica; another replica writes status"]
+
+
+def test_a_403_is_quiet_only_in_the_first_seconds_the_api_server_answers():
+    now = [0.0]
+    warm_up = RbacWarmUp(clock=lambda: now[0])
+    forbidden = ApiError(403, "leases is forbidden")
+    assert warm_up.quiet(forbidden)  # the first answer: RBAC may still be loading
+    now[0] += 10
+    assert not warm_up.quiet(forbidden)  # still forbidden: worth a warning (and the rbac.yaml hint)
+    warm_up.quiet(ConnectionRefusedError())  # the API server goes away, then answers again
+    now[0] += 1
+    assert warm_up.quiet(forbidden)

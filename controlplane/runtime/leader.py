@@ -54,7 +54,27 @@ def own_namespace(flag: str | None, environ: Mapping[str, str],
         "says it, but it is not there")
 
 
-def _hint(error: Exception, namespace: str) -> str:
+class RbacWarmUp:
+    """Tells a 401/403 worth a warning from a starting API server's: for RBAC_WARMUP seconds after
+    the API server answers (first, or again after not answering), a 401/403 is kept quiet."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._answering_since: float | None = None
+
+    def quiet(self, error: Exception | None) -> bool:
+        """Call after every attempt (`error` None when it worked); True for a 401/403 to keep quiet."""
+        now = self._clock()
+        if error is not None and not isinstance(error, ApiError):  # no answer at all
+            self._answering_since = None
+            return False
+        if self._answering_since is None:
+            self._answering_since = now
+        return (isinstance(error, ApiError) and error.status in (401, 403)
+                and now - self._answering_since < RBAC_WARMUP)
+
+
+def rbac_hint(error: Exception, namespace: str) -> str:
     if isinstance(error, ApiError) and error.status in (401, 403):
         return (f". The control plane's ServiceAccount may not get/create/update Leases in namespace {namespace!r}: "
                 "apply k8s/controlplane/rbac.yaml, and run in (or pass --lease-namespace) the namespace it names")
@@ -118,24 +138,21 @@ class LeaderElection:
         """Acquire or renew every `retry_period`. Each change of role is one log line (losing it too,
         with why); a failure is logged once until it changes, and a 401/403 only once it outlasts
         the API server's RBAC warm-up (a starting API server answers 403 for about 2 s)."""
-        leading, failing = False, None
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        leading, failing, warm_up = False, None, RbacWarmUp()
         while True:
             error = None
             try:
                 await asyncio.to_thread(self.try_acquire_or_renew)
             except Exception as failure:  # noqa: BLE001 -- the API server away must not stop the control plane
                 error = failure
+            quiet = warm_up.quiet(error)
             if error is None and failing is not None:
                 log.info("leader election: the Lease %s/%s answers again", self._namespace, self._name)
                 failing = None
             elif error is not None and brief(error) != failing:
-                warming = (isinstance(error, ApiError) and error.status in (401, 403)
-                           and loop.time() - started < RBAC_WARMUP)
-                if not warming:
+                if not quiet:
                     log.warning("leader election: %s; retrying every %.0fs%s", brief(error), self.retry_period,
-                                _hint(error, self._namespace))
+                                rbac_hint(error, self._namespace))
                     failing = brief(error)
             if self.is_leader != leading:
                 leading = self.is_leader

@@ -6,7 +6,7 @@ produced (the Envoy keeps serving its last accepted configuration); Unknown whil
 connected or a push is in flight. Other replicas' Envoys come from their records (runtime/fleet.py).
 
 Only the leader writes, and only what differs from the object's current status as the watch last
-saw it (a merge patch of /status, with the object's uid as a precondition): a new leader, an
+saw it (a merge patch of /status, with that resourceVersion as a precondition): a new leader, an
 API server back after an outage, or an object deleted and created again under the same name each
 get exactly the writes that change something, and `lastTransitionTime` stays as it is while a
 condition's status does not change.
@@ -22,7 +22,7 @@ from typing import Any
 
 from controlplane.model import crds
 from controlplane.runtime.fleet import EnvoyRecords, GroupEnvoys, fleet, summarize
-from controlplane.runtime.leader import LeaderElection
+from controlplane.runtime.leader import LeaderElection, RbacWarmUp, rbac_hint
 from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
 from controlplane.sources.kubernetes import WATCHED
 from controlplane.sources.store import ObjectKey, StoreView
@@ -95,25 +95,30 @@ class StatusWriter:
         self._records = records
         self._clock = clock
         self._translation: Translation | None = None
-        self._written: dict[ObjectKey, tuple[str, str, list[dict]]] = {}
-        """What this replica wrote, with the object's (uid, resourceVersion) just before: until the
-        watch brings a newer version of the object, that write is its current status."""
+        self._written: dict[ObjectKey, tuple[str, str, list[dict], str]] = {}
+        """What this replica wrote: (the object's uid and resourceVersion before, the conditions, its
+        resourceVersion after). Until the watch brings a newer version of the object, that write is
+        its current status."""
 
     def update(self, translation: Translation) -> None:
         self._translation = translation
 
     async def run(self, interval: float = 1.0) -> None:
+        """A pass every `interval`; a failure is logged once until it changes (a 401/403 only after
+        the API server's RBAC warm-up), and its end once."""
         failing: str | None = None
+        warm_up = RbacWarmUp()
         while True:
             try:
                 await asyncio.to_thread(self.write_pass)
+                warm_up.quiet(None)
                 if failing is not None:
                     log.info("writing status (and this replica's Envoy record) works again")
                     failing = None
             except Exception as error:  # noqa: BLE001 -- the API server away must not stop the control plane
-                if brief(error) != failing:
-                    log.warning("writing status or this replica's Envoy record: %s; retrying every %.0fs",
-                                brief(error), interval)
+                if not warm_up.quiet(error) and brief(error) != failing:
+                    log.warning("writing status or this replica's Envoy record: %s; retrying every %.0fs%s",
+                                brief(error), interval, rbac_hint(error, self._leader.namespace))
                     failing = brief(error)
             await asyncio.sleep(interval)
 
@@ -144,31 +149,32 @@ class StatusWriter:
                 continue
             metadata = current.get("metadata") or {}
             uid, version = metadata.get("uid", ""), metadata.get("resourceVersion", "")
-            before = self._current_conditions(key, current, uid, version)
+            written = self._written.get(key)
+            if written is not None and written[:2] == (uid, version):  # the watch has not brought our write back yet
+                before, version = written[2], written[3]
+            else:
+                before = _our_fields((current.get("status") or {}).get("conditions"))
             body = [self._as_status(condition, before) for condition in conditions]
             if body == before:
                 continue
             try:
-                self._api.json("PATCH", KINDS[key.kind].path(key.namespace, key.name, "status"),
-                               body={"metadata": {"uid": uid}, "status": {"conditions": body}},
-                               content_type="application/merge-patch+json")
+                # resourceVersion: a precondition, so what was computed for a version the watch has not
+                # caught up with (changed, or deleted and created again) is not written over a newer one.
+                written_now = self._api.json(
+                    "PATCH", KINDS[key.kind].path(key.namespace, key.name, "status"),
+                    body={"metadata": {"resourceVersion": version}, "status": {"conditions": body}},
+                    content_type="application/merge-patch+json")
             except ApiError as error:
-                # 404: deleted meanwhile; 409: deleted and created again (another uid): the watch brings it.
+                # 404: deleted meanwhile; 409: changed meanwhile: the watch brings it, and the next pass sees it.
                 if error.status not in (404, 409):
                     log.warning("could not write the status of %s: %s", key, error)
                 continue
-            self._written[key] = (uid, version, body)
+            self._written[key] = (uid, metadata.get("resourceVersion", ""), body,
+                                  (written_now.get("metadata") or {}).get("resourceVersion", ""))
             writes += 1
         for key in self._written.keys() - translation.conditions.keys():
             del self._written[key]
         return writes
-
-    def _current_conditions(self, key: ObjectKey, current: Mapping[str, Any], uid: str, version: str) -> list[dict]:
-        written = self._written.get(key)
-        if written is not None and written[:2] == (uid, version):
-            return written[2]  # the watch has not brought our write back yet
-        conditions = (current.get("status") or {}).get("conditions") or []
-        return [{name: c[name] for name in CONDITION_FIELDS if name in c} for c in conditions if isinstance(c, dict)]
 
     def _as_status(self, condition: crds.Condition, previous: list[dict]) -> dict:
         body = condition.model_dump(by_alias=True, exclude={"last_transition_time"})
@@ -176,3 +182,10 @@ class StatusWriter:
         unchanged = before is not None and before.get("status") == condition.status and before.get("lastTransitionTime")
         body["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else timestamp(self._clock())
         return body
+
+
+def _our_fields(conditions: Any) -> list[dict]:
+    """An object's conditions as this writer writes them (fields it does not write left out)."""
+    if not isinstance(conditions, list):
+        return []
+    return [{name: c[name] for name in CONDITION_FIELDS if name in c} for c in conditions if isinstance(c, dict)]
