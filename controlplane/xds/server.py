@@ -161,8 +161,11 @@ class XdsServer:
     """Serves a `ConfigWatcher` (usually a `SnapshotCache`) to Envoys over gRPC."""
 
     def __init__(self, cache: ConfigWatcher, *, address: str = "127.0.0.1:18000",
-                 options: tuple[tuple[str, int], ...] = SERVER_OPTIONS, tls: ServerTls | None = None):
+                 options: tuple[tuple[str, int], ...] = SERVER_OPTIONS, tls: ServerTls | None = None,
+                 services: tuple[grpc.GenericRpcHandler, ...] = ()):
+        """`services`: more gRPC services on the same port (the metrics service Envoys push stats to)."""
         self._cache = cache
+        self._services = services
         self._address = address
         self._options = options
         self._tls = tls
@@ -177,7 +180,7 @@ class XdsServer:
         naming the address, when it cannot be bound."""
         _check_bindable(self._address)
         server = grpc.aio.server(options=self._options)
-        server.add_generic_rpc_handlers(self._handlers())
+        server.add_generic_rpc_handlers([*self._handlers(), *self._services])
         try:
             if self._tls is not None:
                 self.port = server.add_secure_port(self._address, self._tls.credentials())
