@@ -26,6 +26,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -168,6 +169,8 @@ class _Reflector:
             item.setdefault("apiVersion", self.kind.api_version)
             items.append(item)
         self.source.store.replace_kind(self.kind.kind, items, self.source.namespace)
+        if self.synced.is_set():
+            self.source.relists[self.kind.kind] += 1
         self.resource_version = body["metadata"]["resourceVersion"]
         self._succeeded()
         self.synced.set()
@@ -189,6 +192,7 @@ class _Reflector:
 
     def _apply(self, event: dict) -> None:
         kind, obj = event.get("type"), event.get("object") or {}
+        self.source.watch_events[self.kind.kind, str(kind)] += 1
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise _Expired()
@@ -227,6 +231,9 @@ class KubernetesSource:
         self.store = Store()
         self.stopping = threading.Event()
         self.availability = _Availability()
+        # For the metrics endpoint; each kind's reflector thread writes only its own keys.
+        self.watch_events: Counter[tuple[str, str]] = Counter()  # (kind, event type)
+        self.relists: Counter[str] = Counter()  # lists after a kind's first: its resourceVersion expired (410 Gone)
         self._reflectors = [_Reflector(self, kind) for kind in kinds]
         self._notify: Callable[[], None] = lambda: None
 
