@@ -23,6 +23,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds import resources as xr
+from controlplane.xds.telemetry import XdsTelemetry
 
 ResourceInput = Any
 """A protobuf message from xds-protos, an envoy-data-plane message, or an `xr.Resource`."""
@@ -290,8 +291,9 @@ class ConfigWatcher(Protocol):
 class GroupState:
     """One node group: its snapshot, what its Envoys rejected, and what they last accepted."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, telemetry: XdsTelemetry | None = None):
         self.name = name
+        self.telemetry = telemetry if telemetry is not None else XdsTelemetry()
         self.snapshot: Snapshot | None = None
         self._rejected: dict[str, set[str]] = {}
         self._last_acked: dict[str, Selection] = {}
@@ -333,6 +335,7 @@ class SnapshotCache:
 
     def __init__(self, *, node_group: NodeGroupFn = by_node_cluster):
         self._node_group = node_group
+        self.telemetry = XdsTelemetry()
         self._groups: dict[str, GroupState] = {}
         self._streams: set[StatusSource] = set()
 
@@ -342,7 +345,7 @@ class SnapshotCache:
     def group(self, name: str) -> GroupState:
         state = self._groups.get(name)
         if state is None:
-            state = self._groups[name] = GroupState(name)
+            state = self._groups[name] = GroupState(name, self.telemetry)
         return state
 
     def set_snapshot(self, group: str, snapshot: Snapshot) -> None:
@@ -351,6 +354,7 @@ class SnapshotCache:
             raise TypeError(f"set_snapshot needs a Snapshot, got {type(snapshot).__name__}")
         state = self.group(group)
         state.new_snapshot(snapshot)
+        self.telemetry.published(group, snapshot.version, state.watchers)  # a watcher stands for its stream
         for notify in list(state.watchers):
             notify()
 
@@ -368,6 +372,7 @@ class SnapshotCache:
 
         def stop() -> None:
             state.watchers.remove(on_change)
+            self.telemetry.left(group, on_change)
             if not state.watchers and state.snapshot is None and self._groups.get(group) is state:
                 del self._groups[group]
         return stop

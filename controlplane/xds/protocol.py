@@ -119,6 +119,11 @@ class StreamProtocol:
     def type_status(self) -> dict[str, TypeStatus]:
         return {type_url: state.status for type_url, state in self._types.items() if state.requested}
 
+    def settled(self) -> bool:
+        """Nothing in flight and nothing held back: Envoy has answered all this stream has to send now."""
+        return all(state.in_flight is None and state.settled_on is not None
+                   for state in self._types.values() if state.requested)
+
     # -- inputs ---------------------------------------------------------------------------------
 
     def receive(self, request, *, now: float = 0.0) -> Step:

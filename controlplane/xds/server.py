@@ -115,6 +115,8 @@ class _Stream:
             self._unwritten.extend(response.payload for response in step.responses)
             if self._writer is None:
                 self._writer = self._loop.create_task(self._write_unwritten())
+        self._group_state.telemetry.handled(self.group, self.snapshot_changed, step,
+                                            settled=not self._refresh_scheduled and self.protocol.settled())
 
     def snapshot_changed(self) -> None:
         """The cache's watcher, from any thread: one refresh per burst of snapshots."""
