@@ -16,6 +16,12 @@ XDS_CLUSTER = "xds_cluster"
 XDS_RETRY_BASE = "0.25s"
 XDS_RETRY_MAX = "1s"
 
+# Envoy pushes its stats to the control plane (controlplane/xds/metrics_service.py) over the xDS
+# cluster at every flush: Envoy's default interval, said here because it sets both how fresh the
+# budget use the control plane shows is and what the pushes cost (docs/benchmarks.md). Envoy's
+# sink cannot filter what it sends; the control plane keeps only what it reads, on receipt.
+STATS_FLUSH_INTERVAL = "5s"
+
 
 @dataclass(frozen=True)
 class XdsClientTls:
@@ -51,7 +57,7 @@ def _is_ip(host: str) -> bool:
 
 def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: int, admin_port: int,
                   delta: bool = False, tls: XdsClientTls | None = None,
-                  stats_port: int | None = None) -> dict[str, Any]:
+                  stats_port: int | None = None, stats_sink: bool = True) -> dict[str, Any]:
     """Everything comes over one ADS stream; only the xDS cluster itself is static.
 
     The xDS cluster speaks HTTP/2 with TCP keepalives so a dead control plane is noticed, and
@@ -60,7 +66,8 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
     for xDS streams only). The admin interface stays on 127.0.0.1: it can change Envoy's state
     and must not be reachable from the network. With `stats_port`, a static listener on 0.0.0.0
     passes on only the admin's read-only /stats/prometheus (for Prometheus and the alerts) and
-    /ready (for a readiness probe).
+    /ready (for a readiness probe). With `stats_sink`, Envoy pushes its stats to the control plane
+    every STATS_FLUSH_INTERVAL (Envoy's metrics-service sink).
     """
     bootstrap = {
         "node": {"id": node_id, "cluster": node_cluster},
@@ -91,6 +98,12 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
                 "address": {"socket_address": {"address": xds_host, "port_value": xds_port}}}}]}]},
         }]},
     }
+    if stats_sink:
+        bootstrap["stats_sinks"] = [{"name": "envoy.stat_sinks.metrics_service", "typed_config": {
+            "@type": "type.googleapis.com/envoy.config.metrics.v3.MetricsServiceConfig",
+            "transport_api_version": "V3", "emit_tags_as_labels": True,
+            "grpc_service": {"envoy_grpc": {"cluster_name": XDS_CLUSTER}}}}]
+        bootstrap["stats_flush_interval"] = STATS_FLUSH_INTERVAL
     if tls is not None:
         bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket(xds_host)
     if stats_port is not None:
