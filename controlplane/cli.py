@@ -56,6 +56,12 @@ def _port(value: str) -> int:
     return int(value)
 
 
+def _connections(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 10_000_000:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of connections (1-10000000)")
+    return int(value)
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("controlplane")
@@ -131,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--stats-port", type=_port, metavar="PORT", help="also serve the admin's /stats/prometheus "
                            "and /ready (only those) on 0.0.0.0:PORT, for Prometheus and a readiness probe")
     bootstrap.add_argument("--delta", action="store_true", help="use Delta xDS instead of State-of-the-World")
+    bootstrap.add_argument("--max-downstream-connections", type=_connections, metavar="N",
+                           help="connections this Envoy accepts over all its listeners (the overload manager; the "
+                           "stats port is exempt); each Gateway listener's limits.maxConnections applies too")
     bootstrap.add_argument("--xds-ca", metavar="PATH", help="connect over TLS, trusting this CA (a path in Envoy's "
                            "container); the server certificate must name the --xds-address host")
     bootstrap.add_argument("--xds-client-cert", metavar="PATH", help="Envoy's certificate, for mutual TLS")
@@ -178,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     tls = XdsClientTls(args.xds_ca, args.xds_client_cert, args.xds_client_key) if args.xds_ca else None
     print(yaml.safe_dump(ads_bootstrap(node_id=args.node_id, node_cluster=args.node_cluster, xds_host=host,
                                        xds_port=port, admin_port=args.admin_port, delta=args.delta, tls=tls,
-                                       stats_port=args.stats_port),
+                                       stats_port=args.stats_port,
+                                       max_downstream_connections=args.max_downstream_connections),
                          sort_keys=False), end="")
     return 0
 

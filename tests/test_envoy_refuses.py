@@ -257,13 +257,23 @@ def test_an_envoy_refusal_is_told_apart_from_a_broken_test_bootstrap(tmp_path):
 
 # -- the ranges: the extremes of every number we accept, translated by us, load in Envoy ------------
 
-def _extreme(name: str, budget: int, retries: int, connect_ms: int, idle_s: int) -> dict:
+def _extreme(name: str, budget: int, retries: int, connect_ms: int, idle_s: int, *, percent: int, timeout_ms: int,
+             attempts: int, outlier: dict, health: dict) -> dict:
+    """Every number of a Backend at one end of its range."""
     thresholds = {"maxConnections": budget, "maxPendingRequests": budget, "maxRequests": budget,
                   "maxRetries": retries}
-    return backend(name, routes=[{"pathPrefix": f"/{name}"}, {"path": f"/{name}/login", "priority": "High",
-                                                               "headers": [{"name": "x-tenant", "value": "a\tb"}]}],
-                   circuitBreakers={"default": thresholds, "high": thresholds}, connectTimeoutMs=connect_ms,
-                   websocket={"circuitBreakers": thresholds, "idleTimeoutSeconds": idle_s})
+    limits = {"maxConnections": budget, "maxPendingRequests": budget, "maxRequests": budget}
+    per_endpoint = {"retryBudget": {"percent": percent, "minConcurrency": budget},
+                    "perEndpoint": {**limits, "min": limits, "max": limits}}
+    retries_ = {"attempts": attempts, "retryOn": [on.value for on in crds.RetryOn], "perTryTimeoutMs": timeout_ms}
+    return backend(name, routes=[{"pathPrefix": f"/{name}", "retries": retries_},
+                                 {"path": f"/{name}/login", "priority": "High",
+                                  "headers": [{"name": "x-tenant", "value": "a\tb"}]}],
+                   circuitBreakers={"default": thresholds, "high": per_endpoint}, connectTimeoutMs=connect_ms,
+                   websocket={"circuitBreakers": per_endpoint, "idleTimeoutSeconds": idle_s,
+                              "maxConnectionDurationSeconds": idle_s},
+                   outlierDetection=outlier, healthCheck={"path": f"/{name}/healthz", **health},
+                   maxRequestsPerConnection=budget)
 
 
 @pytest.mark.envoy
@@ -272,9 +282,18 @@ def test_the_extremes_of_every_range_load_in_envoy(tmp_path):
     ports 1 and 65535, IPv6 addresses: the bounds our models accept, translated, load in Envoy."""
     listeners = [{"name": "low", "port": 1, "address": "::"}, {"name": "high", "port": 65535, "address": "0.0.0.0"}]
     objects = [gateway(listeners=listeners, limits={"maxConnections": 10_000_000}),
-               _extreme("most", 10_000_000, 10_000_000, 60_000, 86_400), service("most", port=65535),
+               _extreme("most", 10_000_000, 10_000_000, 60_000, 86_400, percent=100, timeout_ms=3_600_000,
+                        attempts=10, outlier={"consecutive5xx": 1000, "consecutiveGatewayFailures": 1000,
+                                              "intervalSeconds": 300, "baseEjectionTimeSeconds": 3600,
+                                              "maxEjectionPercent": 100},
+                        health={"intervalSeconds": 3600, "timeoutSeconds": 60, "unhealthyThreshold": 100,
+                                "healthyThreshold": 100}), service("most", port=65535),
                endpoint_slice("most", [ready("2001:db8::1")], port=65535),
-               _extreme("least", 1, 0, 10, 1), service("least", port=1),
+               _extreme("least", 1, 0, 10, 1, percent=1, timeout_ms=1, attempts=1,
+                        outlier={"consecutive5xx": 1, "consecutiveGatewayFailures": 1, "intervalSeconds": 1,
+                                 "baseEjectionTimeSeconds": 1, "maxEjectionPercent": 0},
+                        health={"intervalSeconds": 1, "timeoutSeconds": 1, "unhealthyThreshold": 1,
+                                "healthyThreshold": 1}), service("least", port=1),
                endpoint_slice("least", [ready("10.0.0.1")], port=1)]
     objects[3]["addressType"] = "IPv6"
     translation = to_ir.translate(Store(objects).view(), now=time.time())

@@ -55,9 +55,9 @@ def test_budgets_and_refused_secret_rotations_are_there_for_alerts():
     text = scrape([], translator.translate(store.view(), now=time.time()))
     for series in ('{envoy_cluster_name="shop/api",priority="default",resource="cx"} 100.0',
                    '{envoy_cluster_name="shop/api",priority="default",resource="rq"} 1024.0',  # Envoy's default
-                   '{envoy_cluster_name="shop/api",priority="high",resource="retries"} 3.0',
                    '{envoy_cluster_name="shop/api/websocket",priority="default",resource="cx"} 5000.0'):
         assert "controlplane_circuit_breaker_limit" + series in text
+    assert 'resource="retries"' not in text  # a retry budget by default: no fixed number of retries
     assert "controlplane_objects_unresolved_refs{" not in text
     expiry = 'controlplane_certificate_expiry_timestamp_seconds{namespace="shop",secret="%s",use="%s"} %s'
     ca_expiry = expiry % ("endpoints-ca", "ca", floatToGoString(authority.certificate.not_valid_after_utc.timestamp()))

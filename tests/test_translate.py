@@ -229,10 +229,16 @@ UPSTREAM_SECRETS = [ca_secret("endpoints-ca", AUTHORITY.cert_pem),
                                   st.sampled_from(["put", "delete", "not-ready", "bad-port"])), min_size=1, max_size=8))
 def test_incremental_translation_equals_a_full_one(changes):
     """The EndpointSlice fast path of `Translator` gives exactly what a full translation gives,
-    Backends with a WebSocket cluster and with upstream TLS included, and slices with a bad port."""
+    Backends with a WebSocket cluster and with upstream TLS included, and slices with a bad port;
+    budgets per endpoint (the WebSocket's, and a Backend's with min and max) follow the endpoints."""
     upstream_tls = {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCertificateSecret": "edge-client"}
-    store = Store([gateway(), *app("a", websocket={"circuitBreakers": {"maxConnections": 5}}),
-                   *app("b", "10.0.0.2", tls=upstream_tls), *app("c", "10.0.0.3", port=80), *UPSTREAM_SECRETS])
+    per_endpoint = {"perEndpoint": {"maxConnections": 10, "maxRequests": 20, "min": {"maxConnections": 15},
+                                    "max": {"maxRequests": 50}}}
+    store = Store([gateway(), *app("a", websocket={"circuitBreakers": {"maxConnections": 5,
+                                                                        "perEndpoint": {"maxRequests": 3}}}),
+                   *app("b", "10.0.0.2", tls=upstream_tls),
+                   *app("c", "10.0.0.3", port=80, circuitBreakers={"default": per_endpoint, "high": per_endpoint}),
+                   *UPSTREAM_SECRETS])
     translator = to_ir.Translator()
     translator.translate(store.view())
     for service_name, host, action in changes:

@@ -20,13 +20,49 @@ class Endpoint(NamedTuple):
 
 
 @dataclass(frozen=True)
+class RetryBudget:
+    """Retries in flight at most `percent` of the requests in flight, and `min_concurrency` at any rate."""
+
+    percent: int = 20
+    min_concurrency: int = 3
+
+
+@dataclass(frozen=True)
 class Budget:
-    """Circuit-breaker thresholds for one priority; None leaves Envoy's default."""
+    """Circuit-breaker thresholds for one priority, as computed for the endpoints ready now; None
+    leaves Envoy's default. A retry budget, when set, replaces max_retries (Envoy ignores it then)."""
 
     max_connections: int | None = None
     max_pending_requests: int | None = None
     max_requests: int | None = None
     max_retries: int | None = None
+    retry_budget: RetryBudget | None = None
+    per_host_max_connections: int | None = None  # what any one endpoint may be given
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    consecutive_5xx: int = 5
+    consecutive_gateway_failures: int = 5
+    interval_s: int = 10
+    base_ejection_time_s: int = 30
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str
+    interval_s: int = 5
+    timeout_s: int = 1
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+
+
+@dataclass(frozen=True)
+class Retries:
+    attempts: int
+    retry_on: tuple[str, ...]
+    per_try_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +76,9 @@ class Backend:
     connect_timeout_ms: int = 1000
     websocket: WebSocketCluster | None = None
     tls: UpstreamTls | None = None
+    outlier_detection: OutlierDetection | None = OutlierDetection()
+    health_check: HealthCheck | None = None
+    max_requests_per_connection: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,7 +87,16 @@ class WebSocketCluster:
 
     name: str
     budget: Budget = Budget()
+
+
+@dataclass(frozen=True)
+class WebSocketRoute:
+    """Where a route's WebSocket upgrades go, and how long they may last. Apart from the cluster:
+    routes follow the spec alone, while the cluster's budget follows the endpoints."""
+
+    cluster: str
     idle_timeout_s: int | None = None  # None: Envoy's stream idle timeout
+    max_duration_s: int | None = None  # None: until idle
 
 
 @dataclass(frozen=True)
@@ -64,7 +112,8 @@ class Route:
     path: str | None = None
     headers: tuple[HeaderMatch, ...] = ()
     high_priority: bool = False
-    websocket: WebSocketCluster | None = None  # where this route's WebSocket upgrades go; None refuses them
+    websocket: WebSocketRoute | None = None  # where this route's WebSocket upgrades go; None refuses them
+    retries: Retries | None = None
 
     @cached_property
     def match_key(self) -> tuple:

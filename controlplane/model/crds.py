@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic.alias_generators import to_camel, to_snake
 
 from controlplane.model import problems
 
@@ -130,6 +130,38 @@ class HeaderMatch(Spec):
     value: Annotated[str, Field(max_length=4096, pattern=problems.HEADER_VALUE)]
 
 
+class RetryOn(str, Enum):
+    """The conditions a route may retry on (Envoy's x-envoy-retry-on values for HTTP)."""
+
+    SERVER_ERROR = "5xx"
+    GATEWAY_ERROR = "gateway-error"
+    RESET = "reset"
+    RESET_BEFORE_REQUEST = "reset-before-request"
+    CONNECT_FAILURE = "connect-failure"
+    RETRIABLE_4XX = "retriable-4xx"
+    REFUSED_STREAM = "refused-stream"
+
+
+class Retries(Spec):
+    """Retries of a route's requests, drawn from its cluster's retry budget (so they cannot multiply a surge)."""
+
+    attempts: Annotated[int, Field(strict=True, ge=1, le=10)] = Field(1, description="Retries after the first try.")
+    retry_on: list[RetryOn] = Field(default_factory=lambda: [RetryOn.CONNECT_FAILURE, RetryOn.REFUSED_STREAM,
+                                                             RetryOn.GATEWAY_ERROR],
+                                    min_length=1, max_length=7, json_schema_extra={"x-kubernetes-list-type": "set"},
+                                    description="When to retry: 5xx, gateway-error (502, 503, 504), reset, "
+                                    "reset-before-request, connect-failure, retriable-4xx (409), refused-stream. "
+                                    "Default: connect-failure, refused-stream, gateway-error.")
+    per_try_timeout_ms: Annotated[int, Field(strict=True, ge=1, le=3_600_000)] | None = Field(
+        None, description="Each try's timeout. Unset: the route's (15 s) covers all tries.")
+
+    @model_validator(mode="after")
+    def _each_condition_once(self) -> Retries:
+        if len(set(self.retry_on)) != len(self.retry_on):
+            raise problems.problem("unique", "retryOn lists a condition twice: list each once", at=".retryOn")
+        return self
+
+
 class Route(Spec):
     """One route to the Backend: a path prefix or an exact path, optionally with headers."""
 
@@ -141,6 +173,8 @@ class Route(Spec):
     headers: list[HeaderMatch] = Field(default_factory=list, max_length=16)
     priority: Priority = Field(Priority.DEFAULT, description="High: served from the cluster's high-priority "
                                "circuit-breaker budget (use it for critical paths such as login).")
+    retries: Retries | None = Field(None, description="Retry failed requests (never WebSocket upgrades). Unset: "
+                                    "no retries.")
 
     @model_validator(mode="after")
     def _one_path(self) -> Route:
@@ -149,13 +183,96 @@ class Route(Spec):
         return self
 
 
-class Thresholds(Spec):
-    """Envoy circuit-breaker thresholds: the budget of one priority on one cluster."""
+_CAPACITY = ("maxConnections", "maxPendingRequests", "maxRequests")
+Seconds = Annotated[int, Field(strict=True, ge=1, le=86_400)]
+
+
+class RetryBudget(Spec):
+    """Envoy's retry budget: retries in flight never exceed a share of the requests in flight."""
+
+    percent: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(20, description="Retries in flight, as a "
+                                                                      "percentage of the requests in flight.")
+    min_concurrency: Budget = Field(3, description="Retries allowed at once however few requests are in flight.")
+
+
+class CapacityBounds(Spec):
+    """A floor or a ceiling for a budget computed from ready endpoints: limits of the whole cluster."""
 
     max_connections: Budget | None = None
     max_pending_requests: Budget | None = None
     max_requests: Budget | None = None
-    max_retries: Annotated[int, Field(strict=True, ge=0, le=10_000_000)] | None = None
+
+
+class PerEndpoint(Spec):
+    """What one endpoint can carry: the cluster's limits are these × its ready endpoints."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        *({"rule": f"!has(self.{bound}) || !has(self.{bound}.{limit}) || has(self.{limit})",
+           "message": f"{bound}.{limit} needs perEndpoint.{limit}: it bounds the budget computed from it"}
+          for bound in ("min", "max") for limit in _CAPACITY),
+        *({"rule": f"!has(self.min) || !has(self.max) || !has(self.min.{limit}) || !has(self.max.{limit}) "
+                   f"|| self.min.{limit} <= self.max.{limit}",
+           "message": f"min.{limit} must not exceed max.{limit}"} for limit in _CAPACITY)]})
+
+    max_connections: Budget | None = Field(None, description="Connections one endpoint can hold. Envoy gets it as "
+                                           "the per-host limit (no endpoint is ever given more), and the cluster "
+                                           "limit as this × ready endpoints.")
+    max_pending_requests: Budget | None = Field(None, description="Requests waiting for a connection, per ready "
+                                                "endpoint (the cluster limit: this × ready endpoints).")
+    max_requests: Budget | None = Field(None, description="Requests in flight, per ready endpoint (the cluster "
+                                        "limit: this × ready endpoints).")
+    min: CapacityBounds = Field(CapacityBounds(), description="Cluster limits never computed lower than these.")
+    max: CapacityBounds = Field(CapacityBounds(), description="Cluster limits never computed higher than these.")
+
+    @model_validator(mode="after")
+    def _bounds_of_what_is_set(self) -> PerEndpoint:
+        for limit in _CAPACITY:
+            field = to_snake(limit)
+            low, high = getattr(self.min, field), getattr(self.max, field)
+            for bound, value in (("min", low), ("max", high)):
+                if value is not None and getattr(self, field) is None:
+                    raise problems.problem("bound", f"{bound}.{limit} needs perEndpoint.{limit}: it bounds the "
+                                           f"budget computed from it; set perEndpoint.{limit} or remove "
+                                           f"{bound}.{limit}", at=f".{bound}.{limit}")
+            if low is not None and high is not None and low > high:
+                raise problems.problem("bound", f"min.{limit} ({low}) exceeds max.{limit} ({high}): lower min or "
+                                       "raise max", at=f".min.{limit}")
+        return self
+
+
+class Thresholds(Spec):
+    """Envoy circuit-breaker thresholds: the budget of one priority on one cluster."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": f"!has(self.perEndpoint) || !has(self.perEndpoint.{limit}) || !has(self.{limit})",
+         "message": f"set {limit} or perEndpoint.{limit}, not both"} for limit in _CAPACITY]})
+
+    max_connections: Budget | None = Field(None, description="A fixed limit, whatever the number of endpoints.")
+    max_pending_requests: Budget | None = None
+    max_requests: Budget | None = None
+    max_retries: Annotated[int, Field(strict=True, ge=0, le=10_000_000)] | None = Field(
+        None, description="Retries in flight at once, fixed. Unset: a retry budget (retryBudget, by default 20% "
+        "of the requests in flight, at least 3), so retries never multiply a surge.")
+    retry_budget: RetryBudget | None = Field(None, description="Retries in flight as a share of the requests in "
+                                             "flight. Unset and maxRetries unset: 20%, at least 3.")
+    per_endpoint: PerEndpoint | None = Field(None, description="Limits that follow the ready endpoints: recomputed "
+                                             "whenever an EndpointSlice changes (one pod of two gone halves them). "
+                                             "With no ready endpoint (only terminating ones, or none), one "
+                                             "endpoint's worth: what a lone draining endpoint may carry.")
+
+    @model_validator(mode="after")
+    def _one_way_per_limit(self) -> Thresholds:
+        for limit in _CAPACITY:
+            field = to_snake(limit)
+            if self.per_endpoint is not None and getattr(self.per_endpoint, field) is not None \
+                    and getattr(self, field) is not None:
+                raise problems.problem("exclusive", f"set {limit} or perEndpoint.{limit}, not both: a fixed "
+                                       f"limit, or one that follows the ready endpoints (bound it with "
+                                       f"perEndpoint.min/max)", at=f".{limit}")
+        if self.max_retries is not None and self.retry_budget is not None:
+            raise problems.problem("exclusive", "set maxRetries or retryBudget, not both (Envoy ignores maxRetries "
+                                   "under a retry budget)", at=".maxRetries")
+        return self
 
 
 class CircuitBreakers(Spec):
@@ -178,6 +295,39 @@ class WebSocket(Spec):
         None, description="Close a WebSocket after this long with no message either way. Unset: Envoy's stream "
         "idle timeout, 5 minutes; raise it for agents that stay quiet longer, or every one of them reconnects "
         "(a surge of its own).")
+    max_connection_duration_seconds: Seconds | None = Field(
+        None, description="Close every WebSocket after this long, so agents reconnect and spread over the "
+        "endpoints ready now (after a pod restart, the others would otherwise stay on the pod that was left). "
+        "Unset: a WebSocket lasts until it is idle.")
+
+
+class OutlierDetection(Spec):
+    """Ejecting a failing endpoint: it gets no traffic for a while, then is tried again."""
+
+    consecutive_5xx: Annotated[int, Field(strict=True, ge=1, le=1000)] = Field(
+        5, alias="consecutive5xx", description="Ejected after this many 5xx answers in a row (a refused connection counts as a 503).")
+    consecutive_gateway_failures: Annotated[int, Field(strict=True, ge=1, le=1000)] = Field(
+        5, description="Ejected after this many 502, 503, 504 or refused connections in a row.")
+    interval_seconds: Annotated[int, Field(strict=True, ge=1, le=300)] = Field(
+        10, description="How often ejections are reviewed (an ejected endpoint returns at the first review after "
+        "its ejection time).")
+    base_ejection_time_seconds: Annotated[int, Field(strict=True, ge=1, le=3600)] = Field(
+        30, description="The first ejection's length; each new ejection of the same endpoint lasts longer.")
+    max_ejection_percent: Annotated[int, Field(strict=True, ge=0, le=100)] = Field(
+        50, description="Never more than this share of the endpoints ejected at once (0: never eject).")
+
+
+class HealthCheck(Spec):
+    """Active HTTP health checks: each Envoy asks every endpoint; one that fails is given no traffic."""
+
+    path: Annotated[str, Field(pattern=problems.PATH, max_length=1024)] = Field(
+        description="Asked with GET; 200 is healthy.")
+    interval_seconds: Annotated[int, Field(strict=True, ge=1, le=3600)] = 5
+    timeout_seconds: Annotated[int, Field(strict=True, ge=1, le=60)] = 1
+    unhealthy_threshold: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
+        2, description="Failed checks in a row before an endpoint is given no traffic.")
+    healthy_threshold: Annotated[int, Field(strict=True, ge=1, le=100)] = Field(
+        1, description="Passed checks in a row before it is given traffic again.")
 
 
 class UpstreamTls(Spec):
@@ -220,6 +370,12 @@ class BackendSpec(Spec):
     websocket: WebSocket | None = Field(None, description="When set, WebSocket upgrades on these routes are "
                                         "accepted and sent to the cluster <namespace>/<name>/websocket, with "
                                         "its own circuit-breaker budget. When unset, Envoy refuses them (403).")
+    outlier_detection: OutlierDetection = Field(OutlierDetection(), description="Ejecting a failing endpoint "
+                                                "(on by default, with these values).")
+    health_check: HealthCheck | None = Field(None, description="Active HTTP health checks; none when unset.")
+    max_requests_per_connection: Budget | None = Field(
+        None, description="Close an upstream connection after this many requests (it is reopened, possibly to "
+        "another endpoint). Unset: no limit.")
 
 
 class Condition(Spec):

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controlplane.ir import types as ir
+from controlplane.translate import capacity
 from controlplane.translate.to_ir import Translation
 from controlplane.xds import SnapshotCache
 from controlplane.xds.resources import SHORT_NAMES
@@ -67,6 +68,9 @@ class ControlPlaneCollector:
                                    "Each cluster's circuit-breaker limits, Envoy's defaults included; resource names "
                                    "match Envoy's circuit_breakers.<priority>.remaining_<resource> gauges.",
                                    labels=["envoy_cluster_name", "priority", "resource"])
+        ready = GaugeMetricFamily("controlplane_backend_ready_endpoints",
+                                  "Each cluster's ready endpoints (terminating ones not counted): what per-endpoint "
+                                  "budgets are computed for.", labels=["envoy_cluster_name"])
         expiry = GaugeMetricFamily("controlplane_certificate_expiry_timestamp_seconds",
                                    "When the certificate Envoys are given from each TLS Secret expires (for a "
                                    "chain or a CA bundle, its first certificate to expire).",
@@ -81,13 +85,18 @@ class ControlPlaneCollector:
             for cluster, priority, budget in _budgets(translation):
                 for resource, limit in _effective_limits(budget):
                     limits.add_metric([cluster, priority, resource], limit)
+            for group in translation.groups.values():
+                for backend in group.backends:
+                    count = capacity.ready_endpoints(backend.endpoints)
+                    for cluster in (backend.name, *((backend.websocket.name,) if backend.websocket else ())):
+                        ready.add_metric([cluster], count)
         rotations = CounterMetricFamily("controlplane_secret_rotations", "New versions of a TLS Secret replacing a "
                                         "last valid one, per object using it: accepted, or refused by the named "
                                         "check (Envoys keep the last valid version).", labels=["result", "reason"])
         if translation is not None:
             for (result, reason), count in sorted(translation.secret_rotations_total.items()):
                 rotations.add_metric([result, reason], count)
-        yield from (connected, rejecting, rejected, last_accepted, unresolved, limits, expiry, rotations)
+        yield from (connected, rejecting, rejected, last_accepted, unresolved, limits, ready, expiry, rotations)
 
 
 # Envoy's limits where a budget leaves one unset (config.cluster.v3.CircuitBreakers.Thresholds).
@@ -104,8 +113,11 @@ def _budgets(translation: Translation):
 
 
 def _effective_limits(budget: ir.Budget):
-    configured = {"cx": budget.max_connections, "pending": budget.max_pending_requests, "rq": budget.max_requests,
-                  "retries": budget.max_retries}
+    """The limits Envoy enforces, as computed for the endpoints ready now. Under a retry budget the
+    retries limit moves with the requests in flight: no fixed number to report."""
+    configured = {"cx": budget.max_connections, "pending": budget.max_pending_requests, "rq": budget.max_requests}
+    if budget.retry_budget is None:
+        configured["retries"] = budget.max_retries
     for resource, limit in configured.items():
         yield resource, limit if limit is not None else _ENVOY_DEFAULT_LIMITS[resource]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
 
-from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
@@ -22,7 +22,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.connection_limit.v3 import connection_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 
 HostPort = tuple[str, int]
@@ -48,22 +50,64 @@ def ads_config_source() -> config_source_pb2.ConfigSource:
 
 
 def thresholds(priority: int, *, max_connections: int | None = None, max_pending_requests: int | None = None,
-               max_requests: int | None = None, max_retries: int | None = None
-               ) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
+               max_requests: int | None = None, max_retries: int | None = None,
+               retry_budget: tuple[int, int] | None = None) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
     """One priority's circuit-breaker budget; unset limits keep Envoy's defaults. Remaining
-    capacity is tracked, so `remaining_*` gauges show a budget running out before it trips."""
+    capacity is tracked, so `remaining_*` gauges show a budget running out before it trips.
+    `retry_budget` (percent of the requests in flight, minimum retries at once) replaces max_retries."""
     limits = {"max_connections": max_connections, "max_pending_requests": max_pending_requests,
               "max_requests": max_requests, "max_retries": max_retries}
-    return circuit_breaker_pb2.CircuitBreakers.Thresholds(
+    built = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         priority=priority, track_remaining=True,
         **{field: wrappers_pb2.UInt32Value(value=value) for field, value in limits.items() if value is not None})
+    if retry_budget is not None:
+        percent, min_concurrency = retry_budget
+        built.retry_budget.budget_percent.CopyFrom(percent_pb2.Percent(value=percent))
+        built.retry_budget.min_retry_concurrency.value = min_concurrency
+    return built
+
+
+def per_host_thresholds(priority: int, max_connections: int) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:
+    """The connections any one endpoint may be given (the only per-host limit Envoy has)."""
+    return circuit_breaker_pb2.CircuitBreakers.Thresholds(priority=priority,
+                                                          max_connections=wrappers_pb2.UInt32Value(value=max_connections))
+
+
+def outlier_detection(*, consecutive_5xx: int, consecutive_gateway_failures: int, interval_s: int,
+                      base_ejection_time_s: int, max_ejection_percent: int) -> outlier_detection_pb2.OutlierDetection:
+    """Ejects an endpoint after consecutive 5xx or gateway failures (a refused connection counts as a 503:
+    local-origin errors are not split out); both enforced always, never more than the share given ejected."""
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=wrappers_pb2.UInt32Value(value=consecutive_5xx),
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=consecutive_gateway_failures),
+        enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=100),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        interval=duration_pb2.Duration(seconds=interval_s),
+        base_ejection_time=duration_pb2.Duration(seconds=base_ejection_time_s),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=max_ejection_percent))
+
+
+def http_health_check(path: str, *, interval_s: int, timeout_s: int, unhealthy_threshold: int,
+                      healthy_threshold: int) -> health_check_pb2.HealthCheck:
+    """GET `path` on every endpoint each interval (also while the cluster has no traffic); 200 is healthy."""
+    interval = duration_pb2.Duration(seconds=interval_s)
+    return health_check_pb2.HealthCheck(
+        timeout=duration_pb2.Duration(seconds=timeout_s), interval=interval, no_traffic_interval=interval,
+        unhealthy_threshold=wrappers_pb2.UInt32Value(value=unhealthy_threshold),
+        healthy_threshold=wrappers_pb2.UInt32Value(value=healthy_threshold),
+        http_health_check=health_check_pb2.HealthCheck.HttpHealthCheck(path=path))
 
 
 def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: str | None = None,
                 budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = (),
-                transport_socket: base_pb2.TransportSocket | None = None) -> cluster_pb2.Cluster:
+                per_host_budgets: Sequence[circuit_breaker_pb2.CircuitBreakers.Thresholds] = (),
+                transport_socket: base_pb2.TransportSocket | None = None,
+                outlier: outlier_detection_pb2.OutlierDetection | None = None,
+                health_checks: Sequence[health_check_pb2.HealthCheck] = (),
+                max_requests_per_connection: int | None = None) -> cluster_pb2.Cluster:
     """A cluster whose endpoints come over EDS, under the cluster's own name or `endpoints_name`
-    (clusters that share endpoints share one ClusterLoadAssignment: sent once, one Envoy watch)."""
+    (clusters that share endpoints share one ClusterLoadAssignment: sent once, one Envoy watch).
+    `max_requests_per_connection` goes in the HTTP/1.1 protocol options (the cluster field is deprecated)."""
     cluster = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -73,8 +117,19 @@ def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: st
     )
     if budgets:
         cluster.circuit_breakers.thresholds.extend(budgets)
+    if per_host_budgets:
+        cluster.circuit_breakers.per_host_thresholds.extend(per_host_budgets)
     if transport_socket is not None:
         cluster.transport_socket.CopyFrom(transport_socket)
+    if outlier is not None:
+        cluster.outlier_detection.CopyFrom(outlier)
+    cluster.health_checks.extend(health_checks)
+    if max_requests_per_connection is not None:
+        options = http_protocol_options_pb2.HttpProtocolOptions(
+            explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+                http_protocol_options={}))
+        options.common_http_protocol_options.max_requests_per_connection.value = max_requests_per_connection
+        cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"].Pack(options)
     return cluster
 
 
@@ -92,17 +147,30 @@ def load_assignment(cluster_name: str, endpoints: Iterable[HostPort], *,
 
 
 def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
-          headers: Sequence[tuple[str, str]] = (), high_priority: bool = False) -> rc.Route:
+          headers: Sequence[tuple[str, str]] = (), high_priority: bool = False,
+          retry_policy: rc.RetryPolicy | None = None) -> rc.Route:
     """A route to `cluster` by path prefix or exact path, and exact header values.
 
     High priority routes draw on the cluster's HIGH circuit-breaker budget, so they keep
     working when the default budget is exhausted (logins during a WebSocket surge)."""
-    return rc.Route(match=_route_match(prefix, path, headers), route=rc.RouteAction(
-        cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT))
+    action = rc.RouteAction(cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT)
+    if retry_policy is not None:
+        action.retry_policy.CopyFrom(retry_policy)
+    return rc.Route(match=_route_match(prefix, path, headers), route=action)
+
+
+def retry_policy(attempts: int, retry_on: Sequence[str], *, per_try_timeout_ms: int | None = None) -> rc.RetryPolicy:
+    """Up to `attempts` retries on the conditions `retry_on` (Envoy's x-envoy-retry-on names); retries
+    draw on the cluster's retry budget, so they cannot multiply a surge."""
+    policy = rc.RetryPolicy(retry_on=",".join(retry_on), num_retries=wrappers_pb2.UInt32Value(value=attempts))
+    if per_try_timeout_ms is not None:
+        policy.per_try_timeout.CopyFrom(_milliseconds(per_try_timeout_ms))
+    return policy
 
 
 def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None = None,
-                    headers: Sequence[tuple[str, str]] = (), idle_timeout_s: int | None = None) -> rc.Route:
+                    headers: Sequence[tuple[str, str]] = (), idle_timeout_s: int | None = None,
+                    max_duration_s: int | None = None) -> rc.Route:
     """The WebSocket upgrades among the requests `route(prefix, path, headers)` matches, to `cluster`.
 
     Upgrades are enabled on this route only (the connection manager enables none), so a route
@@ -116,6 +184,8 @@ def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None
     action = rc.RouteAction(cluster=cluster, upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")])
     if idle_timeout_s is not None:
         action.idle_timeout.seconds = idle_timeout_s
+    if max_duration_s is not None:  # then closed, however busy: the agent reconnects to an endpoint ready now
+        action.max_stream_duration.max_stream_duration.seconds = max_duration_s
     return rc.Route(match=match, route=action)
 
 

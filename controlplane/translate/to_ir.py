@@ -34,7 +34,7 @@ from controlplane.ir import types as ir
 from controlplane.model import crds, kube, problems
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.sources.store import ObjectKey, StoreView
-from controlplane.translate import names, secrets
+from controlplane.translate import capacity, names, secrets
 
 
 @dataclass
@@ -398,7 +398,7 @@ class Translator:
             # The Service it last resolved is gone or renamed its port, and today's EndpointSlices follow
             # the new name: the endpoints it last had are better than none.
             backend = self._cached(("backend-kept", key), (backend, attempt.endpoints), _with_endpoints, backend,
-                                   attempt.endpoints)
+                                   attempt.endpoints, spec)
         return backend
 
     def _upstream_tls(self, view: StoreView, backend: ObjectKey, spec: crds.UpstreamTls,
@@ -565,15 +565,10 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
         offered = ", ".join(f"{p.name or '(unnamed)'}={p.port}" for p in service.ports) or "none"
         raise _Rejected("ServicePortNotFound", f"Service {key.namespace}/{spec.service.name} has no port "
                         f"{spec.service.port!r} (its ports: {offered}): fix spec.service.port", unresolved=True)
-    breakers = spec.circuit_breakers
-    websocket = None
-    if spec.websocket is not None:
-        websocket = ir.WebSocketCluster(names.websocket_cluster(key.namespace, key.name),
-                                        _budget(spec.websocket.circuit_breakers), spec.websocket.idle_timeout_seconds)
-    return ir.Backend(name=names.cluster(key.namespace, key.name),
-                      endpoints=_endpoints(slices, port),
-                      default_budget=_budget(breakers.default), high_budget=_budget(breakers.high),
-                      connect_timeout_ms=spec.connect_timeout_ms, websocket=websocket, tls=tls)
+    endpoints = _endpoints(slices, port)
+    return ir.Backend(name=names.cluster(key.namespace, key.name), endpoints=endpoints,
+                      connect_timeout_ms=spec.connect_timeout_ms, tls=tls, **capacity.backend_fields(
+                          spec, endpoints, websocket_name=names.websocket_cluster(key.namespace, key.name)))
 
 
 def _endpoints(slices: list[Mapping[str, Any]], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
@@ -636,18 +631,20 @@ def _slice_problems(slices: list[Mapping[str, Any]]) -> tuple[str, ...]:
     return tuple(found)
 
 
-def _with_endpoints(backend: ir.Backend, endpoints: tuple[ir.Endpoint, ...]) -> ir.Backend:
-    return dataclasses.replace(backend, endpoints=endpoints)
-
-
-def _budget(thresholds: crds.Thresholds) -> ir.Budget:
-    return ir.Budget(max_connections=thresholds.max_connections, max_pending_requests=thresholds.max_pending_requests,
-                     max_requests=thresholds.max_requests, max_retries=thresholds.max_retries)
+def _with_endpoints(backend: ir.Backend, endpoints: tuple[ir.Endpoint, ...], spec: crds.BackendSpec) -> ir.Backend:
+    """Its budgets follow the endpoints it is given."""
+    websocket_name = backend.websocket.name if backend.websocket is not None else ""
+    return dataclasses.replace(backend, endpoints=endpoints,
+                               **capacity.backend_fields(spec, endpoints, websocket_name=websocket_name))
 
 
 def _routes(spec: crds.BackendSpec, backend: ir.Backend) -> tuple[ir.Route, ...]:
     """Built from the spec alone (the memo's input): of `backend`, only its names are read."""
-    return tuple(_route(route, backend.name, backend.websocket) for route in spec.routes)
+    websocket = None
+    if backend.websocket is not None:
+        websocket = ir.WebSocketRoute(backend.websocket.name, spec.websocket.idle_timeout_seconds,
+                                      spec.websocket.max_connection_duration_seconds)
+    return tuple(_route(route, backend.name, websocket) for route in spec.routes)
 
 
 def _listener(name: str, listener: crds.Listener, routes: tuple[ir.Route, ...],
@@ -668,10 +665,11 @@ def _lasting_failures(checked: secrets.Checked, use: secrets.Use, previous: secr
     return secrets.lasting_failures(checked, use, previous=previous, clients_trust=trust, trust_label=trust_label)
 
 
-def _route(route: crds.Route, backend: str, websocket: ir.WebSocketCluster | None) -> ir.Route:
+def _route(route: crds.Route, backend: str, websocket: ir.WebSocketRoute | None) -> ir.Route:
     return ir.Route(backend=backend, path_prefix=route.path_prefix, path=route.path,
                     headers=tuple(ir.HeaderMatch(h.name, h.value) for h in route.headers),
-                    high_priority=route.priority == crds.Priority.HIGH, websocket=websocket)
+                    high_priority=route.priority == crds.Priority.HIGH, websocket=websocket,
+                    retries=capacity.retries(route.retries))
 
 
 def _claim_routes(key: ObjectKey, routes: tuple[ir.Route, ...], targets: list[tuple[ObjectKey, str]],

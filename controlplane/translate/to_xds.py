@@ -107,17 +107,35 @@ def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
 
 
 def cluster(backend: ir.Backend):
-    return b.eds_cluster(backend.name, connect_timeout_ms=backend.connect_timeout_ms, budgets=[
-        _thresholds(base_pb2.DEFAULT, backend.default_budget), _thresholds(base_pb2.HIGH, backend.high_budget)],
-        transport_socket=_upstream_tls(backend))
+    budgets = {base_pb2.DEFAULT: backend.default_budget, base_pb2.HIGH: backend.high_budget}
+    return b.eds_cluster(backend.name, **_cluster_options(backend, budgets))
 
 
 def websocket_cluster(backend: ir.Backend):
     """Over the Backend's endpoints (its ClusterLoadAssignment), with the WebSocket budget only."""
     websocket = backend.websocket
-    return b.eds_cluster(websocket.name, connect_timeout_ms=backend.connect_timeout_ms, endpoints_name=backend.name,
-                         budgets=[_thresholds(base_pb2.DEFAULT, websocket.budget)],
-                         transport_socket=_upstream_tls(backend))
+    return b.eds_cluster(websocket.name, endpoints_name=backend.name,
+                         **_cluster_options(backend, {base_pb2.DEFAULT: websocket.budget}))
+
+
+def _cluster_options(backend: ir.Backend, budgets: dict[int, ir.Budget]) -> dict:
+    """What a Backend's clusters share, but their budgets: endpoints' TLS, ejection, health checks."""
+    outlier, check = backend.outlier_detection, backend.health_check
+    return {
+        "connect_timeout_ms": backend.connect_timeout_ms,
+        "budgets": [_thresholds(priority, budget) for priority, budget in budgets.items()],
+        "per_host_budgets": [b.per_host_thresholds(priority, budget.per_host_max_connections)
+                             for priority, budget in budgets.items() if budget.per_host_max_connections is not None],
+        "transport_socket": _upstream_tls(backend),
+        "outlier": None if outlier is None else b.outlier_detection(
+            consecutive_5xx=outlier.consecutive_5xx, consecutive_gateway_failures=outlier.consecutive_gateway_failures,
+            interval_s=outlier.interval_s, base_ejection_time_s=outlier.base_ejection_time_s,
+            max_ejection_percent=outlier.max_ejection_percent),
+        "health_checks": [] if check is None else [b.http_health_check(
+            check.path, interval_s=check.interval_s, timeout_s=check.timeout_s,
+            unhealthy_threshold=check.unhealthy_threshold, healthy_threshold=check.healthy_threshold)],
+        "max_requests_per_connection": backend.max_requests_per_connection,
+    }
 
 
 def _upstream_tls(backend: ir.Backend):
@@ -138,14 +156,19 @@ def route_configuration(listener: ir.Listener):
     for route in listener.routes:
         headers = [(h.name, h.value) for h in route.headers]
         if route.websocket is not None:  # its upgrades first: the same match, plus `upgrade: websocket`
-            routes.append(b.websocket_route(route.websocket.name, prefix=route.path_prefix, path=route.path,
-                                            headers=headers, idle_timeout_s=route.websocket.idle_timeout_s))
+            routes.append(b.websocket_route(route.websocket.cluster, prefix=route.path_prefix, path=route.path,
+                                            headers=headers, idle_timeout_s=route.websocket.idle_timeout_s,
+                                            max_duration_s=route.websocket.max_duration_s))
+        retries = route.retries
+        policy = None if retries is None else b.retry_policy(retries.attempts, retries.retry_on,
+                                                             per_try_timeout_ms=retries.per_try_timeout_ms)
         routes.append(b.route(route.backend, prefix=route.path_prefix, path=route.path, headers=headers,
-                              high_priority=route.high_priority))
+                              high_priority=route.high_priority, retry_policy=policy))
     return b.route_configuration(listener.name, [b.virtual_host("all", routes)])
 
 
 def _thresholds(priority: int, budget: ir.Budget):
     return b.thresholds(priority, max_connections=budget.max_connections,
                         max_pending_requests=budget.max_pending_requests, max_requests=budget.max_requests,
-                        max_retries=budget.max_retries)
+                        max_retries=budget.max_retries, retry_budget=None if budget.retry_budget is None else (
+                            budget.retry_budget.percent, budget.retry_budget.min_concurrency))

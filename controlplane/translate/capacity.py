@@ -1,0 +1,90 @@
+"""Circuit-breaker budgets that follow the ready endpoints (Backend `perEndpoint`), and the rest of
+a Backend's protection from the spec: retry budgets, ejection, health checks, route retries.
+
+Why: in the WebSocket-surge outage, one pod of two restarted and the cluster's budget stayed the
+same, so the lone pod was offered twice its share and the circuit breaker opened on logins. A
+per-endpoint budget makes the cluster's limits per-endpoint capacity × ready endpoints, clamped
+to `min`/`max`, and gives Envoy the per-host connection limit, so no endpoint is ever given more
+than its own capacity. Pure: translation recomputes it on every EndpointSlice change.
+"""
+
+from __future__ import annotations
+
+from controlplane.ir import types as ir
+from controlplane.model import crds
+
+CEILING = 10_000_000
+"""A computed limit never exceeds what the model accepts as a fixed one (Envoy's UInt32 holds it)."""
+
+DEFAULT_RETRY_BUDGET = ir.RetryBudget()
+"""Where neither maxRetries nor retryBudget is set: Envoy's own retry-budget defaults, 20% and 3."""
+
+
+def ready_endpoints(endpoints: tuple[ir.Endpoint, ...]) -> int:
+    return sum(1 for endpoint in endpoints if not endpoint.draining)
+
+
+def counted_endpoints(endpoints: tuple[ir.Endpoint, ...]) -> int:
+    """The endpoints a budget is computed for: the ready ones, and 1 when none is ready.
+
+    With no ready endpoint, Envoy sends to draining (terminating but serving) ones, and a pod that
+    becomes ready gets traffic before the next EndpointSlice event: one endpoint's worth never
+    overloads any endpoint (the per-host limit holds it) and never shuts the cluster (0 would)."""
+    return max(1, ready_endpoints(endpoints))
+
+
+def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> ir.Budget:
+    """One priority's budget for these endpoints: fixed limits as written, per-endpoint ones computed."""
+    limits = {"max_connections": thresholds.max_connections,
+              "max_pending_requests": thresholds.max_pending_requests,
+              "max_requests": thresholds.max_requests}
+    per_host = None
+    per_endpoint = thresholds.per_endpoint
+    if per_endpoint is not None:
+        count = counted_endpoints(endpoints)
+        for field in limits:
+            each = getattr(per_endpoint, field)
+            if each is None:
+                continue
+            computed = each * count
+            low, high = getattr(per_endpoint.min, field), getattr(per_endpoint.max, field)
+            if low is not None:
+                computed = max(computed, low)
+            if high is not None:
+                computed = min(computed, high)
+            limits[field] = min(computed, CEILING)
+        per_host = per_endpoint.max_connections
+    retry_budget = None
+    if thresholds.retry_budget is not None:
+        retry_budget = ir.RetryBudget(thresholds.retry_budget.percent, thresholds.retry_budget.min_concurrency)
+    elif thresholds.max_retries is None:
+        retry_budget = DEFAULT_RETRY_BUDGET
+    return ir.Budget(**limits, max_retries=thresholds.max_retries, retry_budget=retry_budget,
+                     per_host_max_connections=per_host)
+
+
+def backend_fields(spec: crds.BackendSpec, endpoints: tuple[ir.Endpoint, ...], *, websocket_name: str) -> dict:
+    """The ir.Backend fields that come from the spec's capacity settings, for these endpoints."""
+    breakers = spec.circuit_breakers
+    websocket = None
+    if spec.websocket is not None:
+        websocket = ir.WebSocketCluster(websocket_name, budget(spec.websocket.circuit_breakers, endpoints))
+    outlier = spec.outlier_detection
+    check = spec.health_check
+    return {
+        "default_budget": budget(breakers.default, endpoints), "high_budget": budget(breakers.high, endpoints),
+        "websocket": websocket,
+        "outlier_detection": ir.OutlierDetection(outlier.consecutive_5xx, outlier.consecutive_gateway_failures,
+                                                 outlier.interval_seconds, outlier.base_ejection_time_seconds,
+                                                 outlier.max_ejection_percent),
+        "health_check": None if check is None else ir.HealthCheck(check.path, check.interval_seconds,
+                                                                  check.timeout_seconds, check.unhealthy_threshold,
+                                                                  check.healthy_threshold),
+        "max_requests_per_connection": spec.max_requests_per_connection,
+    }
+
+
+def retries(spec: crds.Retries | None) -> ir.Retries | None:
+    if spec is None:
+        return None
+    return ir.Retries(spec.attempts, tuple(condition.value for condition in spec.retry_on), spec.per_try_timeout_ms)
