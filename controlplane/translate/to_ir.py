@@ -769,8 +769,9 @@ def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[c
     generation = _generation(obj)
     if rejected.unresolved:
         resolved = _condition("ResolvedRefs", "False", rejected.reason, rejected.message, generation)
-    else:
-        resolved = _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation)
+    else:  # refused before its references were looked at: saying they resolve would be a guess
+        resolved = _condition("ResolvedRefs", "Unknown", "NotChecked", "References are checked once the object is "
+                              "accepted: see the Accepted condition.", generation)
     return (
         _condition("Accepted", "False", rejected.reason, rejected.message, generation),
         resolved,
