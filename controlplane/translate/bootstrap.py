@@ -56,7 +56,7 @@ def _is_ip(host: str) -> bool:
 
 
 def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: int, admin_port: int,
-                  delta: bool = False, tls: XdsClientTls | None = None,
+                  delta: bool = False, tls: XdsClientTls | None = None, max_downstream_connections: int | None = None,
                   stats_port: int | None = None, stats_sink: bool = True) -> dict[str, Any]:
     """Everything comes over one ADS stream; only the xDS cluster itself is static.
 
@@ -68,6 +68,12 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
     passes on only the admin's read-only /stats/prometheus (for Prometheus and the alerts) and
     /ready (for a readiness probe). With `stats_sink`, Envoy pushes its stats to the control plane
     every STATS_FLUSH_INTERVAL (Envoy's metrics-service sink).
+
+    `max_downstream_connections` caps the connections this Envoy accepts over all its listeners
+    (the overload manager's global_downstream_max_connections), besides each Gateway listener's own
+    limit, so a surge cannot exhaust the Envoy's file descriptors and memory. Envoy reads the
+    bootstrap once, at start: so this is a flag of `controlplane bootstrap`, not a Gateway field.
+    The stats listener is exempt: Prometheus and the readiness probe still get in during a surge.
     """
     bootstrap = {
         "node": {"id": node_id, "cluster": node_cluster},
@@ -104,6 +110,12 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
             "transport_api_version": "V3", "emit_tags_as_labels": True,
             "grpc_service": {"envoy_grpc": {"cluster_name": XDS_CLUSTER}}}}]
         bootstrap["stats_flush_interval"] = STATS_FLUSH_INTERVAL
+    if max_downstream_connections is not None:
+        bootstrap["overload_manager"] = {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections"
+                                      ".v3.DownstreamConnectionsConfig",
+                             "max_active_downstream_connections": max_downstream_connections}}]}
     if tls is not None:
         bootstrap["static_resources"]["clusters"][0]["transport_socket"] = tls.transport_socket(xds_host)
     if stats_port is not None:
@@ -125,6 +137,7 @@ def _stats_listener(port: int) -> dict[str, Any]:
                "route": {"cluster": ADMIN_CLUSTER}} for path in STATS_PATHS]
     routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
     return {"name": "stats", "address": {"socket_address": {"address": "0.0.0.0", "port_value": port}},
+            "ignore_global_conn_limit": True,
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                          ".HttpConnectionManager",
