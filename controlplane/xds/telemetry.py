@@ -19,7 +19,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Seconds; a local push is ~10 ms, a fleet of 1,000 Envoys ~1 s (docs/benchmarks.md).
 ROLLOUT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -34,15 +34,16 @@ class _Rollout:
     rejected: bool = False
 
 
-@dataclass
 class Histogram:
-    """Counts per ROLLOUT_BUCKETS upper bound (not cumulative; the last one is +Inf), and their sum."""
+    """Counts per bucket (upper bounds `buckets`, then +Inf; not cumulative), and their sum."""
 
-    counts: list[int] = field(default_factory=lambda: [0] * (len(ROLLOUT_BUCKETS) + 1))
-    total: float = 0.0
+    def __init__(self, buckets: tuple[float, ...] = ROLLOUT_BUCKETS):
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.total = 0.0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(ROLLOUT_BUCKETS, seconds)] += 1
+        self.counts[bisect_left(self.buckets, seconds)] += 1
         self.total += seconds
 
 
