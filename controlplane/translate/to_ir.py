@@ -769,6 +769,8 @@ def _rejected_conditions(obj: Mapping[str, Any], rejected: _Rejected) -> tuple[c
     generation = _generation(obj)
     if rejected.unresolved:
         resolved = _condition("ResolvedRefs", "False", rejected.reason, rejected.message, generation)
+    elif rejected.reason in _PARTIAL:  # everything it asks for is held by others: its references did resolve
+        resolved = _condition("ResolvedRefs", "True", "ResolvedRefs", "Every reference resolves.", generation)
     else:  # refused before its references were looked at: saying they resolve would be a guess
         resolved = _condition("ResolvedRefs", "Unknown", "NotChecked", "References are checked once the object is "
                               "accepted: see the Accepted condition.", generation)
