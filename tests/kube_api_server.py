@@ -56,6 +56,7 @@ class KubeAPIServer:
         self.port: int | None = None
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query) for assertions
         self.forbidden: set[str] = set()  # kinds this server's RBAC refuses to list and watch
+        self.initializing: set[str] = set()  # kinds answered 429 "storage is (re)initializing", as at a start
         self._objects: dict[tuple[str, str, str], dict] = {}
         self._events: list[tuple[int, str, str, dict]] = []  # (rv, type, kind, object)
         self._rv = 100
@@ -218,6 +219,8 @@ class _Handler(BaseHTTPRequestHandler):
         kind, namespace, name, _sub, query = route
         if kind in self.server_api.forbidden:
             return self._send(403, _status(403, "Forbidden", f"{kind.lower()}s is forbidden: User cannot list"))
+        if kind in self.server_api.initializing:
+            return self._send(429, _status(429, "TooManyRequests", "storage is (re)initializing"))
         if name is not None:
             found = self.server_api.get(kind, namespace or "default", name)
             return self._send(200, found) if found else self._send(404, _status(404, "NotFound", f"{name} not found"))

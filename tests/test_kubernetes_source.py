@@ -134,3 +134,16 @@ async def test_forbidden_kind_is_retried_with_an_rbac_hint_and_nothing_is_publis
         assert recorder.states == [] and not source.synced()  # half a picture is never published
         api.forbidden.clear()
         await eventually(lambda: recorder.states, what="the first publication once access is granted")
+
+
+async def test_a_starting_api_servers_429_is_retried_quietly(api, caplog):
+    """Right after it starts, a real API server answers 429 "storage is (re)initializing" for a
+    moment: retried at once, and not worth a warning."""
+    api.create(gateway())
+    api.initializing.add("Secret")
+    async with watching(api) as (source, recorder):
+        await asyncio.sleep(1.0)
+        assert recorder.states == [] and not source.synced()
+        api.initializing.clear()
+        await eventually(lambda: recorder.states, what="the first publication once storage is ready")
+    assert "initializing" not in caplog.text and "WARNING" not in caplog.text

@@ -49,7 +49,8 @@ WATCHED = (
 
 
 # A 401/403 in the first seconds the API server answers is not yet worth a warning: a starting
-# API server answers 403 to everyone for about 2 s while its RBAC cache loads.
+# API server answers 403 to everyone for about 2 s while its RBAC cache loads, and 429 "storage is
+# (re)initializing" for a moment before that.
 RBAC_WARMUP = 5.0
 
 
@@ -156,8 +157,8 @@ class _Reflector:
         message = brief(error)
         if message == self._logged_error:
             return
-        if error.status in (401, 403) and self.source.availability.answering_for() < RBAC_WARMUP:
-            return  # a starting API server answers 403 to everyone while its RBAC cache loads
+        if error.status in (401, 403, 429) and self.source.availability.answering_for() < RBAC_WARMUP:
+            return  # a starting API server answers 403 while its RBAC cache loads, 429 while its storage does
         self._logged_error = message
         log.warning("%s: %s; retrying (serving the last known state)%s", self.kind.plural, message, _hint(error))
 
