@@ -18,6 +18,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.registry import Collector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controlplane.ir import types as ir
@@ -122,11 +123,24 @@ def _effective_limits(budget: ir.Budget):
         yield resource, limit if limit is not None else _ENVOY_DEFAULT_LIMITS[resource]
 
 
-def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Callable[[], bool]) -> None:
-    """/metrics, and the probes: /healthz (the process answers) and /readyz (`ready()`: the first
-    configuration has been published, so a new replica takes no Envoy before it has something to serve)."""
+def backend_limits(backend: ir.Backend):
+    """(Envoy cluster, "api" or "websocket", priority, resource, limit) of each budget of a Backend:
+    its own cluster's and its WebSocket cluster's, side by side."""
+    budgets = [(backend.name, "api", "default", backend.default_budget), (backend.name, "api", "high", backend.high_budget)]
+    if backend.websocket is not None:
+        budgets.append((backend.websocket.name, "websocket", "default", backend.websocket.budget))
+    for cluster, traffic, priority, budget in budgets:
+        for resource, limit in _effective_limits(budget):
+            yield cluster, traffic, priority, resource, limit
+
+
+def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Callable[[], bool],
+                  more: tuple[Collector, ...] = ()) -> None:
+    """/metrics (`collector` and `more`), and the probes: /healthz (the process answers) and /readyz (`ready()`:
+    the first configuration has been published, so a new replica takes no Envoy before it has something to serve)."""
     registry = CollectorRegistry()
-    registry.register(collector)
+    for each in (collector, *more):
+        registry.register(each)
     metrics = make_wsgi_app(registry)
 
     def app(environ, start_response):

@@ -18,6 +18,8 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 
+from controlplane.runtime.activity_metrics import ActivityCollector
+from controlplane.runtime.envoy_stats import EnvoyStatsCollector
 from controlplane.runtime.fleet import EnvoyRecords
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.memory import Memory, MemoryWriter
@@ -25,8 +27,10 @@ from controlplane.runtime.metrics import ControlPlaneCollector, serve_metrics
 from controlplane.runtime.pipeline import Pipeline, Source, cancel, feed, periodically
 from controlplane.runtime.status import StatusWriter
 from controlplane.sources.kube_api import brief
+from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.translate import secrets
 from controlplane.xds import SnapshotCache, XdsServer
+from controlplane.xds.metrics_service import MetricsService, StatsStore
 from controlplane.xds.server_tls import ServerTls
 
 log = logging.getLogger(__name__)
@@ -162,15 +166,20 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         writer = StatusWriter(leader.api, cache, leader, objects=source.store.view, records=records)
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None,
                         min_certificate_lifetime=min_certificate_lifetime)
+    stats = StatsStore()  # what Envoys push by their stats sink, to the xDS port
     if metrics_address:
+        activity = ActivityCollector(cache, publish_seconds=pipeline.publish_seconds,
+                                     source=source if isinstance(source, KubernetesSource) else None,
+                                     is_leader=(lambda: leader.is_leader) if leader is not None else None)
         try:
             serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
-                          ready=lambda: pipeline.last is not None)
+                          ready=lambda: pipeline.last is not None,
+                          more=(activity, EnvoyStatsCollector(stats, lambda: pipeline.last)))
         except OSError as error:
             raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
                           "it, or choose another --metrics-address ('' turns metrics off)") from None
         log.info("metrics on http://%s/metrics", metrics_address)
-    server = XdsServer(cache, address=xds_address, tls=xds_tls)
+    server = XdsServer(cache, address=xds_address, tls=xds_tls, services=(MetricsService(stats).handler(),))
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
