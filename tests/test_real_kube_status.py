@@ -241,3 +241,31 @@ async def test_the_api_servers_rbac_warm_up_after_a_restart_is_no_warning(real_k
     await eventually(lambda: condition(real_kube, kube_namespace, "Backend", "api", "Accepted").get(
         "observedGeneration") == 2, timeout=30, what="status written after the restart")
     assert "rbac.yaml" not in replica.log()
+
+
+async def test_a_refused_secret_rotation_is_an_event_on_the_gateway(real_kube, kube_namespace, replicas):
+    """As the shipped ServiceAccount: the leader posts a Warning Event on the Gateway whose Secret
+    rotation was refused, naming the check; the good certificate keeps being served meanwhile."""
+    from tests.certs import issue, tls_secret
+    good = issue("edge.example")
+    secret = tls_secret("edge-cert", good.cert_pem, good.key_pem, namespace=kube_namespace)
+    real_kube.apply(secret)
+    apply_app(real_kube, kube_namespace, port=free_port(), listeners=[
+        {"name": "https", "port": free_port(), "address": "127.0.0.1", "protocol": "HTTPS",
+         "tls": {"certificateSecret": "edge-cert"}}])
+    replicas("replica-a")
+    await eventually(lambda: condition(real_kube, kube_namespace, "Gateway", "edge", "Accepted").get("status") == "True",
+                     timeout=30, what="the Gateway accepted")
+    secret["data"]["tls.key"] = tls_secret("x", good.cert_pem, issue("other").key_pem)["data"]["tls.key"]
+    real_kube.apply(secret)
+
+    def refusal_events() -> list[dict]:
+        return [event for event in real_kube.list("v1", "Event", namespace=kube_namespace)
+                if event.get("reason") == "SecretRotationRefused"]
+    events = await eventually(refusal_events, timeout=30, what="an Event for the refused rotation")
+    event = events[0]
+    assert event["type"] == "Warning" and event["involvedObject"]["kind"] == "Gateway"
+    assert event["involvedObject"]["name"] == "edge" and event["involvedObject"]["uid"]
+    assert f"Secret {kube_namespace}/edge-cert: rotation refused for Gateway {kube_namespace}/edge" in event["message"]
+    assert "KeyMismatch" in event["message"] or "does not match" in event["message"]
+    assert condition(real_kube, kube_namespace, "Gateway", "edge", "Accepted").get("status") == "True"

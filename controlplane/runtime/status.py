@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from controlplane.model import crds
+from controlplane.runtime.events import RotationEvents
 from controlplane.runtime.fleet import EnvoyRecords, GroupEnvoys, fleet, summarize
 from controlplane.runtime.leader import LeaderElection, RbacWarmUp, rbac_hint
 from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
@@ -95,6 +96,7 @@ class StatusWriter:
         self._records = records
         self._clock = clock
         self._translation: Translation | None = None
+        self._rotation_events = RotationEvents(instance=leader.identity)
         self._written: dict[ObjectKey, tuple[str, str, list[dict], str]] = {}
         """What this replica wrote: (the object's uid and resourceVersion before, the conditions, its
         resourceVersion after). Until the watch brings a newer version of the object, that write is
@@ -102,6 +104,7 @@ class StatusWriter:
 
     def update(self, translation: Translation) -> None:
         self._translation = translation
+        self._rotation_events.collect(translation)
 
     async def run(self, interval: float = 1.0) -> None:
         """A pass every `interval`; a failure is logged once until it changes (a 401/403 only after
@@ -135,10 +138,14 @@ class StatusWriter:
             self._records.publish(local)
         translation = self._translation
         if not self._leader.is_leader or translation is None:
+            self._rotation_events.drop()
             return 0
         if self._records is not None:
             local = fleet(local, self._records.peers(), self._snapshots(translation.groups))
-        return self.write_changed(translation, local, self._objects())
+        view = self._objects()
+        writes = self.write_changed(translation, local, view)
+        self._rotation_events.post(self._api, view, self._clock())
+        return writes
 
     def write_changed(self, translation: Translation, groups: Mapping[str, GroupEnvoys], view: StoreView) -> int:
         writes = 0
