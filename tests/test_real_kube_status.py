@@ -269,3 +269,23 @@ async def test_a_refused_secret_rotation_is_an_event_on_the_gateway(real_kube, k
     assert f"Secret {kube_namespace}/edge-cert: rotation refused for Gateway {kube_namespace}/edge" in event["message"]
     assert "KeyMismatch" in event["message"] or "does not match" in event["message"]
     assert condition(real_kube, kube_namespace, "Gateway", "edge", "Accepted").get("status") == "True"
+
+
+async def test_a_newer_backend_never_takes_the_routes_of_the_one_that_holds_them(real_kube, kube_namespace, replicas):
+    """Issue #8 item 2 on a real API server: `aaa` sorts first but comes later; `api` keeps `/` and
+    stays accepted, `aaa` is told who holds it and keeps its free route."""
+    apply_app(real_kube, kube_namespace, port=free_port())
+    replicas("replica-a")
+    await eventually(lambda: condition(real_kube, kube_namespace, "Backend", "api", "Accepted").get("status") == "True",
+                     timeout=30, what="api accepted")
+    for manifest in (service("aaa", namespace=kube_namespace),
+                     backend("aaa", service="aaa", namespace=kube_namespace,
+                             routes=[{"pathPrefix": "/"}, {"pathPrefix": "/aaa"}])):
+        manifest["metadata"].pop("generation", None)
+        real_kube.apply(manifest)
+    newcomer = await eventually(lambda: condition(real_kube, kube_namespace, "Backend", "aaa", "Accepted") or None,
+                                timeout=30, what="aaa's status")
+    assert (newcomer["status"], newcomer["reason"]) == ("False", "RouteConflict")
+    assert f"Backend {kube_namespace}/api already serves it" in newcomer["message"]
+    assert "other routes are served" in newcomer["message"]
+    assert condition(real_kube, kube_namespace, "Backend", "api", "Accepted")["status"] == "True"
