@@ -19,6 +19,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
+from controlplane.runtime.activity_metrics import ActivityCollector
 from controlplane.runtime.metrics import ControlPlaneCollector
 from tests.certs import ca_secret, issue, tls_secret
 from tests.harness import eventually, free_port, write
@@ -89,6 +90,7 @@ async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_p
             assert (await refused).status_code == 404  # nothing else of the admin is reachable
     registry = CollectorRegistry()
     registry.register(ControlPlaneCollector(cache, lambda: pipeline.last))
+    registry.register(ActivityCollector(cache))
     exposed_by_us = generate_latest(registry).decode()
     read = series_the_rules_read()
     assert len(read) >= 10
