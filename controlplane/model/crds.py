@@ -215,8 +215,9 @@ class PerEndpoint(Spec):
            "message": f"min.{limit} must not exceed max.{limit}"} for limit in _CAPACITY)]})
 
     max_connections: Budget | None = Field(None, description="Connections one endpoint can hold. Envoy gets it as "
-                                           "the per-host limit (no endpoint is ever given more), and the cluster "
-                                           "limit as this × ready endpoints.")
+                                           "the per-host limit, and the cluster limit as this × ready endpoints. "
+                                           "A recomputed limit is a changed cluster, which Envoy counts from zero: "
+                                           "connections opened before the change are not counted against it.")
     max_pending_requests: Budget | None = Field(None, description="Requests waiting for a connection, per ready "
                                                 "endpoint (the cluster limit: this × ready endpoints).")
     max_requests: Budget | None = Field(None, description="Requests in flight, per ready endpoint (the cluster "

@@ -2,7 +2,8 @@
 after `?delay=SECONDS` if asked (a slow request holds a circuit-breaker slot).
 
 It also accepts WebSocket upgrades and echoes each message prefixed with its name, so the demo
-and the tests show WebSockets through Envoy on their own cluster. A thread per server and per
+and the tests show WebSockets through Envoy on their own cluster; it counts the WebSockets it holds
+(the most at once, too: what a pod carried in a surge), and can be set `failing` (503s). A thread per server and per
 connection (the standard library's ThreadingHTTPServer), so it runs beside an asyncio control
 plane without touching its loop; no WebSocket library, so the demo needs none.
 """
@@ -31,6 +32,10 @@ class SampleBackend:
         """`tls`: serve HTTPS with this server context (a backend behind upstream TLS)."""
         self.name = name
         self.hits = 0
+        self.failing = False  # answer 503 to every plain request: a broken pod, for outlier ejection
+        self.websockets_open = 0
+        self.most_websockets_open = 0  # the most WebSockets it held at once: a pod's load in a surge
+        self._counting = threading.Lock()
         backend = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -40,7 +45,16 @@ class SampleBackend:
             def do_GET(self):  # noqa: N802 (http.server's naming)
                 backend.hits += 1
                 if (self.headers.get("upgrade") or "").lower() == "websocket":
-                    self._echo_websocket()
+                    backend._websocket_opened(+1)
+                    try:
+                        self._echo_websocket()
+                    finally:
+                        backend._websocket_opened(-1)
+                    return
+                if backend.failing:
+                    self.send_response(503)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
                     return
                 delay = parse_qs(urlsplit(self.path).query).get("delay")
                 if delay:  # a slow request, to hold a circuit-breaker slot (at most 10 s)
@@ -82,6 +96,11 @@ class SampleBackend:
             self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self.port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, name=f"backend-{name}", daemon=True).start()
+
+    def _websocket_opened(self, change: int) -> None:
+        with self._counting:
+            self.websockets_open += change
+            self.most_websockets_open = max(self.most_websockets_open, self.websockets_open)
 
     @property
     def address(self) -> tuple[str, int]:
