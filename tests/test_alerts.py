@@ -56,7 +56,7 @@ def series_the_rules_read() -> set[str]:
             for pattern in re.findall(r'__name__=~"([^"]+)"', expression):
                 head, priorities, middle, resources = re.fullmatch(r"(\w+?)\((.+?)\)(\w+?)\((.+?)\)", pattern).groups()
                 names |= {f"{head}{p}{middle}{r}" for p in priorities.split("|") for r in resources.split("|")}
-            without_strings_and_labels = re.sub(r'"[^"]*"|\b(?:by|on|without)\s*\([^)]*\)', "", expression)
+            without_strings_and_labels = re.sub(r'"[^"]*"|\b(?:by|on|without)\s*\([^)]*\)|\{[^}]*\}', "", expression)
             names |= set(re.findall(r"\b((?:envoy|controlplane)_[a-z_]+)\b", without_strings_and_labels))
     return names
 
