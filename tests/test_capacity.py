@@ -204,3 +204,36 @@ def test_the_envoy_wide_connection_cap_is_a_bootstrap_flag_envoy_loads(tmp_path,
     with pytest.raises(SystemExit):
         cli.main(["bootstrap", "--node-cluster", "edge", "--max-downstream-connections", "0"])
     assert "'0' is not a number of connections" in capsys.readouterr().err
+
+
+@pytest.mark.envoy
+async def test_retries_move_a_failed_request_to_another_pod_and_websockets_end_at_their_maximum_duration(
+        served, envoys, backends):
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    source, _pipeline, server = served
+    healthy, broken = backends("api-1"), backends("api-2")
+    broken.failing = True  # 503s: each one retried on the other pod
+    port = free_port()
+    api = backend("api", routes=[{"pathPrefix": "/", "retries": {"attempts": 1, "retryOn": ["gateway-error"]}}],
+                  outlierDetection={"maxEjectionPercent": 0},  # never ejected: every retry is the route's doing
+                  websocket={"maxConnectionDurationSeconds": 1})
+    write(source.directory / "gateway.yaml", gateway(port=port))
+    write(source.directory / "api.yaml", api, service("api"),
+          *[endpoint_slice("api", [ready("127.0.0.1")], port=pod.port, name=pod.name) for pod in (healthy, broken)])
+    envoy = envoys(server.port, node_cluster="edge")
+    cluster = f"cluster.{NS}/api"
+    await eventually(lambda: _is(envoy.stat(f"{cluster}.membership_healthy"), 2), what="both pods in Envoy")
+    assert [await body_of(port, "/orders") for _ in range(10)] == ["api-1"] * 10
+    assert await envoy.stat(f"{cluster}.upstream_rq_retry") >= 4
+
+    websocket = await connect(f"ws://127.0.0.1:{port}/agents", open_timeout=5, ping_interval=None)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ConnectionClosed):
+        for _ in range(100):  # bounded: 100 round trips, 0.1 s apart
+            await websocket.send("still here")
+            await asyncio.wait_for(websocket.recv(), timeout=5)
+            await asyncio.sleep(0.1)
+    print(f"a busy WebSocket closed after {asyncio.get_running_loop().time() - started:.2f} s (maximum 1 s)")
+    assert await envoy.stat(f"http.{NS}/edge/http.downstream_rq_max_duration_reached") == 1  # closed for its age
