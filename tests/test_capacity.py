@@ -237,3 +237,22 @@ async def test_retries_move_a_failed_request_to_another_pod_and_websockets_end_a
             await asyncio.sleep(0.1)
     print(f"a busy WebSocket closed after {asyncio.get_running_loop().time() - started:.2f} s (maximum 1 s)")
     assert await envoy.stat(f"http.{NS}/edge/http.downstream_rq_max_duration_reached") == 1  # closed for its age
+
+
+@pytest.mark.envoy
+async def test_an_endpoint_failing_its_health_check_gets_no_traffic(served, envoys, backends):
+    source, _pipeline, server = served
+    healthy, sick = backends("api-1"), backends("api-2")
+    port = free_port()
+    api = backend("api", routes=[{"pathPrefix": "/"}], outlierDetection={"maxEjectionPercent": 0},
+                  healthCheck={"path": "/healthz", "intervalSeconds": 1, "unhealthyThreshold": 1})
+    write(source.directory / "gateway.yaml", gateway(port=port))
+    write(source.directory / "api.yaml", api, service("api"),
+          *[endpoint_slice("api", [ready("127.0.0.1")], port=pod.port, name=pod.name) for pod in (healthy, sick)])
+    envoy = envoys(server.port, node_cluster="edge")
+    cluster = f"cluster.{NS}/api"
+    await eventually(lambda: _is(envoy.stat(f"{cluster}.membership_healthy"), 2), what="both pods checked healthy")
+    sick.failing = True  # its /healthz answers 503 now
+    await eventually(lambda: _is(envoy.stat(f"{cluster}.membership_healthy"), 1), what="the sick pod unhealthy")
+    assert [await body_of(port, "/orders") for _ in range(10)] == ["api-1"] * 10
+    assert await envoy.stat(f"{cluster}.health_check.failure") >= 1
