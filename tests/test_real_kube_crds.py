@@ -127,6 +127,19 @@ REFUSED = [
      "greater than or equal to 1"),
     ("Service as a string", backend(service="api"), "spec.service", "must be of type object"),
 ]
+LIMITS = ("maxConnections", "maxPendingRequests", "maxRequests")
+_OTHER = dict(zip(LIMITS, LIMITS[1:] + LIMITS[:1]))  # another limit, so that perEndpoint is not empty
+REFUSED += [
+    *((f"{limit} both fixed and per endpoint", backend(circuitBreakers={"default": {limit: 5, "perEndpoint": {
+        limit: 5}}}), "spec.circuitBreakers.default", f"set {limit} or perEndpoint.{limit}, not both")
+      for limit in LIMITS),
+    *((f"{bound}.{limit} without perEndpoint.{limit}", backend(websocket={"circuitBreakers": {"perEndpoint": {
+        _OTHER[limit]: 5, bound: {limit: 5}}}}), "spec.websocket.circuitBreakers.perEndpoint",
+       f"{bound}.{limit} needs perEndpoint.{limit}") for bound in ("min", "max") for limit in LIMITS),
+    *((f"min.{limit} above max.{limit}", backend(circuitBreakers={"high": {"perEndpoint": {
+        limit: 5, "min": {limit: 9}, "max": {limit: 8}}}}), "spec.circuitBreakers.high.perEndpoint",
+       f"min.{limit} must not exceed max.{limit}") for limit in LIMITS),
+]
 
 
 @pytest.mark.parametrize(("manifest", "field", "words"), [case[1:] for case in REFUSED],
@@ -164,6 +177,15 @@ ACCEPTED = {
         backend(route(path="/a"), route(pathPrefix="/a"), route(pathPrefix="/b")),
         backend(route(pathPrefix="/"), route(pathPrefix="/", headers=[{"name": "x-tenant", "value": "a"}]),
                 route(pathPrefix="/", headers=[{"name": "x-tenant", "value": "b"}]))],
+    **{f"set {limit} or perEndpoint.{limit}, not both": [
+        backend(circuitBreakers={"default": {"perEndpoint": {limit: 5}}}),
+        backend(circuitBreakers={"default": {limit: 5, "perEndpoint": {_OTHER[limit]: 5}}})] for limit in LIMITS},
+    **{f"{bound}.{limit} needs perEndpoint.{limit}: it bounds the budget computed from it": [
+        backend(websocket={"circuitBreakers": {"perEndpoint": {limit: 5, bound: {limit: 5}}}})]
+       for bound in ("min", "max") for limit in LIMITS},
+    **{f"min.{limit} must not exceed max.{limit}": [
+        backend(circuitBreakers={"high": {"perEndpoint": {limit: 5, "min": {limit: 8}, "max": {limit: 8}}}})]
+       for limit in LIMITS},
 }
 
 
