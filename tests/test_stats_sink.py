@@ -15,8 +15,8 @@ from controlplane.runtime.envoy_stats import EnvoyStatsCollector, budget_use
 from controlplane.runtime.pipeline import Pipeline, cancel, feed
 from controlplane.sources.files import DirectorySource
 from controlplane.xds import SnapshotCache, XdsServer
-from controlplane.xds.metrics_service import (METHOD, SERVICE, MetricsService, StatsStore, StreamMetricsMessage,
-                                              StreamMetricsResponse)
+from controlplane.xds.metrics_service import (METHOD, SERVICE, MetricFamily, MetricsService, StatsStore,
+                                              StreamMetricsMessage, StreamMetricsResponse)
 from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 from tests.test_envoy_websocket import open_websocket, refused_with
@@ -109,11 +109,14 @@ def test_an_envoy_that_left_is_forgotten_and_the_store_is_bounded():
     store = StatsStore(max_envoys=2, max_series=3, forget_after=60, clock=lambda: now[0])
     flush = StreamMetricsMessage()
     for number in range(5):
-        family = flush.envoy_metrics.add(name="cluster.upstream_cx_active", type=1)
+        family = MetricFamily(name="cluster.upstream_cx_active", type=1)
         metric = family.metric.add()
         metric.label.add(name="envoy.cluster_name", value=f"c{number}")
         metric.gauge.value = number
-    flush.envoy_metrics.add(name="server.uptime", type=1).metric.add().gauge.value = 7  # not kept
+        flush.envoy_metrics.append(family.SerializeToString())
+    uptime = MetricFamily(name="server.uptime", type=1)
+    uptime.metric.add().gauge.value = 7
+    flush.envoy_metrics.append(uptime.SerializeToString())  # not kept
     first = store.opened("envoy-1", "edge")
     store.received(first, flush, 100)
     assert len(store.envoys()[0].values) == 3  # max_series

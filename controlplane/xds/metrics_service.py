@@ -12,15 +12,19 @@ What Envoy sends is filtered here, on receipt: its sink has no filter of its own
 each is kept per Envoy, bounded: at most MAX_SERIES_PER_ENVOY series per Envoy and MAX_ENVOYS
 Envoys; an Envoy whose stream ended is forgotten FORGET_AFTER seconds later.
 
-Neither xds-protos nor grpcio ship `envoy.service.metrics.v3` for upb; envoy-data-plane's
-pure-Python classes decode a flush of an Envoy with 100 clusters ~50 times slower. So the few
-messages we read are described here (a subset of their fields; the rest are skipped as unknown
-fields) and decoded by upb from a private descriptor pool.
+Envoy sends every stat it has used, each as a MetricFamily of its own: ~3,000 families and
+~290 KB per flush for 100 clusters, of which ~650 series are kept (bench/stats_sink.py). Neither
+xds-protos nor grpcio ship `envoy.service.metrics.v3` for upb, and envoy-data-plane's pure-Python
+classes are far slower; so the few messages we read are described here (a subset of their
+fields) and decoded by upb from a private descriptor pool, each family left as bytes until its
+name is known to be kept, and a kept one read from its bytes when its series was seen before.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -54,6 +58,7 @@ def _messages():
     """The message classes, from a descriptor of the fields we read (numbers as in the .proto files)."""
     optional, repeated = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL, descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
     kinds = {"string": descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+             "bytes": descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
              "double": descriptor_pb2.FieldDescriptorProto.TYPE_DOUBLE,
              "int32": descriptor_pb2.FieldDescriptorProto.TYPE_INT32}
 
@@ -80,17 +85,20 @@ def _messages():
                                                 dependency=[prometheus.name])
     message(metrics, "Node", ("id", 1, "string", False), ("cluster", 2, "string", False))
     message(metrics, "Identifier", ("node", 1, ".envoy.service.metrics.v3.Node", False))
+    # Each MetricFamily stays serialized: only those with a KEPT name are decoded (`kept_values`).
     message(metrics, "StreamMetricsMessage", ("identifier", 1, ".envoy.service.metrics.v3.Identifier", False),
-            ("envoy_metrics", 2, ".io.prometheus.client.MetricFamily", True))
+            ("envoy_metrics", 2, "bytes", True))
     message(metrics, "StreamMetricsResponse")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(prometheus)
     pool.Add(metrics)
-    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(f"envoy.service.metrics.v3.{name}"))
-                 for name in ("StreamMetricsMessage", "StreamMetricsResponse"))
+    return tuple(message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+                 for name in ("envoy.service.metrics.v3.StreamMetricsMessage",
+                              "envoy.service.metrics.v3.StreamMetricsResponse", "io.prometheus.client.MetricFamily"))
 
 
-StreamMetricsMessage, StreamMetricsResponse = _messages()
+StreamMetricsMessage, StreamMetricsResponse, MetricFamily = _messages()
+_KEPT_NAMES = {name.encode(): name for name in KEPT}
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -113,21 +121,72 @@ class EnvoyStats:
                 yield dict(labels), value
 
 
-def kept_values(message, *, limit: int = MAX_SERIES_PER_ENVOY) -> tuple[dict[tuple[str, Labels], float], int]:
-    """The KEPT series of one flush, and how many were left out past `limit`."""
+def kept_values(message, *, limit: int = MAX_SERIES_PER_ENVOY,
+                series_of: dict[bytes, tuple[str, Labels]] | None = None) -> tuple[dict[tuple[str, Labels], float], int]:
+    """The KEPT series of one flush, and how many were left out past `limit`.
+
+    `series_of` caches each family's series (name and labels) by its bytes up to the value: Envoys
+    send the same series at every flush, and the Envoys of a node group the same clusters, so most
+    families are read without decoding them (`_value_at`); the others are decoded."""
     values: dict[tuple[str, Labels], float] = {}
     dropped = 0
-    for family in message.envoy_metrics:
-        if family.name not in KEPT:
+    cache = series_of if series_of is not None else {}
+    for raw in message.envoy_metrics:
+        name = _KEPT_NAMES.get(_name_of(raw))
+        if name is None:
             continue
+        at = _value_at(raw)
+        series = cache.get(raw[:at]) if at else None
+        if series is not None:
+            if len(values) >= limit:
+                dropped += 1
+            else:
+                values[series] = _DOUBLE.unpack_from(raw, at + 3)[0]
+            continue
+        family = MetricFamily.FromString(raw)
+        gauge = family.type == _GAUGE
         for metric in family.metric:
             if len(values) >= limit:
                 dropped += 1
                 continue
-            labels = tuple(sorted((label.name.replace(".", "_"), label.value) for label in metric.label))
-            value = metric.counter.value if metric.HasField("counter") else metric.gauge.value
-            values[family.name, labels] = value
+            labels = tuple((_label_name(label.name), label.value) for label in metric.label)
+            values[name, labels] = metric.gauge.value if gauge else metric.counter.value
+            if at and len(family.metric) == 1 and len(cache) < MAX_CACHED_SERIES:
+                cache[raw[:at]] = (name, labels)
     return values, dropped
+
+
+_GAUGE = 1  # io.prometheus.client.MetricType
+_DOUBLE = struct.Struct("<d")
+MAX_CACHED_SERIES = 50_000  # ~10 MB at most; past it, families are decoded
+
+
+def _value_at(family: bytes) -> int:
+    """Where the value of a one-metric family's gauge or counter starts, as Envoy writes it: the
+    metric ends with `gauge`/`counter` {value: double} then timestamp_ms (a varint). 0 otherwise."""
+    end = len(family) - 1
+    start = end
+    while start > end - 10 and family[start - 1] & 0x80:
+        start -= 1
+    at = start - 12
+    if at <= 0 or family[start - 1] != 0x30 or family[at + 1:at + 3] != b"\t\t" or family[at] not in (0x12, 0x1A):
+        return 0
+    return at
+
+
+@functools.lru_cache(maxsize=64)
+def _label_name(tag: str) -> str:
+    """Envoy's tag name as Prometheus names the label (envoy.cluster_name -> envoy_cluster_name)."""
+    return tag.replace(".", "_")
+
+
+def _name_of(family: bytes) -> bytes | None:
+    """The name of a serialized MetricFamily, read without decoding it: Envoy writes field 1 (name)
+    first, as protobuf encoders write fields in number order. None when it is not there (a name
+    of 128 bytes or more, a field order of another encoder): such a family is never kept."""
+    if len(family) > 2 and family[0] == 0x0A and family[1] < 0x80:
+        return family[2:2 + family[1]]
+    return None
 
 
 class StatsStore:
@@ -142,6 +201,7 @@ class StatsStore:
         self._lock = threading.Lock()
         self._envoys: dict[str, EnvoyStats] = {}
         self._warned: set[str] = set()
+        self._series_of: dict[bytes, tuple[str, Labels]] = {}  # kept_values' cache, shared by all Envoys
         self.flushes_received = 0
         self.bytes_received = 0
 
@@ -163,7 +223,7 @@ class StatsStore:
 
     def received(self, stats: EnvoyStats, message, size: int) -> None:
         """One flush: it replaces the Envoy's values (the sink sends all of them in one message)."""
-        values, dropped = kept_values(message, limit=self._max_series)
+        values, dropped = kept_values(message, limit=self._max_series, series_of=self._series_of)
         if dropped:
             self._warn_once(stats.node_id, "Envoy %s sends more than %d series of the stats kept: %d left out",
                             stats.node_id, self._max_series, dropped)
