@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import check_secret
+from controlplane import check_secret, surge
 from controlplane.runtime import demo, logs
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--xds-client-cert", metavar="PATH", help="Envoy's certificate, for mutual TLS")
     bootstrap.add_argument("--xds-client-key", metavar="PATH", help="Envoy's private key, for mutual TLS")
     check_secret.add_parser(commands)
+    surge.add_parser(commands)
     return parser
 
 
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "check-secret":  # its output is the checks' verdict: no log lines around it
         return check_secret.run(args)
+    if args.command == "surge":  # its output is the per-step table
+        return surge.run(args)
     logs.configure(args.log_level, args.log_format)
     if args.command == "demo":
         ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)

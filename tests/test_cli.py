@@ -312,3 +312,14 @@ def test_version_is_the_installed_package_version(capsys):
         cli.main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"controlplane {importlib.metadata.version('controlplane')}"
+
+
+def test_surge_is_a_command_of_controlplane():
+    """`controlplane surge` (tests/test_surge.py runs it through a real Envoy): a gateway that is not
+    there is one line naming the URL, exit 1."""
+    port = free_port()
+    done = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "surge", "--websocket-url",
+                           f"ws://127.0.0.1:{port}/ws", "--connections", "2", "--probe-url",
+                           f"http://127.0.0.1:{port}/login"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"http://127.0.0.1:{port}/login: connection refused" in done.stderr and "Traceback" not in done.stderr
