@@ -71,6 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--step", type=_count, metavar="S", help="WebSockets added per step (default: N/10)")
     parser.add_argument("--hold", type=_positive, default=5.0, metavar="SECONDS",
                         help="how long each step holds its WebSockets open while probing (default 5)")
+    parser.add_argument("--open-rate", type=_positive, metavar="PER_SECOND",
+                        help=f"open at most this many WebSockets a second (default: as fast as the gateway answers, "
+                        f"{OPENING_AT_ONCE} handshakes at a time)")
     parser.add_argument("--timeout", type=_positive, default=5.0, metavar="SECONDS",
                         help="time a WebSocket handshake or a probe may take (default 5)")
     parser.add_argument("--ca", type=Path, metavar="FILE",
@@ -108,6 +111,7 @@ class Settings:
     hold: float = 5.0
     timeout: float = 5.0
     ca: Path | None = None
+    open_rate: float | None = None  # WebSockets opened per second at most; None: OPENING_AT_ONCE at a time
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,7 @@ class Step:
     logins_ok: int
     p50_ms: float | None
     p99_ms: float | None
+    p99_held_ms: float | None  # logins while the step held its WebSockets, none opening: the cost of holding
     failures: Mapping[str, int] = field(default_factory=dict)  # why WebSockets failed to open, counted
     login_failures: Mapping[str, int] = field(default_factory=dict)  # 'HTTP 503', 'no answer', counted
     interrupted: bool = False
@@ -176,7 +181,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SurgeError(f"--connections {args.connections} in steps of {step} is "
                          f"{math.ceil(args.connections / step)} steps; at most {MAX_STEPS}: raise --step")
     settings = Settings(websocket_url=args.websocket_url, probe_url=args.probe_url, connections=args.connections,
-                        step=step, rate=args.rate, hold=args.hold, timeout=args.timeout, ca=args.ca)
+                        step=step, rate=args.rate, hold=args.hold, timeout=args.timeout, ca=args.ca,
+                        open_rate=args.open_rate)
     check_urls(settings)
     tls_context(settings.ca)  # a wrong --ca is said now, not at the first wss:// or https:// connection
     return settings
@@ -344,6 +350,7 @@ class _Window:
 
     target: int
     started: float
+    holding_from: float = 0.0
     ended: float = 0.0
     opened: int = 0
     dropped: int = 0
@@ -380,7 +387,8 @@ async def surge(settings: Settings, *, stop: asyncio.Event | None = None, progre
         finally:
             progress.done()
             await close_all(websockets)
-    return [_summary(number, window, prober.results_between(window.started, window.ended))
+    return [_summary(number, window, prober.results_between(window.started, window.ended),
+                     held=prober.results_between(window.holding_from, window.ended))
             for number, window in enumerate(windows)]
 
 
@@ -388,7 +396,9 @@ async def _one_step(settings: Settings, target: int, websockets: list[ClientConn
                     stop: asyncio.Event, progress: StepProgress) -> _Window:
     window = _Window(target=target, started=time.monotonic(), dropped=_forget_closed(websockets))
 
-    async def open_one(opening: asyncio.Semaphore) -> None:
+    async def open_one(index: int, opening: asyncio.Semaphore) -> None:
+        if settings.open_rate is not None:  # paced: the index-th opening starts index/open_rate s in
+            await asyncio.sleep(index / settings.open_rate)
         async with opening:
             outcome = await open_websocket(settings)
         if isinstance(outcome, str):
@@ -399,13 +409,14 @@ async def _one_step(settings: Settings, target: int, websockets: list[ClientConn
         progress.update(len(websockets), window.failures.total())
 
     opening = asyncio.Semaphore(OPENING_AT_ONCE)
-    tasks = [asyncio.create_task(open_one(opening)) for _ in range(max(0, target - len(websockets)))]
+    tasks = [asyncio.create_task(open_one(index, opening)) for index in range(max(0, target - len(websockets)))]
     stopped = asyncio.create_task(stop.wait())
     all_opened = asyncio.ensure_future(asyncio.wait(tasks)) if tasks else None
     try:
         if all_opened is not None:
             await asyncio.wait([all_opened, stopped], timeout=STEP_OPENING_LIMIT,
                                return_when=asyncio.FIRST_COMPLETED)
+        window.holding_from = time.monotonic()
         if not stop.is_set():
             await asyncio.wait([stopped], timeout=settings.hold)
     finally:
@@ -430,11 +441,14 @@ def _forget_closed(websockets: list[ClientConnection]) -> int:
     return closed
 
 
-def _summary(number: int, window: _Window, logins: list[tuple[float, int]]) -> Step:
+def _summary(number: int, window: _Window, logins: list[tuple[float, int]], *,
+             held: list[tuple[float, int]]) -> Step:
     ok = sorted(latency for latency, status in logins if 200 <= status < 400)
+    ok_held = sorted(latency for latency, status in held if 200 <= status < 400)
     return Step(number=number, target=window.target, open=window.open, opened=window.opened,
                 failed=window.failures.total(), dropped=window.dropped, logins=len(logins), logins_ok=len(ok),
-                p50_ms=percentile(ok, 50), p99_ms=percentile(ok, 99), failures=dict(window.failures),
+                p50_ms=percentile(ok, 50), p99_ms=percentile(ok, 99), p99_held_ms=percentile(ok_held, 99),
+                failures=dict(window.failures),
                 login_failures=dict(Counter(_status_word(status) for _, status in logins
                                             if not 200 <= status < 400)),
                 interrupted=window.interrupted)
@@ -594,17 +608,19 @@ class StepProgress:
             self.progress.write(f"step {self.number}/{self.last}: {open_now}/{self.target} open, {failed} failed")
 
 
-_COLUMNS = ("step", "target", "open", "opened", "failed", "dropped", "logins", "login ok", "p50 ms", "p99 ms")
+_COLUMNS = ("step", "target", "open", "opened", "failed", "dropped", "logins", "login ok", "p50 ms", "p99 ms",
+            "p99 held")
 
 
 def table(steps: Sequence[Step]) -> str:
     """The steps as aligned columns: target is the WebSockets asked for, open those open at the
-    step's end, opened/failed/dropped what happened during the step."""
+    step's end, opened/failed/dropped what happened during the step; p99 held: the logins' p99
+    while the step held its WebSockets (none opening)."""
     rows = [_COLUMNS] + [(
         f"{step.number}{' (interrupted)' if step.interrupted else ''}", str(step.target), str(step.open),
         str(step.opened), str(step.failed), str(step.dropped), str(step.logins),
         "-" if step.login_success is None else f"{step.login_success:.1f}%",
-        _ms(step.p50_ms), _ms(step.p99_ms)) for step in steps]
+        _ms(step.p50_ms), _ms(step.p99_ms), _ms(step.p99_held_ms)) for step in steps]
     widths = [max(len(row[column]) for row in rows) for column in range(len(_COLUMNS))]
     return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows)
 
@@ -634,7 +650,8 @@ def _check_plot_target(path: Path) -> None:
 
 
 def plot(runs: Mapping[str, Sequence[Step]], path: Path, *, title: str) -> None:
-    """WebSockets asked for (x) against WebSockets open, login success and login p99, one line per run."""
+    """WebSockets asked for (x) against WebSockets open, login success and login p99 (dashed: while the
+    step held its WebSockets, none opening), one line per run."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib import pyplot
@@ -644,7 +661,9 @@ def plot(runs: Mapping[str, Sequence[Step]], path: Path, *, title: str) -> None:
         targets = [step.target for step in steps]
         opened.plot(targets, [step.open for step in steps], marker="o", label=name)
         success.plot(targets, [step.login_success for step in steps], marker="o", label=name)
-        p99.plot(targets, [step.p99_ms for step in steps], marker="o", label=name)
+        line, = p99.plot(targets, [step.p99_ms for step in steps], marker="o", label=name)
+        p99.plot(targets, [step.p99_held_ms for step in steps], linestyle="--", color=line.get_color(),
+                 label=f"{name}: while held, none opening")
     opened.set_ylabel("WebSockets open")
     success.set_ylabel("login success (%)")
     success.set_ylim(-5, 105)
@@ -653,6 +672,7 @@ def plot(runs: Mapping[str, Sequence[Step]], path: Path, *, title: str) -> None:
     for axes in (opened, success, p99):
         axes.grid(True, alpha=0.3)
     opened.legend()
+    p99.legend(fontsize="small")
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
