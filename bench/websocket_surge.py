@@ -19,7 +19,7 @@ Envoy holds two open files per WebSocket: the soft limit of open files is raised
 (Envoy and the pods inherit it), printed, and the ramp stops below it. Every loop is bounded in
 count and time (the surge module's bounds; pods and Envoy are stopped in `finally`).
 
-    python bench/websocket_surge.py --plot docs/websocket_surge.png     # 9,000 WebSockets, ~6 minutes
+    python bench/websocket_surge.py --plot docs/websocket_surge.png     # 9,000 WebSockets, ~5 minutes
     python bench/websocket_surge.py --websockets 300 --step 100         # a quick look
 """
 
@@ -231,7 +231,8 @@ def main() -> None:
     parser.add_argument("--hold", type=float, default=3.0, help="seconds each step holds its WebSockets")
     parser.add_argument("--rate", type=float, default=50.0, help="login probes per second")
     parser.add_argument("--open-rate", type=float, default=500.0, help="WebSockets opened per second at most")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds a handshake or a login may take")
+    parser.add_argument("--timeout", type=float, default=1.0,
+                        help="seconds a handshake or a login may take (a WebSocket waiting for a budget gives up then)")
     parser.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
     parser.add_argument("--plot", type=Path, help="write the PNG here (docs/websocket_surge.png)")
     args = parser.parse_args()
