@@ -112,6 +112,8 @@ class SampleBackend:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 1024  # the standard library's 5 drops SYNs in a burst (Envoy then times out: 503s)
+
     def handle_error(self, request, client_address):
         """A client that went away mid-answer (a test that stopped waiting) is not an error here."""
         if not isinstance(sys.exc_info()[1], ConnectionError):
