@@ -27,7 +27,9 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture
 async def xds():
     cache = SnapshotCache()
-    server = XdsServer(cache, address="127.0.0.1:0")
+    # Plaintext on 127.0.0.1 for tests of TLS listeners: a lab, so keys may travel (tests/test_xds_identity.py
+    # tests the secure default).
+    server = XdsServer(cache, address="127.0.0.1:0", insecure_private_keys_over_plaintext=True)
     await server.start()
     yield cache, server
     await server.stop(0)

@@ -178,9 +178,47 @@ class Snapshot:
         return xr.content_version(frozenset(
             (type_url, resource_set.select(None).version) for type_url, resource_set in self._sets.items()))
 
+    @cached_property
+    def keyless(self) -> Keyless:
+        """This snapshot without any secret that holds a private key (or any other secret value:
+        only validation contexts, which hold CA certificates, stay), and without the listeners
+        and clusters that name such a secret: served over a connection that proves no identity.
+        A listener left without its certificate's secret would warm for ever or serve handshakes
+        that fail; left out whole, it is never half configured. Endpoints follow their cluster.
+        Computed once per snapshot, shared by every stream."""
+        secrets = self._sets[xr.SECRET]
+        withheld = frozenset(name for name, resource in secrets.resources.items() if not _public(resource))
+        if not withheld:
+            return Keyless(self, {})
+        left_out = {xr.SECRET: withheld}
+        for type_url in (xr.LISTENER, xr.CLUSTER):
+            left_out[type_url] = frozenset(name for name, resource in self._sets[type_url].resources.items()
+                                           if withheld.intersection(resource.referenced(xr.SECRET)))
+        clusters = [r for name, r in self._sets[xr.CLUSTER].resources.items() if name not in left_out[xr.CLUSTER]]
+        used_endpoints = {name for cluster in clusters for name in cluster.referenced(xr.ENDPOINT)}
+        left_out[xr.ENDPOINT] = frozenset(self._sets[xr.ENDPOINT].resources.keys() - used_endpoints)
+        kept = {type_url: [r for name, r in self._sets[type_url].resources.items() if name not in left_out[type_url]]
+                for type_url in (xr.SECRET, xr.LISTENER, xr.ENDPOINT)}
+        reduced = self.replace(clusters=clusters, endpoints=kept[xr.ENDPOINT], listeners=kept[xr.LISTENER],
+                               secrets=kept[xr.SECRET])
+        return Keyless(reduced, {type_url: tuple(sorted(names)) for type_url, names in left_out.items() if names})
+
     def __repr__(self) -> str:
         counts = ", ".join(f"{xr.SHORT_NAMES[t]}={len(s)}" for t, s in self._sets.items())
         return f"Snapshot({counts}, version={self.version})"
+
+
+@dataclass(frozen=True)
+class Keyless:
+    """A snapshot fit for a connection that proves no identity, and what was left out of it."""
+
+    snapshot: Snapshot
+    left_out: Mapping[str, tuple[str, ...]]
+
+
+def _public(secret: xr.Resource) -> bool:
+    """A secret that is only a validation context (CA certificates, match rules): nothing secret."""
+    return xr.parse(xr.SECRET, secret.body).WhichOneof("type") == "validation_context"
 
 
 def _by_type(clusters, endpoints, listeners, routes, secrets) -> dict[str, Any]:
@@ -328,6 +366,47 @@ class GroupState:
                 self._rejected[type_url] = still
             else:
                 del self._rejected[type_url]
+
+
+class KeylessGroup:
+    """A node group as a connection that proves no identity sees it: each snapshot's `keyless`
+    form. What its Envoys accept and reject is the group's own record (a `ConfigSource`)."""
+
+    __slots__ = ("_group", "name", "telemetry")
+
+    def __init__(self, group: GroupState):
+        self._group = group
+        self.name = group.name
+        self.telemetry = group.telemetry
+
+    def keyless(self) -> Keyless | None:
+        return None if self._group.snapshot is None else self._group.snapshot.keyless
+
+    def resources(self, type_url: str) -> ResourceSet | None:
+        keyless = self.keyless()
+        return None if keyless is None else keyless.snapshot.resources(type_url)
+
+    def rejected(self, type_url: str) -> set[str]:
+        return self._group.rejected(type_url)
+
+    def last_acked(self, type_url: str) -> Selection | None:
+        """The group's last accepted selection, unless it holds what this view leaves out (an
+        Envoy on a mutual-TLS server sharing this cache accepted it): never a key by this road."""
+        selection = self._group.last_acked(type_url)
+        keyless = self.keyless()
+        if selection is None or keyless is None:
+            return selection
+        if type_url == xr.SECRET:
+            return selection if all(_public(r) for r in selection.resources.values()) else None
+        withheld = set(keyless.left_out.get(xr.SECRET, ()))
+        refers = any(withheld.intersection(r.referenced(xr.SECRET)) for r in selection.resources.values())
+        return None if refers else selection
+
+    def record_ack(self, selection: Selection) -> None:
+        self._group.record_ack(selection)
+
+    def record_nack(self, type_url: str, rejected: Iterable[str]) -> None:
+        self._group.record_nack(type_url, rejected)
 
 
 class SnapshotCache:

@@ -16,6 +16,12 @@ logged traceback, and a client left waiting). So a client's half-close and `stop
 queued responses be written first. `stop()` ends the streams itself rather than leaving them to
 gRPC's cancellation at the end of its grace period, which grpc.aio logs as a CancelledError
 traceback when a call is cancelled as it finishes.
+
+Identity, not claims (xds/identity.py): over mutual TLS, a stream or fetch whose `node.cluster`
+names a group the client certificate does not is refused with PERMISSION_DENIED, logged once per
+identity and group. A connection that proves no identity (plaintext, or TLS without client
+certificates) is served each snapshot's `keyless` form: no private key travels where anyone
+could have asked for it, unless the server was told otherwise, loudly.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds import resources as xr
-from controlplane.xds.cache import ConfigWatcher, EnvoyStatus, GroupState
+from controlplane.xds import identity
+from controlplane.xds.cache import ConfigWatcher, EnvoyStatus, GroupState, KeylessGroup
 from controlplane.xds.protocol import Step, StreamProtocol
 from controlplane.xds.server_tls import ServerTls
 
@@ -75,6 +82,9 @@ ADS_SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 # client is not reading, and the call is dropped without a status (gRPC resets the HTTP/2 stream).
 FLUSH_TIMEOUT = 5.0
 STOPPING = "the control plane is stopping: reconnect (to another replica); Envoy keeps its configuration meanwhile"
+# Refusals are logged once per (identity, claimed group); a client repeating itself is not a log flood,
+# and past this many pairs (certificates come from our own CA: few) further ones go to DEBUG.
+LOGGED_REFUSALS = 1024
 
 
 class _Stream:
@@ -83,7 +93,7 @@ class _Stream:
     __slots__ = ("node_id", "group", "transport", "protocol", "connected_since", "_group_state", "_context",
                  "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled", "_closed")
 
-    def __init__(self, node, group: GroupState, transport: str, protocol: StreamProtocol, context):
+    def __init__(self, node, group: GroupState | KeylessGroup, transport: str, protocol: StreamProtocol, context):
         self.node_id = node.id
         self.group = group.name
         self.transport = transport
@@ -164,9 +174,17 @@ class XdsServer:
 
     def __init__(self, cache: ConfigWatcher, *, address: str = "127.0.0.1:18000",
                  options: tuple[tuple[str, int], ...] = SERVER_OPTIONS, tls: ServerTls | None = None,
-                 services: tuple[grpc.GenericRpcHandler, ...] = ()):
-        """`services`: more gRPC services on the same port (the metrics service Envoys push stats to)."""
+                 services: tuple[grpc.GenericRpcHandler, ...] = (),
+                 insecure_private_keys_over_plaintext: bool = False):
+        """`services`: more gRPC services on the same port (the metrics service Envoys push stats to).
+        Without mutual TLS (`tls` with a client CA), no secret with a private key is served, nor
+        what needs one; `insecure_private_keys_over_plaintext` serves them anyway (a lab)."""
         self._cache = cache
+        self._verifies_identity = tls is not None and tls.client_ca is not None
+        self._trust_domain = tls.trust_domain if tls is not None else identity.DEFAULT_TRUST_DOMAIN
+        self._keyless = not self._verifies_identity and not insecure_private_keys_over_plaintext
+        self._refusals_logged: set[tuple[str, str]] = set()
+        self._left_out_logged: dict[str, object] = {}
         self._services = services
         self._address = address
         self._options = options
@@ -197,6 +215,13 @@ class XdsServer:
         host = self._address.rpartition(":")[0]
         log.info("xDS server listening on %s:%d (%s)", host, self.port,
                  "plaintext" if self._tls is None else "mutual TLS" if self._tls.client_ca else "TLS")
+        if self._keyless:
+            log.info("xDS without mutual TLS: Envoys prove no identity, so no private key is served (listeners "
+                     "and clusters whose TLS needs one are left out, everything else is served). Serve xDS over "
+                     "mutual TLS (--xds-tls-cert, --xds-tls-key, --xds-client-ca; `controlplane certs` makes them)")
+        elif not self._verifies_identity:
+            log.warning("INSECURE: private keys are served over xDS without mutual TLS: any client that can reach "
+                        "%s:%d and claims a node group gets its keys. For a lab only", host, self.port)
         return self.port
 
     async def stop(self, grace: float = 1.0) -> None:
@@ -245,13 +270,51 @@ class XdsServer:
 
     def _fetch_handler(self, type_url: str):
         async def fetch(request: discovery_pb2.DiscoveryRequest, context) -> bytes:
-            resource_set = self._cache.group(self._cache.node_group(request.node)).resources(type_url)
+            group = await self._authorized_group(request.node, context, "fetch")
+            resource_set = group.resources(type_url)
             if resource_set is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                    f"no snapshot yet for node group {self._cache.node_group(request.node)!r}")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no snapshot yet for node group {group.name!r}")
             names = frozenset(request.resource_names) - {"*"}
             return resource_set.select(names or None).sotw_body
         return fetch
+
+    async def _authorized_group(self, node, context, what: str) -> GroupState | KeylessGroup:
+        """The node group `node` claims, as this connection may see it; PERMISSION_DENIED (the call
+        ends) when the client certificate does not name it."""
+        claimed = self._cache.node_group(node)
+        if not self._verifies_identity:
+            group = self._cache.group(claimed)
+            if not self._keyless:
+                return group
+            view = KeylessGroup(group)
+            self._log_left_out(view)
+            return view
+        peer = identity.peer_of(context.auth_context(), self._trust_domain)
+        if peer.may_see(claimed):
+            return self._cache.group(claimed)
+        named = ", ".join(sorted(peer.groups)) if peer.groups else "none"
+        message = (f"node group {claimed!r} is not this client's: its {peer.description} names node groups: {named} "
+                   f"(URI SANs {identity.node_group_uri('<group>', self._trust_domain)}). Set node.cluster to one "
+                   f"of them, or use a certificate issued for {claimed!r} (`controlplane certs`)")
+        key = (peer.description, claimed)
+        if key not in self._refusals_logged and len(self._refusals_logged) < LOGGED_REFUSALS:
+            self._refusals_logged.add(key)
+            log.warning("refused %s of Envoy %r from %s: %s", what, node.id, context.peer(), message)
+        else:
+            log.debug("refused %s of Envoy %r from %s: %s", what, node.id, context.peer(), message)
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)  # raises: the call ends here
+
+    def _log_left_out(self, view: KeylessGroup) -> None:
+        """Say once per node group and content what its Envoys do not get, and why."""
+        keyless = view.keyless()
+        if keyless is None or self._left_out_logged.get(view.name) == keyless.left_out:
+            return
+        self._left_out_logged[view.name] = keyless.left_out
+        if keyless.left_out:
+            parts = "; ".join(f"{xr.SHORT_NAMES[type_url]} {', '.join(names)}"
+                              for type_url, names in sorted(keyless.left_out.items()))
+            log.warning("node group %r: not served over xDS without mutual TLS, because their private keys would "
+                        "travel to whoever asks: %s. Serve xDS over mutual TLS to serve them", view.name, parts)
 
     async def _serve(self, requests: AsyncIterator, context, *, types: tuple[str, ...], delta: bool,
                      transport: str) -> None:
@@ -270,7 +333,7 @@ class XdsServer:
             try:
                 async for request in requests:
                     if stream is None:
-                        group = self._cache.group(self._cache.node_group(request.node))
+                        group = await self._authorized_group(request.node, context, transport)
                         stream = _Stream(request.node, group, transport,
                                          StreamProtocol(group, delta=delta, types=types), context)
                         disconnect = self._cache.connect(stream)

@@ -4,7 +4,8 @@ The xDS stream carries private keys (SDS), so it must not travel in plaintext. T
 and key are read from files (a mounted Kubernetes Secret); gRPC asks for the configuration on
 every new handshake and gets a new one when the files changed, so the control plane's own
 certificate rotates without a restart. With a client CA, Envoys must present a certificate
-signed by it (mutual TLS between Envoy and the control plane).
+signed by it (mutual TLS between Envoy and the control plane), whose URI SANs in `trust_domain`
+name the node groups it may see (xds/identity.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from controlplane.xds.identity import DEFAULT_TRUST_DOMAIN
+
 log = logging.getLogger(__name__)
 
 
@@ -23,6 +26,7 @@ class ServerTls:
     certificate: Path
     private_key: Path
     client_ca: Path | None = None
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
 
     def credentials(self) -> grpc.ServerCredentials:
         for path in self._paths():
