@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from controlplane.xds.identity import DEFAULT_TRUST_DOMAIN
 
@@ -32,28 +34,43 @@ class ServerTls:
         for path in self._paths():
             if not path.is_file():
                 raise OSError(f"xDS TLS: {path} does not exist or is not a file")
-        seen = [self._stamp()]
+        seen, refused = [self._stamp()], [None]
+        try:
+            initial = self._configuration()
+        except ValueError as error:
+            raise OSError(f"xDS TLS: {error}") from None
 
         def fetch():
             stamp = self._stamp()
-            if stamp == seen[0]:
-                return None  # unchanged: gRPC keeps the current configuration
+            if stamp in (seen[0], refused[0]):
+                return None  # unchanged (or refused as it is): gRPC keeps the current configuration
             try:
                 configuration = self._configuration()
-            except OSError as error:
-                log.error("xDS TLS: cannot read the rotated files (%s); keeping the current certificate", error)
+            except (OSError, ValueError) as error:  # mid-rotation, or a bad rotation: logged once per state
+                refused[0] = stamp
+                log.error("xDS TLS: cannot use the rotated files (%s); keeping the current certificate until they "
+                          "change", error)
                 return None
             seen[0] = stamp
             log.info("xDS TLS: certificate files changed; new connections use the new certificate")
             return configuration
 
-        return grpc.dynamic_ssl_server_credentials(self._configuration(), fetch,
+        return grpc.dynamic_ssl_server_credentials(initial, fetch,
                                                    require_client_authentication=self.client_ca is not None)
 
     def _configuration(self):
+        """Raises ValueError when the key is not the certificate's: a rotation half written."""
+        key, chain = self.private_key.read_bytes(), self.certificate.read_bytes()
+        try:
+            matches = _public_key(x509.load_pem_x509_certificate(chain).public_key()) == _public_key(
+                serialization.load_pem_private_key(key, password=None).public_key())
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{self.certificate} or {self.private_key} is not a PEM certificate and its unencrypted "
+                             f"key ({error})") from None
+        if not matches:
+            raise ValueError(f"{self.private_key} is not the key of {self.certificate}")
         return grpc.ssl_server_certificate_configuration(
-            [(self.private_key.read_bytes(), self.certificate.read_bytes())],
-            root_certificates=self.client_ca.read_bytes() if self.client_ca else None)
+            [(key, chain)], root_certificates=self.client_ca.read_bytes() if self.client_ca else None)
 
     def _paths(self) -> list[Path]:
         return [self.certificate, self.private_key, *([self.client_ca] if self.client_ca else [])]
@@ -69,3 +86,7 @@ def _stat_stamp(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return stat.st_mtime_ns, stat.st_size
+
+
+def _public_key(key) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
