@@ -4,6 +4,10 @@ It runs the product's own path: the manifests in `examples/demo/` (a Gateway, a 
 Service and its EndpointSlices) are read and watched by the file source, translated, and served
 over ADS to a real Envoy. A sample backend answers on every 127.0.0.1 endpoint the manifests
 name, so `curl` through Envoy shows which one served the request.
+
+xDS runs over mutual TLS, as in production: the demo makes a CA, the server certificate and the
+demo Envoy's client certificate on the spot (runtime/xds_certificates.py), so its HTTPS
+listeners get their keys, and the demo stays one command.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ from urllib.parse import urlsplit
 from controlplane.model.kube import SERVICE_NAME_LABEL
 from controlplane.runtime.envoy_process import EnvoyProcess
 from controlplane.runtime.pipeline import Pipeline, cancel, feed
+from controlplane.runtime import xds_certificates as pki
 from controlplane.runtime.sample_backend import SampleBackend, websocket_round_trip
 from controlplane.sources.files import DirectorySource
 from controlplane.sources.store import StoreView
+from controlplane.translate.bootstrap import XdsClientTls
 from controlplane.xds import SnapshotCache, XdsServer
+from controlplane.xds.server_tls import ServerTls
 
 NODE_CLUSTER = "demo-gateway"
 
@@ -78,6 +85,20 @@ async def _first_success(url: str, envoy: EnvoyProcess, timeout: float = 30.0) -
     raise RuntimeError(f"no answer through Envoy at {url} after {timeout:.0f}s; Envoy's log:\n{envoy.log_tail()}")
 
 
+def mutual_tls(workdir: Path) -> tuple[ServerTls, XdsClientTls]:
+    """Certificates for xDS on 127.0.0.1: the server's, and the demo Envoy's for its node group."""
+    ca = pki.new_ca("controlplane demo CA")
+    server = pki.server_certificate(ca, ["127.0.0.1", "localhost"])
+    envoy = pki.client_certificate(ca, NODE_CLUSTER)
+    files = {"ca.crt": ca.cert, "server.crt": server.cert, "server.key": server.key,
+             "envoy.crt": envoy.cert, "envoy.key": envoy.key}
+    for name, pem in files.items():
+        (workdir / name).write_bytes(pem)
+        (workdir / name).chmod(0o600)
+    return (ServerTls(workdir / "server.crt", workdir / "server.key", client_ca=workdir / "ca.crt"),
+            XdsClientTls(str(workdir / "ca.crt"), str(workdir / "envoy.crt"), str(workdir / "envoy.key")))
+
+
 async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bool = False) -> int:
     """Run until interrupted (or, with `check`, send a few requests through Envoy and return)."""
     source = DirectorySource(manifests)
@@ -85,13 +106,14 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
     view = source.store().view()
     url = _listener_url(view)
     backends = sample_backends(view)
+    workdir = Path(tempfile.mkdtemp(prefix="controlplane-demo-"))
+    server_tls, envoy_tls = mutual_tls(workdir)
     cache = SnapshotCache()
-    server = XdsServer(cache, address=f"127.0.0.1:{ports.xds}")
+    server = XdsServer(cache, address=f"127.0.0.1:{ports.xds}", tls=server_tls)
     await server.start()
     _coalescer, tasks = feed(source, Pipeline(cache))
-    workdir = Path(tempfile.mkdtemp(prefix="controlplane-demo-"))
     envoy = EnvoyProcess(workdir, xds_port=ports.xds, admin_port=ports.admin, node_cluster=NODE_CLUSTER,
-                         node_id="demo-envoy")  # on the main thread: Envoy dies with the thread that starts it
+                         node_id="demo-envoy", xds_tls=envoy_tls)  # on the main thread: Envoy dies with its thread
     try:
         await _first_success(url, envoy)
         if check:
@@ -103,7 +125,7 @@ async def run_demo(manifests: Path, ports: DemoPorts = DemoPorts(), *, check: bo
             print(f"a WebSocket through Envoy at ws://{host}:{port}/agents answered {echo!r}")
             return 0 if set(answers) == {backend.name for backend in backends} and echo.endswith(": hello") else 1
         print(f"""
-Control plane (xDS) on 127.0.0.1:{ports.xds}, serving the manifests in {manifests}/ to a real Envoy.
+Control plane (xDS over mutual TLS) on 127.0.0.1:{ports.xds}, serving the manifests in {manifests}/ to a real Envoy.
 
     curl {url}                       # answered by {' or '.join(b.name for b in backends)}, through Envoy
     .venv/bin/python -m websockets {url.replace('http://', 'ws://', 1)}agents   # a WebSocket echo, its own budget
