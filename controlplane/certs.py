@@ -107,7 +107,7 @@ def run(args) -> int:
                                                                                args.namespace,
                                                                                args.gateway_namespace or args.namespace)
         previous = store.current_ca()
-        issued = issue(previous, groups, server_names=_server_names(args), trust_domain=args.trust_domain,
+        issued = issue(previous, groups, server_names=service_names(args), trust_domain=args.trust_domain,
                        days=args.days, new_ca=args.new_ca)
         written = store.write(issued)
     except CertsError as error:
@@ -138,7 +138,7 @@ def issue(previous: tuple[pki.Pair, bytes] | None, groups: Iterable[str], *, ser
     return Issued(ca, bundle, server, clients)
 
 
-def _server_names(args) -> list[str]:
+def service_names(args) -> list[str]:
     service, namespace = args.service, args.namespace
     names = [f"{service}.{namespace}.svc", service, f"{service}.{namespace}", f"{service}.{namespace}.svc.cluster.local"]
     return names + [name for name in args.server_name if name not in names]

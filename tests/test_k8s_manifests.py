@@ -3,11 +3,14 @@ binary really serves, and an Envoy bootstrap that is the generated one."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+import pytest
 import yaml
 
 from controlplane.sources.kubernetes import WATCHED
+from tests.harness import assert_envoy_accepts
 
 K8S = Path(__file__).resolve().parent.parent / "k8s"
 
@@ -48,12 +51,73 @@ def test_control_plane_deployment_is_highly_available_and_probed():
     assert find("controlplane/deployment.yaml", "PodDisruptionBudget")["spec"]["minAvailable"] == 1
 
 
-def test_gateway_bootstrap_is_the_generated_one():
+GATEWAY_BOOTSTRAP = ["bootstrap", "--xds-address", "controlplane.controlplane-system.svc:18000", "--node-cluster",
+                     "gateway", "--node-id", "gateway", "--stats-port", "9902", "--xds-ca", "/etc/xds/ca.crt",
+                     "--xds-client-cert", "/etc/xds/tls.crt", "--xds-client-key", "/etc/xds/tls.key"]
+
+
+def test_gateway_bootstrap_is_the_generated_one(capsys):
+    from controlplane import cli
     configmap = find("gateway/envoy.yaml", "ConfigMap", "envoy-bootstrap")
-    generated = (K8S.parent / "envoy" / "bootstrap-ads.yaml").read_text()
-    assert configmap["data"]["bootstrap.yaml"] == generated  # and that file passes `envoy --mode validate`
+    assert cli.main(GATEWAY_BOOTSTRAP) == 0
+    generated = capsys.readouterr().out
+    assert configmap["data"]["bootstrap.yaml"] == generated, (
+        f"k8s/gateway/envoy.yaml's bootstrap drifted: regenerate it with `controlplane {' '.join(GATEWAY_BOOTSTRAP)}`")
     node = yaml.safe_load(generated)["node"]
     assert node["cluster"] == find("examples/echo.yaml", "Gateway")["spec"]["nodeCluster"]
+
+
+def certs_job_args() -> argparse.Namespace:
+    from controlplane import certs
+    job = find("controlplane/certs-job.yaml", "Job")
+    parser = argparse.ArgumentParser()
+    certs.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(job["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+def test_xds_runs_over_mutual_tls_with_the_secrets_the_certs_job_writes():
+    """The control plane requires client certificates; the gateway's Envoys present the one issued for
+    their node group, and trust a server certificate that names the host their bootstrap dials."""
+    from controlplane import certs
+    args = certs_job_args()
+    assert args.command == "certs" and args.kubernetes
+    server = find("controlplane/deployment.yaml", "Deployment")["spec"]["template"]["spec"]
+    served = _mounted_secret(server, server["containers"][0]["args"][server["containers"][0]["args"].index(
+        "--xds-client-ca") + 1])
+    assert served == certs.SERVER_SECRET
+    assert "--xds-tls-cert" in server["containers"][0]["args"] and "--xds-tls-key" in server["containers"][0]["args"]
+
+    gateway = find("gateway/envoy.yaml", "Deployment")["spec"]["template"]["spec"]
+    node_cluster = find("examples/echo.yaml", "Gateway")["spec"]["nodeCluster"]
+    assert _mounted_secret(gateway, "/etc/xds/tls.crt") == certs.CLIENT_SECRET_PREFIX + node_cluster
+    assert node_cluster in args.node_cluster and args.gateway_namespace == "controlplane-system"
+    dialed = GATEWAY_BOOTSTRAP[GATEWAY_BOOTSTRAP.index("--xds-address") + 1].rpartition(":")[0]
+    assert dialed in certs.service_names(args)
+
+    written = {certs.CA_SECRET, certs.SERVER_SECRET, *(certs.CLIENT_SECRET_PREFIX + g for g in args.node_cluster)}
+    rules = find("controlplane/certs-job.yaml", "Role")["rules"]
+    assert {name for rule in rules if "update" in rule["verbs"] for name in rule["resourceNames"]} == written
+    assert all(rule["resources"] == ["secrets"] for rule in rules)
+
+
+def _mounted_secret(pod: dict, path: str) -> str:
+    """The Secret whose volume is mounted where `path` lies."""
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    for mount in pod["containers"][0].get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            return volumes[mount["name"]]["secret"]["secretName"]
+    raise AssertionError(f"nothing is mounted where {path} lies")
+
+
+@pytest.mark.envoy
+def test_gateway_bootstrap_with_the_certs_jobs_files_is_valid_for_envoy(tmp_path):
+    from controlplane.runtime import xds_certificates as pki
+    ca = pki.new_ca()
+    client = pki.client_certificate(ca, "gateway")
+    for name, pem in {"ca.crt": ca.cert, "tls.crt": client.cert, "tls.key": client.key}.items():
+        (tmp_path / name).write_bytes(pem)
+    bootstrap = find("gateway/envoy.yaml", "ConfigMap", "envoy-bootstrap")["data"]["bootstrap.yaml"]
+    assert_envoy_accepts(bootstrap.replace("/etc/xds/", f"{tmp_path}/"), tmp_path)
 
 
 def test_example_objects_are_accepted_by_translation():
