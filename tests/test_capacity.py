@@ -168,14 +168,19 @@ async def test_a_budget_recomputed_after_a_pod_left_is_active_in_envoy_at_once(s
     websocket = f"{NS}/api/websocket"
 
     async def limits() -> tuple | None:
+        """The WebSocket cluster's limits as Envoy applies them: runtime overrides over its own."""
+        entries = (await envoy.admin.get("/runtime")).json()["entries"]
+        computed = [entries.get(f"circuit_breakers.{websocket}.default.{limit}", {}).get("final_value")
+                    for limit in ("max_connections", "max_requests")]
         breakers = await _active_thresholds(envoy, websocket)
-        if not breakers:
+        if None in computed or not breakers:
             return None
-        [thresholds], [per_host] = breakers["thresholds"], breakers["per_host_thresholds"]
-        return thresholds["max_connections"], thresholds["max_requests"], per_host["max_connections"]
+        [per_host] = breakers["per_host_thresholds"]
+        return int(computed[0]), int(computed[1]), per_host["max_connections"]
 
     assert await eventually(limits, what="the WebSocket budget for two pods") == (6, 6, 3)
     rejected = await envoy.stat("cluster_manager.cds.update_rejected")
+    modified = await envoy.stat("cluster_manager.cluster_modified")
     loop = asyncio.get_running_loop()
     started = loop.time()
     write(source.directory / "api.yaml", api, service("api"), slices[0])  # one pod of two restarts
@@ -183,6 +188,8 @@ async def test_a_budget_recomputed_after_a_pod_left_is_active_in_envoy_at_once(s
                             what="the halved budget active in Envoy")
     print(f"budget recomputed for one pod, active in Envoy after {loop.time() - started:.3f} s")
     assert await envoy.stat("cluster_manager.cds.update_rejected") == rejected
+    # The cluster itself never changed (Envoy would rebuild it and count its connections from zero).
+    assert await envoy.stat("cluster_manager.cluster_modified") == modified
     assert await body_of(port) == "api-1"
 
 

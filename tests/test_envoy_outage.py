@@ -52,13 +52,7 @@ async def _reconnect(port: int) -> ClientConnection | None:
     return websocket
 
 
-CDS_RESETS_COUNTS = pytest.mark.xfail(strict=True, reason=(
-    "Envoy replaces a cluster whose CDS resource changed: the new one counts from zero, per host too, so the "
-    "3 WebSockets the pod already holds are not counted against the halved budget (it holds 6). The recomputed "
-    "totals must reach Envoy without a CDS change (RTDS runtime keys circuit_breakers.<cluster>.<priority>.*)"))
-
-
-@pytest.mark.parametrize("budget", [pytest.param("perEndpoint", marks=CDS_RESETS_COUNTS), "fixed"])
+@pytest.mark.parametrize("budget", ["perEndpoint", "fixed"])
 async def test_a_pod_restart_mid_surge_never_overloads_the_pod_left(budget, served, envoys, backends):
     source, _pipeline, server = served
     first, second = backends("api-1"), backends("api-2")
@@ -103,6 +97,15 @@ async def test_a_pod_restart_mid_surge_never_overloads_the_pod_left(budget, serv
         assert served_again == CAPACITY
 
 
+async def _status_within(port: int, path: str, seconds: float) -> int | None:
+    """The status of a GET through Envoy, or None when it is still waiting after `seconds`."""
+    try:
+        async with httpx.AsyncClient(timeout=seconds) as http:
+            return (await http.get(f"http://127.0.0.1:{port}{path}")).status_code
+    except httpx.TimeoutException:
+        return None
+
+
 async def test_high_priority_logins_keep_working_while_a_shrinking_budget_is_spent(served, envoys, backends):
     source, _pipeline, server = served
     first, second = backends("api-1"), backends("api-2")
@@ -119,16 +122,20 @@ async def test_high_priority_logins_keep_working_while_a_shrinking_budget_is_spe
     assert await _logins(port) == [200] * 10
     write(source.directory / "api.yaml", api, service("api"), *_slices(first))  # a pod leaves: 2 connections, 1 pending
     await eventually(lambda: _equals(envoy.stat(f"{cluster}.membership_total"), 1), what="api-2 gone from Envoy")
-    reports = []
-    for count in (1, 2):  # one at a time: a request waits (pending) while its connection opens
-        reports.append(asyncio.create_task(status_of(port, "/reports?delay=3")))
-        await eventually(lambda: _equals(envoy.stat(f"{cluster}.upstream_rq_active"), count), what="slow requests")
-    waiting = asyncio.create_task(status_of(port, "/orders?delay=0"))  # the one pending slot left
-    await eventually(lambda: envoy.stat(f"{cluster}.upstream_rq_pending_active"), what="a queued request")
-    assert await status_of(port, "/orders") == 503  # the shrunk default budget is spent
+    # Slow requests, one at a time, until the next one is refused: the shrunk default budget is spent.
+    # How many fit depends on the connections the cluster still counts (it is not rebuilt when a pod
+    # leaves, so connections it had stay counted until they close): at most 2 connections + 1 pending.
+    reports, refused = [], False
+    for _ in range(6):
+        if await _status_within(port, "/orders", 0.5) == 503:
+            refused = True
+            break
+        reports.append(asyncio.create_task(_status_within(port, "/reports?delay=3", 20)))
+        await asyncio.sleep(0.3)
+    assert refused and len(reports) <= 3
     assert await _logins(port) == [200] * 10  # High priority: untouched
-    assert await asyncio.gather(*reports, waiting) == [200] * 3
-    assert (await envoy.stats())[f"{cluster}.upstream_rq_pending_overflow"] == 1
+    assert await asyncio.gather(*reports) == [200] * len(reports)
+    assert (await envoy.stats())[f"{cluster}.upstream_rq_pending_overflow"] >= 1
 
 
 @pytest.mark.parametrize("failure", ["503s", "refused connections"])
@@ -150,8 +157,11 @@ async def test_a_failing_pod_is_ejected_and_traffic_moves_to_the_healthy_one(fai
               *_slices(healthy), endpoint_slice("api", [ready("127.0.0.1")], port=free_port(), name="api-2"))
         await eventually(lambda: _equals(envoy.stat(f"{cluster}.membership_healthy"), 2), what="the dead pod in Envoy")
     async with httpx.AsyncClient(timeout=5) as client:
-        # 5 failures in a row (the defaults) eject it; Envoy applies the ejection a moment later.
-        answers = [(await client.get(f"http://127.0.0.1:{port}/orders")).status_code for _ in range(20)]
+        # 5 failures in a row (the defaults) eject it; Envoy applies the ejection a moment later. How
+        # many requests that takes depends on how Envoy's balancer spreads them: bounded at 60.
+        answers: list[int] = []
+        while len(answers) < 60 and answers.count(503) < 5:
+            answers.append((await client.get(f"http://127.0.0.1:{port}/orders")).status_code)
         assert answers.count(503) >= 5, answers
         await eventually(lambda: envoy.stat(f"{cluster}.outlier_detection.ejections_active"), what="an ejection")
         await eventually(lambda: _both_from(port, "api-1"), what="the ejection reaching Envoy's worker")

@@ -228,7 +228,7 @@ def test_sotw_reconnect_with_current_version_sends_nothing():
 
 def test_unknown_types_are_ignored():
     protocol = StreamProtocol(group_with(snapshot({"a": 1})), delta=False)
-    step = protocol.receive(request("type.googleapis.com/envoy.service.runtime.v3.Runtime"))
+    step = protocol.receive(request("type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig"))
     assert step.responses == [] and step.acks == []
 
 

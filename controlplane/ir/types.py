@@ -38,6 +38,10 @@ class Budget:
     max_retries: int | None = None
     retry_budget: RetryBudget | None = None
     per_host_max_connections: int | None = None  # what any one endpoint may be given
+    follows_endpoints: tuple[tuple[str, int], ...] = ()
+    """(limit, the cluster's fixed value) for each limit computed per endpoint: the cluster carries
+    the fixed value, and the computed one reaches Envoy as a runtime override (RTDS), so that an
+    endpoint change never changes the cluster (Envoy would count a changed cluster from zero)."""
 
 
 @dataclass(frozen=True)

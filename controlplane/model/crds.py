@@ -215,9 +215,8 @@ class PerEndpoint(Spec):
            "message": f"min.{limit} must not exceed max.{limit}"} for limit in _CAPACITY)]})
 
     max_connections: Budget | None = Field(None, description="Connections one endpoint can hold. Envoy gets it as "
-                                           "the per-host limit, and the cluster limit as this × ready endpoints. "
-                                           "A recomputed limit is a changed cluster, which Envoy counts from zero: "
-                                           "connections opened before the change are not counted against it.")
+                                           "the per-host limit, and the cluster limit as this × ready endpoints, "
+                                           "as a runtime override (RTDS) that counts the connections open already.")
     max_pending_requests: Budget | None = Field(None, description="Requests waiting for a connection, per ready "
                                                 "endpoint (the cluster limit: this × ready endpoints).")
     max_requests: Budget | None = Field(None, description="Requests in flight, per ready endpoint (the cluster "

@@ -6,6 +6,8 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.translate.builders import RUNTIME_LAYER
+
 XDS_CLUSTER = "xds_cluster"
 
 # How soon Envoy retries its ADS stream after the control plane went away: a jittered exponential
@@ -89,6 +91,16 @@ def ads_bootstrap(*, node_id: str, node_cluster: str, xds_host: str, xds_port: i
             "cds_config": {"ads": {}, "resource_api_version": "V3"},
             "lds_config": {"ads": {}, "resource_api_version": "V3"},
         },
+        # Circuit-breaker limits that follow the ready endpoints (Backend perEndpoint) come as runtime
+        # overrides over ADS: a changed limit must not change its cluster, which Envoy would rebuild
+        # and count from zero. Envoy waits at most 1 s for the layer at start (0 would mean forever: a
+        # snapshot built with the library has none); until it comes, a cluster's own value applies.
+        # The admin layer stays last: `runtime_modify` wins.
+        "layered_runtime": {"layers": [
+            {"name": RUNTIME_LAYER, "rtds_layer": {"name": RUNTIME_LAYER, "rtds_config": {
+                "ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": "1s"}}},
+            {"name": "admin", "admin_layer": {}},
+        ]},
         "static_resources": {"clusters": [{
             "name": XDS_CLUSTER,
             "type": "STRICT_DNS",

@@ -23,9 +23,10 @@ from envoy.extensions.filters.network.connection_limit.v3 import connection_limi
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 
 HostPort = tuple[str, int]
 
@@ -65,6 +66,24 @@ def thresholds(priority: int, *, max_connections: int | None = None, max_pending
         built.retry_budget.budget_percent.CopyFrom(percent_pb2.Percent(value=percent))
         built.retry_budget.min_retry_concurrency.value = min_concurrency
     return built
+
+
+RUNTIME_LAYER = "controlplane-budgets"
+"""The RTDS resource every node group gets (empty when nothing follows its endpoints): the
+bootstrap's runtime layer names it, and Envoy waits for it at start."""
+
+
+def budget_runtime_key(cluster_name: str, priority: int, limit: str) -> str:
+    """Envoy's runtime key for one circuit-breaker limit of a cluster (it reads it on every check,
+    over the cluster's own value): circuit_breakers.<cluster>.<default|high>.<limit>."""
+    return f"circuit_breakers.{cluster_name}.{'high' if priority == base_pb2.HIGH else 'default'}.{limit}"
+
+
+def runtime_layer(values: dict[str, int]) -> rtds_pb2.Runtime:
+    layer = struct_pb2.Struct()
+    for key, value in sorted(values.items()):
+        layer[key] = value
+    return rtds_pb2.Runtime(name=RUNTIME_LAYER, layer=layer)
 
 
 def per_host_thresholds(priority: int, max_connections: int) -> circuit_breaker_pb2.CircuitBreakers.Thresholds:

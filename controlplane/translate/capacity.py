@@ -39,6 +39,7 @@ def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> i
               "max_pending_requests": thresholds.max_pending_requests,
               "max_requests": thresholds.max_requests}
     per_host = None
+    follows: list[tuple[str, int]] = []
     per_endpoint = thresholds.per_endpoint
     if per_endpoint is not None:
         count = counted_endpoints(endpoints)
@@ -53,6 +54,9 @@ def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> i
             if high is not None:
                 computed = min(computed, high)
             limits[field] = min(computed, CEILING)
+            # The cluster's own value, constant while endpoints come and go: the runtime override sets
+            # the computed one. An Envoy without our runtime layer falls back to it: the maximum.
+            follows.append((field, min(high if high is not None else CEILING, CEILING)))
         per_host = per_endpoint.max_connections
     retry_budget = None
     if thresholds.retry_budget is not None:
@@ -60,7 +64,7 @@ def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> i
     elif thresholds.max_retries is None:
         retry_budget = DEFAULT_RETRY_BUDGET
     return ir.Budget(**limits, max_retries=thresholds.max_retries, retry_budget=retry_budget,
-                     per_host_max_connections=per_host)
+                     per_host_max_connections=per_host, follows_endpoints=tuple(follows))
 
 
 def backend_fields(spec: crds.BackendSpec, endpoints: tuple[ir.Endpoint, ...], *, websocket_name: str) -> dict:

@@ -16,7 +16,7 @@ from envoy.config.core.v3 import base_pb2
 
 from controlplane.ir import types as ir
 from controlplane.translate import builders as b
-from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource, Snapshot
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
@@ -37,6 +37,7 @@ class SnapshotBuilder:
         self._last = Snapshot()  # so the first snapshot, like every other, is a replace of what changed
         self._last_lists: dict[str, list[Resource]] = {}
         self._by_name: dict[tuple[str, str], Resource] = {}
+        self._runtime: tuple[tuple[tuple[str, int], ...], Resource] | None = None
 
     def _built(self, value, build, fresh: dict) -> tuple[Resource, ...]:
         entry = self._resources.get(id(value))
@@ -51,6 +52,14 @@ class SnapshotBuilder:
         before = self._by_name.get((resource.type_url, resource.name))
         return before if before is not None and before.version == resource.version else resource
 
+    def _runtime_resource(self, group: ir.NodeGroup) -> Resource:
+        """The group's runtime layer: the limits computed per endpoint, by runtime key. The same
+        values keep the same Resource."""
+        values = tuple(sorted(override for backend in group.backends for override in budget_overrides(backend)))
+        if self._runtime is None or self._runtime[0] != values:
+            self._runtime = (values, Resource.from_message(RUNTIME, b.runtime_layer(dict(values))))
+        return self._runtime[1]
+
     def snapshot(self, group: ir.NodeGroup) -> Snapshot:
         fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         per_backend = [self._built(backend, _backend_resources, fresh) for backend in group.backends]
@@ -60,11 +69,12 @@ class SnapshotBuilder:
         used_secrets.update((secret.name, secret) for backend in group.backends if backend.tls is not None
                             for secret in (backend.tls.ca, backend.tls.client_certificate) if secret is not None)
         per_secret = [self._built(secret, _secret_resources, fresh) for _name, secret in sorted(used_secrets.items())]
+        runtime = self._runtime_resource(group)
         self._resources = fresh
         self._by_name = {(r.type_url, r.name): r for _value, built in fresh.values() for r in built}
         lists = {CLUSTER: [r for built in per_backend for r in built[1:]], ENDPOINT: [r[0] for r in per_backend],
                  LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener],
-                 SECRET: [r[0] for r in per_secret]}
+                 SECRET: [r[0] for r in per_secret], RUNTIME: [runtime]}
         changed = {_ARGUMENT[type_url]: items for type_url, items in lists.items()
                    if not _same(items, self._last_lists.get(type_url))}
         built = self._last.replace(**changed)
@@ -73,7 +83,17 @@ class SnapshotBuilder:
 
 
 _ARGUMENT = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
-             SECRET: "secrets"}
+             SECRET: "secrets", RUNTIME: "runtimes"}
+
+
+def budget_overrides(backend: ir.Backend) -> list[tuple[str, int]]:
+    """(runtime key, value) of each of the Backend's limits that follow its endpoints."""
+    budgets = [(backend.name, base_pb2.DEFAULT, backend.default_budget), (backend.name, base_pb2.HIGH,
+                                                                          backend.high_budget)]
+    if backend.websocket is not None:
+        budgets.append((backend.websocket.name, base_pb2.DEFAULT, backend.websocket.budget))
+    return [(b.budget_runtime_key(cluster_name, priority, limit), getattr(budget, limit))
+            for cluster_name, priority, budget in budgets for limit, _fixed in budget.follows_endpoints]
 
 
 def _same(new: list, old: list | None) -> bool:
@@ -168,7 +188,9 @@ def route_configuration(listener: ir.Listener):
 
 
 def _thresholds(priority: int, budget: ir.Budget):
-    return b.thresholds(priority, max_connections=budget.max_connections,
-                        max_pending_requests=budget.max_pending_requests, max_requests=budget.max_requests,
+    fixed = dict(budget.follows_endpoints)  # the computed value comes over RTDS (budget_overrides)
+    return b.thresholds(priority, max_connections=fixed.get("max_connections", budget.max_connections),
+                        max_pending_requests=fixed.get("max_pending_requests", budget.max_pending_requests),
+                        max_requests=fixed.get("max_requests", budget.max_requests),
                         max_retries=budget.max_retries, retry_budget=None if budget.retry_budget is None else (
                             budget.retry_budget.percent, budget.retry_budget.min_concurrency))

@@ -15,11 +15,11 @@ from controlplane.xds.cache import (
     TypeStatus,
     by_node_cluster,
 )
-from controlplane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Resource
+from controlplane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource
 from controlplane.xds.server import XdsServer
 
 __all__ = [
-    "CLUSTER", "ENDPOINT", "LISTENER", "ROUTE", "SECRET",
+    "CLUSTER", "ENDPOINT", "LISTENER", "ROUTE", "RUNTIME", "SECRET",
     "EnvoyStatus", "NackRecord", "NodeGroupFn", "Resource", "Snapshot", "SnapshotCache", "SnapshotError",
     "TypeStatus", "XdsServer", "by_node_cluster",
 ]

@@ -152,8 +152,8 @@ class Snapshot:
 
     def __init__(self, *, clusters: Iterable[ResourceInput] = (), endpoints: Iterable[ResourceInput] = (),
                  listeners: Iterable[ResourceInput] = (), routes: Iterable[ResourceInput] = (),
-                 secrets: Iterable[ResourceInput] = ()):
-        given = _by_type(clusters, endpoints, listeners, routes, secrets)
+                 secrets: Iterable[ResourceInput] = (), runtimes: Iterable[ResourceInput] = ()):
+        given = _by_type(clusters, endpoints, listeners, routes, secrets, runtimes)
         self._sets = {type_url: _resource_set(type_url, items) for type_url, items in given.items()}
         _check_consistent(self._sets)
 
@@ -161,9 +161,10 @@ class Snapshot:
                 endpoints: Iterable[ResourceInput] | None = None,
                 listeners: Iterable[ResourceInput] | None = None,
                 routes: Iterable[ResourceInput] | None = None,
-                secrets: Iterable[ResourceInput] | None = None) -> Snapshot:
+                secrets: Iterable[ResourceInput] | None = None,
+                runtimes: Iterable[ResourceInput] | None = None) -> Snapshot:
         """A new snapshot with the given types replaced; the others are shared, not re-serialized."""
-        given = _by_type(clusters, endpoints, listeners, routes, secrets)
+        given = _by_type(clusters, endpoints, listeners, routes, secrets, runtimes)
         new = object.__new__(Snapshot)
         new._sets = {type_url: self._sets[type_url] if items is None else _resource_set(type_url, items)
                      for type_url, items in given.items()}
@@ -221,9 +222,9 @@ def _public(secret: xr.Resource) -> bool:
     return xr.parse(xr.SECRET, secret.body).WhichOneof("type") == "validation_context"
 
 
-def _by_type(clusters, endpoints, listeners, routes, secrets) -> dict[str, Any]:
-    return {xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners, xr.ROUTE: routes,
-            xr.SECRET: secrets}
+def _by_type(clusters, endpoints, listeners, routes, secrets, runtimes) -> dict[str, Any]:
+    return {xr.RUNTIME: runtimes, xr.CLUSTER: clusters, xr.ENDPOINT: endpoints, xr.LISTENER: listeners,
+            xr.ROUTE: routes, xr.SECRET: secrets}
 
 
 def _resource_set(type_url: str, items: Iterable[ResourceInput]) -> ResourceSet:

@@ -25,6 +25,7 @@ from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
@@ -34,13 +35,15 @@ ENDPOINT = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
 SECRET = _PREFIX + "envoy.extensions.transport_sockets.tls.v3.Secret"
+RUNTIME = _PREFIX + "envoy.service.runtime.v3.Runtime"
 
 # The order of an ADS push, from Envoy's "eventual consistency considerations": clusters before
-# their endpoints, listeners after the clusters they use, routes after their listeners.
-PUSH_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
+# their endpoints, listeners after the clusters they use, routes after their listeners. Runtime
+# (RTDS: circuit-breaker limits that follow the endpoints) first: Envoy loads it before its clusters.
+PUSH_ORDER: tuple[str, ...] = (RUNTIME, CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)
 
-SHORT_NAMES = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
-               SECRET: "secrets"}
+SHORT_NAMES = {RUNTIME: "runtime", CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners",
+               ROUTE: "routes", SECRET: "secrets"}
 
 MESSAGE_CLASSES = {
     CLUSTER: cluster_pb2.Cluster,
@@ -48,6 +51,7 @@ MESSAGE_CLASSES = {
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
     SECRET: secret_pb2.Secret,
+    RUNTIME: rtds_pb2.Runtime,
 }
 _HCM_TYPE = _PREFIX + "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 _TCP_PROXY_TYPE = _PREFIX + "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
