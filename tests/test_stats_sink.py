@@ -29,7 +29,8 @@ BUDGET = {"maxConnections": 2, "maxPendingRequests": 1, "maxRequests": 2}
 async def sinked(tmp_path):
     """`serve`'s wiring: the file source and pipeline, and the xDS server with the metrics service."""
     cache, store = SnapshotCache(), StatsStore()
-    server = XdsServer(cache, address="127.0.0.1:0", services=(MetricsService(store).handler(),))
+    server = XdsServer(cache, address="127.0.0.1:0", services=(MetricsService(store).handler(),),
+                       insecure_private_keys_over_plaintext=True)  # a lab: its TLS listeners get their keys
     await server.start()
     (tmp_path / "manifests").mkdir()
     source = DirectorySource(tmp_path / "manifests", interval=0.05)
