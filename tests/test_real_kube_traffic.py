@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.runtime import demo
 from controlplane.runtime.envoy_process import stop_process
 from controlplane.runtime.sample_backend import SampleBackend
 from tests.certs import issue, tls_secret
@@ -144,15 +145,18 @@ async def world(real_kube, kube_namespace, netns, tmp_path, request):
     netns.reach_host(real_kube.port)
     xds_port = free_port()
     log = tmp_path / "serve.log"
+    xds_tls, envoy_tls = demo.mutual_tls(tmp_path, "edge")  # as k8s/ ships it: keys travel over mutual TLS only
     with log.open("wb") as output:
         serve = netns.popen(
             [sys.executable, "-m", "controlplane.cli", "serve", "--source", "kubernetes",
              "--kubeconfig", str(real_kube.kubeconfig("controlplane")), "--namespace", kube_namespace,
-             "--xds-address", f"127.0.0.1:{xds_port}", "--metrics-address", f"127.0.0.1:{free_port()}"],
+             "--xds-address", f"127.0.0.1:{xds_port}", "--metrics-address", f"127.0.0.1:{free_port()}",
+             "--xds-tls-cert", str(xds_tls.certificate), "--xds-tls-key", str(xds_tls.private_key),
+             "--xds-client-ca", str(xds_tls.client_ca)],
             env={**os.environ, "POD_NAMESPACE": real_kube.controlplane_namespace},
             stdout=output, stderr=subprocess.STDOUT)
     with netns.inside():
-        envoy = Envoy(tmp_path, xds_port=xds_port, node_cluster="edge", delta=False)
+        envoy = Envoy(tmp_path, xds_port=xds_port, node_cluster="edge", delta=False, xds_tls=envoy_tls)
     netns.reach_inside(envoy.admin_port)
     yield World(real_kube, kube_namespace, netns, envoy, serve, log, free_port())
     failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed

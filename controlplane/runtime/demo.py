@@ -85,11 +85,11 @@ async def _first_success(url: str, envoy: EnvoyProcess, timeout: float = 30.0) -
     raise RuntimeError(f"no answer through Envoy at {url} after {timeout:.0f}s; Envoy's log:\n{envoy.log_tail()}")
 
 
-def mutual_tls(workdir: Path) -> tuple[ServerTls, XdsClientTls]:
-    """Certificates for xDS on 127.0.0.1: the server's, and the demo Envoy's for its node group."""
+def mutual_tls(workdir: Path, node_group: str = NODE_CLUSTER) -> tuple[ServerTls, XdsClientTls]:
+    """Certificates for xDS on 127.0.0.1, in `workdir`: the server's, and an Envoy's for `node_group`."""
     ca = pki.new_ca("controlplane demo CA")
     server = pki.server_certificate(ca, ["127.0.0.1", "localhost"])
-    envoy = pki.client_certificate(ca, NODE_CLUSTER)
+    envoy = pki.client_certificate(ca, node_group)
     files = {"ca.crt": ca.cert, "server.crt": server.cert, "server.key": server.key,
              "envoy.crt": envoy.cert, "envoy.key": envoy.key}
     for name, pem in files.items():
