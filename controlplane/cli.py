@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import check_secret, surge
+from controlplane import certs, check_secret, surge
 from controlplane.runtime import demo, logs
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                            default=secrets.DEFAULT_MIN_LIFETIME,
                            help="a Secret rotation to a certificate with less time left is refused (the current "
                            "one keeps serving); default 24h; a Gateway's spec.minCertificateLifetime overrides it")
+    run_serve.add_argument("--insecure-serve-private-keys-over-plaintext", action="store_true",
+                           help="serve private keys (TLS listeners' certificates) over xDS without mutual TLS: anyone "
+                           "who reaches the xDS port and claims a node group gets its keys. A lab only")
+    run_serve.add_argument("--xds-trust-domain", default="controlplane", metavar="DOMAIN",
+                           help="the trust domain of the Envoys' client certificates "
+                           "(spiffe://DOMAIN/node-group/<group>)")
     run_serve.add_argument("--xds-tls-cert", type=Path, metavar="PATH",
                            help="serve xDS over TLS with this certificate (PEM; re-read when it changes)")
     run_serve.add_argument("--xds-tls-key", type=Path, metavar="PATH", help="the certificate's private key (PEM)")
@@ -146,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--xds-client-key", metavar="PATH", help="Envoy's private key, for mutual TLS")
     check_secret.add_parser(commands)
     surge.add_parser(commands)
+    certs.add_parser(commands)
     return parser
 
 
@@ -155,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         return check_secret.run(args)
     if args.command == "surge":  # its output is the per-step table
         return surge.run(args)
+    if args.command == "certs":
+        return certs.run(args)
     logs.configure(args.log_level, args.log_format)
     if args.command == "demo":
         ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)
@@ -211,10 +220,12 @@ def _serve(args) -> int:
         if args.xds_tls_cert or args.xds_tls_key or args.xds_client_ca:
             if not (args.xds_tls_cert and args.xds_tls_key):
                 raise SettingsError("--xds-tls-cert and --xds-tls-key go together (and --xds-client-ca needs both)")
-            xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca)
+            xds_tls = ServerTls(args.xds_tls_cert, args.xds_tls_key, args.xds_client_ca,
+                                trust_domain=args.xds_trust_domain)
         asyncio.run(serve(source, xds_address=args.xds_address, metrics_address=args.metrics_address or None,
                           leader=leader, xds_tls=xds_tls, memory=memory,
-                          min_certificate_lifetime=args.min_certificate_lifetime))
+                          min_certificate_lifetime=args.min_certificate_lifetime,
+                          insecure_private_keys_over_plaintext=args.insecure_serve_private_keys_over_plaintext))
     except (OSError, ManifestError, SettingsError, ServeError) as error:
         print(f"controlplane serve: {error}", file=sys.stderr)
         return 1

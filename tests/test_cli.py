@@ -323,3 +323,23 @@ def test_surge_is_a_command_of_controlplane():
                            f"http://127.0.0.1:{port}/login"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"http://127.0.0.1:{port}/login: connection refused" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_certs_and_the_xds_identity_flags_are_commands_and_options_of_controlplane(tmp_path, monkeypatch):
+    """`controlplane certs` writes what `serve --xds-tls-* --xds-trust-domain` loads; the insecure flag
+    reaches the server (tests/test_envoy_xds_tls.py and test_xds_identity.py test what they do)."""
+    done = subprocess.run([str(Path(sys.executable).parent / "controlplane"), "certs", "--output", str(tmp_path / "pki"),
+                           "--node-cluster", "edge"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "pki").rglob("*.crt"))  # a CA, the server's and edge's certificates
+    seen = {}
+
+    async def fake_serve(source, **options):
+        seen.update(options)
+    monkeypatch.setattr(serving, "serve", fake_serve)
+    server_dir = next(p.parent for p in (tmp_path / "pki").rglob("tls.key") if "server" in str(p))
+    assert cli.main(["serve", "--source", str(tmp_path), "--state-file", "none", "--xds-tls-cert",
+                     str(server_dir / "tls.crt"), "--xds-tls-key", str(server_dir / "tls.key"), "--xds-client-ca",
+                     str(server_dir / "ca.crt"), "--xds-trust-domain", "example.org",
+                     "--insecure-serve-private-keys-over-plaintext"]) == 0
+    assert seen["xds_tls"].trust_domain == "example.org" and seen["insecure_private_keys_over_plaintext"] is True

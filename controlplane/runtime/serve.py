@@ -152,7 +152,8 @@ class _SupervisedSource:
 
 async def serve(source: Source, *, xds_address: str, metrics_address: str | None = None,
                 leader: LeaderElection | None = None, xds_tls: ServerTls | None = None, grace: float = 5.0,
-                memory: Memory | None = None, min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME) -> None:
+                memory: Memory | None = None, min_certificate_lifetime: float = secrets.DEFAULT_MIN_LIFETIME,
+                insecure_private_keys_over_plaintext: bool = False) -> None:
     """Serve until SIGTERM or SIGINT. With `leader` (Kubernetes: `source` is a KubernetesSource),
     every replica records its Envoys' state and the elected one also writes CRD status. With `memory`, the last accepted state is restored from it first and saved to it on
     changes (by the leader only, with one). Raises OSError or ServeError, each one line, when it
@@ -179,7 +180,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
             raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
                           "it, or choose another --metrics-address ('' turns metrics off)") from None
         log.info("metrics on http://%s/metrics", metrics_address)
-    server = XdsServer(cache, address=xds_address, tls=xds_tls, services=(MetricsService(stats).handler(),))
+    server = XdsServer(cache, address=xds_address, tls=xds_tls, services=(MetricsService(stats).handler(),),
+                       insecure_private_keys_over_plaintext=insecure_private_keys_over_plaintext)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
