@@ -22,7 +22,8 @@ How to use (fixtures registered in tests/conftest.py):
   so nothing else would), and the Leases, Secrets and ConfigMaps the control plane wrote in its own
   namespace (controlplane-system) are deleted, so a test never sees a previous test's leader or memory.
 - Users: "admin" (system:masters) and "controlplane" (system:serviceaccount:controlplane-system:
-  controlplane with the ServiceAccount groups): least privilege is tested as shipped.
+  controlplane with the ServiceAccount groups), and "certs" (the ServiceAccount controlplane-certs of
+  k8s/controlplane/certs-job.yaml, whose RBAC its test applies): least privilege is tested as shipped.
 - Writes use fieldValidation=Strict, as kubectl does: an unknown field is a 400, not pruned
   (pass `field_validation="Ignore"` for what `kubectl apply --validate=false` does).
 - The binary comes from env KUBE_APISERVER, else ../shared/kube-apiserver/kube-apiserver from the repo
@@ -127,9 +128,11 @@ class RealKube:
         self._clients: dict[str, k8s.ApiClient] = {}
         self._provisioned = False  # CRDs and RBAC applied: a later start waits out RBAC's warm-up again
         self.controlplane_namespace, self.controlplane_account = _service_account(CONTROLPLANE_MANIFESTS[1])
-        self.tokens = {"admin": uuid.uuid4().hex, "controlplane": uuid.uuid4().hex}
+        self.tokens = {"admin": uuid.uuid4().hex, "controlplane": uuid.uuid4().hex, "certs": uuid.uuid4().hex}
         self.users = {"admin": "admin",
-                      "controlplane": f"system:serviceaccount:{self.controlplane_namespace}:{self.controlplane_account}"}
+                      "controlplane": f"system:serviceaccount:{self.controlplane_namespace}:{self.controlplane_account}",
+                      # the Job of k8s/controlplane/certs-job.yaml (its RBAC is applied by the tests that use it)
+                      "certs": f"system:serviceaccount:{self.controlplane_namespace}:controlplane-certs"}
         self._write_credentials()
 
     # ---- lifecycle
@@ -227,7 +230,8 @@ class RealKube:
         account_groups = f"system:serviceaccounts,system:serviceaccounts:{self.controlplane_namespace}"
         (self.workdir / "tokens.csv").write_text(
             f'{self.tokens["admin"]},admin,admin-uid,"system:masters"\n'
-            f'{self.tokens["controlplane"]},{self.users["controlplane"]},controlplane-uid,"{account_groups}"\n')
+            f'{self.tokens["controlplane"]},{self.users["controlplane"]},controlplane-uid,"{account_groups}"\n'
+            f'{self.tokens["certs"]},{self.users["certs"]},certs-uid,"{account_groups}"\n')
         for user in self.tokens:
             (self.workdir / f"kubeconfig-{user}.yaml").write_text(yaml.safe_dump({
                 "apiVersion": "v1", "kind": "Config", "current-context": user,

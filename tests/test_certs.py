@@ -124,3 +124,33 @@ def test_a_manifests_directory_without_gateways_is_refused(tmp_path, capsys):
     write(tmp_path / "m" / "other.yaml", {"kind": "Service", "metadata": {"name": "x"}})
     assert certs_command("--output", str(tmp_path / "out"), "--manifests", str(tmp_path / "m")) == 2
     assert "no Gateway found" in capsys.readouterr().err
+
+
+def test_the_job_s_command_writes_the_secrets_on_a_real_api_server_with_its_own_rbac(real_kube, kube_namespace):
+    """What k8s/controlplane/certs-job.yaml runs, as its ServiceAccount with its Role as shipped: the
+    Secrets are created, and a second run (a rotation) updates them and keeps the CA."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    job_manifests = list(yaml.safe_load_all((Path(__file__).parents[1] / "k8s/controlplane/certs-job.yaml").read_text()))
+    for manifest in job_manifests:
+        if manifest["kind"] != "Job":
+            real_kube.apply(manifest)
+    job = next(m for m in job_manifests if m["kind"] == "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    def run_job() -> dict[str, dict]:
+        done = subprocess.run([sys.executable, "-m", "controlplane.cli", *args, "--kubeconfig",
+                               str(real_kube.kubeconfig("certs"))], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return {s["metadata"]["name"]: s for s in real_kube.list("v1", "Secret", namespace="controlplane-system")
+                if s["metadata"]["name"].startswith("controlplane-xds")}
+
+    first = run_job()
+    assert {"controlplane-xds-server", "controlplane-xds-client-gateway"} <= first.keys()
+    second = run_job()
+    for name in ("controlplane-xds-server", "controlplane-xds-client-gateway"):
+        assert second[name]["data"]["ca.crt"] == first[name]["data"]["ca.crt"]  # the CA is kept
+        assert second[name]["data"]["tls.crt"] != first[name]["data"]["tls.crt"]  # the rest renewed
