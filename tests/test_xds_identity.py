@@ -222,3 +222,32 @@ async def test_the_insecure_flag_serves_keys_over_plaintext_and_says_so(tmp_path
         await server.stop(0)
     assert served_keys(results) == {b"team-b"}
     assert "INSECURE: private keys are served over xDS without mutual TLS" in caplog.text
+
+
+async def test_an_envoy_pushes_stats_for_its_own_node_group_only(tmp_path):
+    """The metrics service on the xDS port: team-a's certificate pushing stats as team-b is refused;
+    as team-a, accepted (a client must not write what `status` shows of another group's budgets)."""
+    from controlplane.xds.metrics_service import METHOD, SERVICE, MetricsService, StatsStore, StreamMetricsMessage
+
+    def flush(group: str) -> bytes:
+        message = StreamMetricsMessage()
+        message.identifier.node.id, message.identifier.node.cluster = "envoy-7", group
+        return message.SerializeToString()
+
+    world, store = Pki(tmp_path), StatsStore()
+    server = await started(tmp_path, tls=world.tls(), services=(MetricsService(store).handler(),))
+    team_a = pki.client_certificate(world.ca, "team-a")
+    outcomes = {}
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", world.credentials(team_a)) as channel:
+            push = channel.stream_unary(f"/{SERVICE}/{METHOD}")
+            for group in ("team-b", "team-a"):
+                try:
+                    await push(iter([flush(group)]), timeout=10)
+                    outcomes[group] = "accepted"
+                except grpc.aio.AioRpcError as error:
+                    outcomes[group] = error.code()
+    finally:
+        await server.stop(0)
+    assert outcomes == {"team-b": grpc.StatusCode.PERMISSION_DENIED, "team-a": "accepted"}
+    assert [envoy.node_group for envoy in store.envoys()] == ["team-a"]

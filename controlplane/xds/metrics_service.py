@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
+from controlplane.xds import identity
+
 log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.metrics.v3.MetricsService"
@@ -264,9 +266,11 @@ class StatsStore:
 class MetricsService:
     """The gRPC handler of `StreamMetrics`: register `handler()` on the xDS server."""
 
-    def __init__(self, store: StatsStore, *, node_group=lambda node: node.cluster):
+    def __init__(self, store: StatsStore, *, node_group=lambda node: node.cluster,
+                 trust_domain: str = identity.DEFAULT_TRUST_DOMAIN):
         self.store = store
         self._node_group = node_group
+        self._trust_domain = trust_domain  # over mutual TLS, an Envoy pushes stats for its own node groups only
 
     def handler(self) -> grpc.GenericRpcHandler:
         stream = grpc.stream_unary_rpc_method_handler(self._stream, request_deserializer=_Sized.FromString,
@@ -283,7 +287,12 @@ class MetricsService:
                     if not node.id:
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             "the first StreamMetricsMessage must identify its Envoy (identifier.node)")
-                    stats = self.store.opened(node.id, self._node_group(node))
+                    group = self._node_group(node)
+                    peer = identity.peer_of(context.auth_context(), self._trust_domain)
+                    if not peer.may_see(group):  # identity, not claims: nobody writes another group's stats
+                        await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                            f"node group {group!r} is not this client's ({peer.description})")
+                    stats = self.store.opened(node.id, group)
                     if stats is None:
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many Envoys pushing stats")
                 self.store.received(stats, message, sized.size)
