@@ -64,6 +64,10 @@ async def test_fetch_returns_the_named_resources_and_refuses_unknown_groups(xds)
             await stub.FetchEndpoints(d.DiscoveryRequest(node=base_pb2.Node(id="x", cluster="nobody")))
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "no snapshot yet for node group 'nobody'" in refused.value.details()
+        for number in range(50):  # made-up node groups: each fetch leaves nothing behind in the cache
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.FetchEndpoints(d.DiscoveryRequest(node=base_pb2.Node(id="x", cluster=f"made-up-{number}")))
+    assert set(cache._groups) == {"gateway"}
 
 
 async def test_wait_for_termination_returns_when_the_server_stops():

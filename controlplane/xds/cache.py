@@ -453,9 +453,15 @@ class SnapshotCache:
         def stop() -> None:
             state.watchers.remove(on_change)
             self.telemetry.left(group, on_change)
-            if not state.watchers and state.snapshot is None and self._groups.get(group) is state:
-                del self._groups[group]
+            self.forget_if_unused(group)
         return stop
+
+    def forget_if_unused(self, group: str) -> None:
+        """Forget `group` if it was never published and nothing watches it (a made-up node.cluster,
+        from a stream that ended or a single Fetch*)."""
+        state = self._groups.get(group)
+        if state is not None and not state.watchers and state.snapshot is None:
+            del self._groups[group]
 
     def connect(self, stream: StatusSource) -> Callable[[], None]:
         self._streams.add(stream)

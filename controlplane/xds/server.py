@@ -270,12 +270,15 @@ class XdsServer:
 
     def _fetch_handler(self, type_url: str):
         async def fetch(request: discovery_pb2.DiscoveryRequest, context) -> bytes:
-            group = await self._authorized_group(request.node, context, "fetch")
-            resource_set = group.resources(type_url)
-            if resource_set is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"no snapshot yet for node group {group.name!r}")
-            names = frozenset(request.resource_names) - {"*"}
-            return resource_set.select(names or None).sotw_body
+            try:
+                group = await self._authorized_group(request.node, context, "fetch")
+                resource_set = group.resources(type_url)
+                if resource_set is None:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"no snapshot yet for node group {group.name!r}")
+                names = frozenset(request.resource_names) - {"*"}
+                return resource_set.select(names or None).sotw_body
+            finally:  # a fetch for a made-up node group leaves nothing behind
+                self._cache.forget_if_unused(self._cache.node_group(request.node))
         return fetch
 
     async def _authorized_group(self, node, context, what: str) -> GroupState | KeylessGroup:
