@@ -56,9 +56,34 @@ def series_the_rules_read() -> set[str]:
             for pattern in re.findall(r'__name__=~"([^"]+)"', expression):
                 head, priorities, middle, resources = re.fullmatch(r"(\w+?)\((.+?)\)(\w+?)\((.+?)\)", pattern).groups()
                 names |= {f"{head}{p}{middle}{r}" for p in priorities.split("|") for r in resources.split("|")}
-            without_strings_and_labels = re.sub(r'"[^"]*"|\b(?:by|on|without)\s*\([^)]*\)|\{[^}]*\}', "", expression)
-            names |= set(re.findall(r"\b((?:envoy|controlplane)_[a-z_]+)\b", without_strings_and_labels))
+            names |= metric_names(expression)
     return names
+
+
+def metric_names(expression: str) -> set[str]:
+    """The envoy_* and controlplane_* metric names a PromQL expression reads (strings, label matchers
+    and the label lists of by/on/without/group_left left out)."""
+    without_strings_and_labels = re.sub(r'"[^"]*"|\b(?:by|on|without|group_left)\s*\([^)]*\)|\{[^}]*\}', "",
+                                        expression)
+    return set(re.findall(r"\b((?:envoy|controlplane)_[a-z_]+)\b", without_strings_and_labels))
+
+
+def write_monitored_gateway(directory, api_port: int, websocket_budget: dict) -> tuple[int, int]:
+    """A Gateway with an HTTP and a mutual-TLS listener, a Backend with a WebSocket budget and one
+    over upstream TLS: every kind of series the alerts and the dashboard read. Returns the ports."""
+    port, tls_port = free_port(), free_port()
+    authority = issue("test CA", ca=True)
+    certificate = issue("localhost", issuer=authority)
+    write(directory / "all.yaml",
+          gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"},
+                             {"name": "agents", "port": tls_port, "address": "127.0.0.1", "protocol": "HTTPS",
+                              "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
+          backend("api", routes=[{"pathPrefix": "/"}], websocket={"circuitBreakers": websocket_budget}),
+          backend("secure", service="api", routes=[{"pathPrefix": "/secure"}],
+                  tls={"caSecret": "agents", "hostname": "api.shop.svc"}),
+          service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api_port),
+          tls_secret("edge-cert", certificate.cert_pem, certificate.key_pem), ca_secret("agents", authority.cert_pem))
+    return port, tls_port
 
 
 @pytest.mark.envoy
@@ -67,18 +92,7 @@ async def test_the_series_the_alerts_read_are_exposed_by_envoy_and_the_control_p
     cache, _server = xds
     source, pipeline, server = served
     api = backends("api")
-    port, tls_port = free_port(), free_port()
-    authority = issue("test CA", ca=True)
-    certificate = issue("localhost", issuer=authority)
-    write(source.directory / "all.yaml",
-          gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"},
-                             {"name": "agents", "port": tls_port, "address": "127.0.0.1", "protocol": "HTTPS",
-                              "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
-          backend("api", routes=[{"pathPrefix": "/"}], websocket={"circuitBreakers": {"maxConnections": 5}}),
-          backend("secure", service="api", routes=[{"pathPrefix": "/secure"}],
-                  tls={"caSecret": "agents", "hostname": "api.shop.svc"}),
-          service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
-          tls_secret("edge-cert", certificate.cert_pem, certificate.key_pem), ca_secret("agents", authority.cert_pem))
+    port, tls_port = write_monitored_gateway(source.directory, api.port, {"maxConnections": 5})
     stats_port = free_port()
     envoys(server.port, node_cluster="edge", stats_port=stats_port)  # scraped as Prometheus does, not via admin
     assert await eventually(lambda: body_of(port), what="traffic through Envoy") == "api"

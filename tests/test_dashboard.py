@@ -23,10 +23,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from controlplane.runtime.activity_metrics import ActivityCollector
 from controlplane.runtime.envoy_stats import EnvoyStatsCollector
 from controlplane.runtime.metrics import ControlPlaneCollector
-from tests.certs import ca_secret, issue, tls_secret
-from tests.harness import eventually, free_port, write
-from tests.objects import backend, endpoint_slice, gateway, ready, service
-from tests.test_alerts import promtool
+from tests.harness import eventually
+from tests.test_alerts import metric_names, promtool, write_monitored_gateway
 from tests.test_envoy_websocket import open_websocket, refused_with
 from tests.test_envoy_xds import body_of
 from tests.test_stats_sink import sinked  # noqa: F401 (a fixture)
@@ -84,30 +82,14 @@ def test_every_query_parses_as_promql(tmp_path):
 
 
 def series_read() -> set[str]:
-    names = set()
-    for expression in queries():
-        without_strings_and_labels = re.sub(r'"[^"]*"|\b(?:by|on|without|group_left)\s*\([^)]*\)', "", expression)
-        names |= set(re.findall(r"\b((?:envoy|controlplane)_[a-z_]+)\b", without_strings_and_labels))
-    return names
+    return {name for expression in queries() for name in metric_names(expression)}
 
 
 @pytest.mark.envoy
 async def test_every_series_the_dashboard_reads_is_exposed(sinked, envoys, backends):  # noqa: F811
     source, pipeline, server, store = sinked
     api = backends("api")
-    port, tls_port = free_port(), free_port()
-    authority = issue("test CA", ca=True)
-    certificate = issue("localhost", issuer=authority)
-    write(source.directory / "all.yaml",
-          gateway(listeners=[{"name": "http", "port": port, "address": "127.0.0.1"},
-                             {"name": "agents", "port": tls_port, "address": "127.0.0.1", "protocol": "HTTPS",
-                              "tls": {"certificateSecret": "edge-cert", "clientCaSecret": "agents"}}]),
-          backend("api", routes=[{"pathPrefix": "/"}],
-                  websocket={"circuitBreakers": {"maxConnections": 1, "maxPendingRequests": 1}}),
-          backend("secure", service="api", routes=[{"pathPrefix": "/secure"}],
-                  tls={"caSecret": "agents", "hostname": "api.shop.svc"}),
-          service("api"), endpoint_slice("api", [ready("127.0.0.1")], port=api.port),
-          tls_secret("edge-cert", certificate.cert_pem, certificate.key_pem), ca_secret("agents", authority.cert_pem))
+    port, tls_port = write_monitored_gateway(source.directory, api.port, {"maxConnections": 1, "maxPendingRequests": 1})
     envoy = envoys(server.port, node_cluster="edge")
     assert await eventually(lambda: body_of(port), what="traffic through Envoy") == "api"
     agent = await open_websocket(port, "/agents")  # the WebSocket budget spent: one waits, the next overflows
