@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from controlplane.runtime.envoy_process import stop_process
-from tests.harness import Envoy, eventually, free_port
+from tests.harness import eventually, free_port
 from tests.objects import backend, endpoint_slice, gateway, ready, service
 
 pytestmark = pytest.mark.envoy
@@ -59,22 +59,6 @@ def replicas(real_kube, kube_namespace, tmp_path, request):
         stop_process(replica.process)
         if failed:
             print(f"\n----- serve log of {replica.name} -----\n{replica.log()[-4000:]}")
-
-
-@pytest.fixture
-async def envoy_on(tmp_path, request):
-    started: list[Envoy] = []
-
-    def start(replica: Replica, node_id: str = "envoy-1") -> Envoy:
-        envoy = Envoy(tmp_path, xds_port=replica.xds_port, node_cluster="edge", delta=False, node_id=node_id)
-        started.append(envoy)
-        return envoy
-    yield start
-    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
-    for envoy in started:
-        if failed:
-            print(f"\n----- Envoy log ({envoy.log_path.name}) -----\n{envoy.log_tail()}")
-        await envoy.close()
 
 
 def apply_app(real_kube, namespace: str, *, port: int, routes=None, listeners=None) -> None:
@@ -177,7 +161,7 @@ async def test_a_follower_takes_over_after_the_leader_is_killed_and_keeps_every_
 
 
 async def test_programmed_counts_the_envoy_of_the_follower_and_reports_its_nack(
-        real_kube, kube_namespace, replicas, envoy_on):
+        real_kube, kube_namespace, replicas, envoys):
     replicas("cp-a")
     await eventually(lambda: lease_holder(real_kube) == "cp-a", timeout=30, what="cp-a leads")
     follower = replicas("cp-b")
@@ -186,7 +170,7 @@ async def test_programmed_counts_the_envoy_of_the_follower_and_reports_its_nack(
     await eventually(lambda: condition(real_kube, kube_namespace, "Backend", "api", "Programmed").get(
         "reason") == "NoEnvoys", timeout=30, what="no Envoy anywhere yet")
 
-    envoy_on(follower)  # the leader has no Envoy at all
+    envoys(follower.xds_port, node_cluster="edge")  # the leader has no Envoy at all
     programmed = await eventually(lambda: (found := condition(real_kube, kube_namespace, "Backend", "api",
                                                               "Programmed")).get("status") == "True" and found,
                                   timeout=30, what="Programmed from the follower's Envoy")
@@ -213,10 +197,10 @@ async def test_programmed_counts_the_envoy_of_the_follower_and_reports_its_nack(
 
 
 async def test_sigterm_with_an_envoy_connected_exits_cleanly_without_a_traceback(real_kube, kube_namespace,
-                                                                               replicas, envoy_on):
+                                                                               replicas, envoys):
     replica = replicas("cp-a")
     apply_app(real_kube, kube_namespace, port=free_port())
-    envoy_on(replica)
+    envoys(replica.xds_port, node_cluster="edge")
     await eventually(lambda: condition(real_kube, kube_namespace, "Backend", "api", "Programmed").get(
         "status") == "True", timeout=30, what="the Envoy connected and programmed")
     replica.process.send_signal(signal.SIGTERM)
