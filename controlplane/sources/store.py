@@ -3,6 +3,12 @@
 Objects are kept as the plain dicts the API server (or a YAML file) gave us; translation parses
 what it needs. A `StoreView` is an immutable view of one moment, so a translation never sees a
 half-applied batch of events.
+
+Taking a view costs what changed since the last one, not the size of the store (a pod restart
+at 10,000 Backends must not copy 40,000 objects): a view is a frozen base shared with the store
+and later views, plus a small overlay of the writes since that base was frozen. The store folds
+the overlay into a new base once it reaches an eighth of the base, so each write costs O(1)
+amortized and each view O(the overlay).
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from controlplane.model.kube import SERVICE_NAME_LABEL
@@ -38,10 +43,15 @@ class StoreView:
     """An immutable set of objects, with the look-ups translation needs, and what changed since
     an earlier view of the same store (so translation can redo only what a change touches)."""
 
-    def __init__(self, objects: Mapping[ObjectKey, Mapping[str, Any]],
+    def __init__(self, base: Mapping[ObjectKey, Mapping[str, Any]],
+                 overlay: Mapping[ObjectKey, Mapping[str, Any] | None],
                  slices: Mapping[tuple[str, str], Mapping[ObjectKey, Mapping[str, Any]]], *,
                  changes: _ChangeLog, version: int):
-        self._objects = MappingProxyType(dict(objects))
+        # Neither mapping is ever written again: `base` is frozen, `overlay` is this view's own copy
+        # of the writes since (None: deleted).
+        self._base = base
+        self._overlay = overlay
+        self._merged: Mapping[ObjectKey, Mapping[str, Any]] | None = None if overlay else base
         self._slices = slices
         self._sorted: dict[str, list[tuple[ObjectKey, Mapping[str, Any]]]] = {}
         self._sorted_slices: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -49,20 +59,35 @@ class StoreView:
         self.version = version
         self.origins: Mapping[ObjectKey, str] = {}
 
+    def _objects(self) -> Mapping[ObjectKey, Mapping[str, Any]]:
+        """Every object, as one mapping: built on first use (a full translation), then kept."""
+        if self._merged is None:
+            merged = dict(self._base)
+            for key, obj in self._overlay.items():
+                if obj is None:
+                    merged.pop(key, None)
+                else:
+                    merged[key] = obj
+            self._merged = merged
+        return self._merged
+
     def __len__(self) -> int:
-        return len(self._objects)
+        return len(self._objects())
 
     def __iter__(self) -> Iterator[ObjectKey]:
-        return iter(self._objects)
+        return iter(self._objects())
 
     def get(self, kind: str, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return self._objects.get(ObjectKey(kind, namespace, name))
+        key = ObjectKey(kind, namespace, name)
+        if key in self._overlay:
+            return self._overlay[key]
+        return self._base.get(key)
 
     def of_kind(self, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
         """Objects of one kind, sorted by namespace and name (translation is deterministic)."""
         found = self._sorted.get(kind)
         if found is None:
-            found = self._sorted[kind] = sorted((k, o) for k, o in self._objects.items() if k.kind == kind)
+            found = self._sorted[kind] = sorted((k, o) for k, o in self._objects().items() if k.kind == kind)
         return found
 
     def endpoint_slices(self, namespace: str, service: str) -> list[Mapping[str, Any]]:
@@ -108,7 +133,9 @@ class Store:
     """The mutable store sources write into (from their threads); `view()` is an immutable snapshot."""
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()):
-        self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._objects: dict[ObjectKey, Mapping[str, Any]] = {}  # the store's own, written in place
+        self._base: dict[ObjectKey, Mapping[str, Any]] = {}  # frozen: shared with views, never written
+        self._overlay: dict[ObjectKey, Mapping[str, Any] | None] = {}  # written since `_base` (None: deleted)
         self._slices: dict[tuple[str, str], dict[ObjectKey, Mapping[str, Any]]] = {}
         self._owned: set[tuple[str, str]] = set()  # slice indexes not shared with a view (copy on write)
         self._changes = _ChangeLog()
@@ -128,6 +155,7 @@ class Store:
             self._objects[key] = obj
             if key.kind == "EndpointSlice" and (service := _service_of(obj)):
                 self._slice_index(key.namespace, service)[key] = obj
+        self._overlay[key] = obj
         self._version += 1
         self._changes.record(self._version, key)
 
@@ -161,6 +189,9 @@ class Store:
     def view(self) -> StoreView:
         with self._lock:
             self._owned = set()  # the view shares every index now: the next write to one copies it
-            view = StoreView(self._objects, dict(self._slices), changes=self._changes, version=self._version)
+            if len(self._overlay) > max(64, len(self._base) // 8):
+                self._base, self._overlay = dict(self._objects), {}  # a new frozen base: amortized O(1) a write
+            view = StoreView(self._base, dict(self._overlay), dict(self._slices), changes=self._changes,
+                             version=self._version)
             view.origins = self.origins
             return view

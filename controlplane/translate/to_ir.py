@@ -129,6 +129,7 @@ class Translator:
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
         self._service_users: dict[tuple[str, str], list[tuple[ObjectKey, _Attempt]]] = {}
+        self._backend_positions: dict[str, tuple[str, int]] = {}  # cluster name -> (node group, index in it)
         self._expiry: dict[tuple[str, str, str], float] = {}
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
         self._good: dict[ObjectKey, _Good] = {}
@@ -238,9 +239,17 @@ class Translator:
                     self.remembered_changes += 1
         if not replaced:
             return last
-        groups = {name: group if not any(b.name in replaced for b in group.backends) else ir.NodeGroup(
-            group.name, group.listeners, tuple(replaced.get(b.name, b) for b in group.backends))
-            for name, group in last.groups.items()}
+        patches: dict[str, dict[int, ir.Backend]] = {}
+        for name, backend in replaced.items():
+            if name in self._backend_positions:
+                group, position = self._backend_positions[name]
+                patches.setdefault(group, {})[position] = backend
+        groups = dict(last.groups)
+        for name, patch in patches.items():
+            backends = list(groups[name].backends)  # copying references, in C: the walk is over the patch
+            for position, backend in patch.items():
+                backends[position] = backend
+            groups[name] = ir.NodeGroup(name, groups[name].listeners, tuple(backends))
         return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
                            node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
                            serving_last_accepted=last.serving_last_accepted, failures=last.failures,
@@ -301,6 +310,8 @@ class Translator:
         out.groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=by_name)),
                                                  tuple(sorted(backends.get(node_cluster, []), key=by_name)))
                       for node_cluster, listeners_ in sorted(group_listeners.items())}
+        self._backend_positions = {backend.name: (group.name, position) for group in out.groups.values()
+                                   for position, backend in enumerate(group.backends)}
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
         for deleted in self._good.keys() - set(view):  # only deleting an object forgets its last good version

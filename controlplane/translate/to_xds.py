@@ -12,11 +12,14 @@ them there: a surge of WebSockets exhausts the WebSocket budget, never the one l
 
 from __future__ import annotations
 
+import itertools
+import operator
+
 from envoy.config.core.v3 import base_pb2
 
 from controlplane.ir import types as ir
 from controlplane.translate import builders as b
-from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot, SnapshotError
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
@@ -25,65 +28,181 @@ def snapshot(group: ir.NodeGroup) -> Snapshot:
 
 
 class SnapshotBuilder:
-    """Builds one node group's snapshots, re-serializing only what changed since the last one.
+    """Builds one node group's snapshots, costing what changed since the last one.
 
-    IR values that did not change are the very same objects (see `to_ir.Translator`), so their
-    serialized resources are reused by identity; a type whose resources are all reused keeps its
-    ResourceSet (and the memoised responses of the xDS streams) through `Snapshot.replace`.
+    IR values that did not change are the very same objects (see `to_ir.Translator`), and a
+    Backend keeps its place in `group.backends` while only its endpoints or budgets change, so
+    the Backends to rebuild are found by comparing the two tuples by identity, in C; only those
+    are serialized, and the snapshot is the last one patched (`Snapshot.patch`) with the resources
+    whose bytes changed. A group whose Backends came or went, or moved, is compared by name: each
+    unchanged value still keeps its serialized resources. Either way the result is the snapshot a
+    fresh builder makes of the same group (tests/test_incremental.py proves it).
     """
 
     def __init__(self):
-        self._resources: dict[int, tuple[object, tuple[Resource, ...]]] = {}
-        self._last = Snapshot()  # so the first snapshot, like every other, is a replace of what changed
-        self._last_lists: dict[str, list[Resource]] = {}
-        self._by_name: dict[tuple[str, str], Resource] = {}
+        self._last = Snapshot()  # so the first snapshot, like every other, is a patch of what changed
+        self._by_name: dict[tuple[str, str], Resource] = {}  # what the last snapshot holds, by (type, name)
+        self._backends: tuple[ir.Backend, ...] = ()
+        self._backend_built: list[tuple[Resource, ...]] = []  # each Backend's resources, in the same order
+        self._overrides: list[list[tuple[str, int]]] = []  # each Backend's budget_overrides, in the same order
+        self._tls_positions: set[int] = set()  # where the Backends with upstream TLS are (their secrets)
+        self._listeners: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        self._secrets: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         self._runtime: tuple[tuple[tuple[str, int], ...], Resource] | None = None
 
-    def _built(self, value, build, fresh: dict) -> tuple[Resource, ...]:
-        entry = self._resources.get(id(value))
-        if entry is None or entry[0] is not value:
-            # A rebuilt value often serializes some resources to the same bytes (a Backend whose
-            # endpoints moved keeps its cluster): keep those Resource objects, so their type is reused.
-            entry = (value, tuple(self._same_as_before(resource) for resource in build(value)))
-        fresh[id(value)] = entry
-        return entry[1]
-
     def _same_as_before(self, resource: Resource) -> Resource:
+        """A rebuilt value often serializes some resources to the same bytes (a Backend whose
+        endpoints moved keeps its cluster): the Resource already held, so nothing is patched."""
         before = self._by_name.get((resource.type_url, resource.name))
         return before if before is not None and before.version == resource.version else resource
 
-    def _runtime_resource(self, group: ir.NodeGroup) -> Resource:
+    def _runtime_resource(self) -> Resource:
         """The group's runtime layer: the limits computed per endpoint, by runtime key. The same
         values keep the same Resource."""
-        values = tuple(sorted(override for backend in group.backends for override in budget_overrides(backend)))
+        values = tuple(sorted(override for overrides in self._overrides for override in overrides))
         if self._runtime is None or self._runtime[0] != values:
             self._runtime = (values, Resource.from_message(RUNTIME, b.runtime_layer(dict(values))))
         return self._runtime[1]
 
     def snapshot(self, group: ir.NodeGroup) -> Snapshot:
+        try:
+            changed = self._backends_changed(group.backends)
+            return self._snapshot_anew(group) if changed is None else self._snapshot_patched(group, *changed)
+        except BaseException:
+            self.__init__()  # half of this attempt may be recorded: the next snapshot starts afresh
+            raise
+
+    def _snapshot_patched(self, group: ir.NodeGroup, changes: list[tuple[tuple[Resource, ...], tuple[Resource, ...]]],
+                          overrides_changed: bool) -> Snapshot:
+        patch = {type_url: {} for type_url in _TYPES}
+        for old, new in changes:
+            for resource in old:
+                patch[resource.type_url].setdefault(resource.name, None)
+            for resource in new:
+                patch[resource.type_url][resource.name] = resource
+        if overrides_changed:
+            patch[RUNTIME][_RUNTIME_NAME] = self._runtime_resource()
+        self._patch_small_types(group, patch)
+        return self._publish(patch)
+
+    def _backends_changed(self, backends: tuple[ir.Backend, ...]
+                          ) -> tuple[list[tuple[tuple[Resource, ...], tuple[Resource, ...]]], bool] | None:
+        """Rebuild the Backends that are not the same objects as at the same place last time, if
+        each kept its name: (their old and new resources, whether a runtime override changed), or
+        None if the group must be looked at whole."""
+        if len(backends) != len(self._backends) or not self._backends:
+            return None
+        positions = list(itertools.compress(range(len(backends)), map(operator.is_not, backends, self._backends)))
+        if any(backends[i].name != self._backends[i].name for i in positions):
+            return None
+        changes, overrides_changed = [], False
+        for position in positions:
+            backend = backends[position]
+            old = self._backend_built[position]
+            new = tuple(self._same_as_before(resource) for resource in _backend_resources(backend))
+            self._backend_built[position] = new
+            overrides = budget_overrides(backend)
+            overrides_changed = overrides_changed or overrides != self._overrides[position]
+            self._overrides[position] = overrides
+            if backend.tls is None:
+                self._tls_positions.discard(position)
+            else:
+                self._tls_positions.add(position)
+            changes.append((old, new))
+        self._backends = backends
+        return changes, overrides_changed
+
+    def _snapshot_anew(self, group: ir.NodeGroup) -> Snapshot:
+        """Every Backend looked at: those that are the same objects as last time keep their resources."""
+        kept = {id(backend): (backend, built) for backend, built in zip(self._backends, self._backend_built)}
+        built_list = []
+        for backend in group.backends:
+            entry = kept.get(id(backend))
+            if entry is None or entry[0] is not backend:
+                entry = (backend, tuple(self._same_as_before(r) for r in _backend_resources(backend)))
+            built_list.append(entry[1])
+        self._backends = group.backends
+        self._backend_built = built_list
+        self._overrides = [budget_overrides(backend) for backend in group.backends]
+        self._tls_positions = {position for position, backend in enumerate(group.backends) if backend.tls is not None}
+        patch = {type_url: {} for type_url in _TYPES}
+        for resource in self._by_name.values():
+            if resource.type_url in (CLUSTER, ENDPOINT):
+                patch[resource.type_url][resource.name] = None
+        duplicates = set()
+        for built in built_list:
+            for resource in built:
+                if patch[resource.type_url].get(resource.name) is not None:
+                    duplicates.add(resource.name)
+                patch[resource.type_url][resource.name] = resource
+        if duplicates:
+            raise SnapshotError(f"duplicate cluster or endpoint names: {', '.join(sorted(duplicates))}; each name "
+                                "must be unique within its type")
+        patch[RUNTIME] = {_RUNTIME_NAME: self._runtime_resource()}
+        self._patch_small_types(group, patch)
+        return self._publish(patch)
+
+    def _patch_small_types(self, group: ir.NodeGroup, patch: dict[str, dict[str, Resource | None]]) -> None:
+        """Listeners, their route configurations and secrets: a handful per group, each rebuilt only
+        when its value changed (a route configuration holds every route: never for nothing)."""
+        for type_url in (LISTENER, ROUTE, SECRET):
+            for name, _resource in self._by_name_of(type_url):
+                patch[type_url].setdefault(name, None)
         fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
-        per_backend = [self._built(backend, _backend_resources, fresh) for backend in group.backends]
-        per_listener = [self._built(listener, _listener_resources, fresh) for listener in group.listeners]
-        used_secrets = {secret.name: secret for listener in group.listeners if listener.tls is not None
-                        for secret in (listener.tls.certificate, listener.tls.client_ca) if secret is not None}
-        used_secrets.update((secret.name, secret) for backend in group.backends if backend.tls is not None
-                            for secret in (backend.tls.ca, backend.tls.client_certificate) if secret is not None)
-        per_secret = [self._built(secret, _secret_resources, fresh) for _name, secret in sorted(used_secrets.items())]
-        runtime = self._runtime_resource(group)
-        self._resources = fresh
-        self._by_name = {(r.type_url, r.name): r for _value, built in fresh.values() for r in built}
-        lists = {CLUSTER: [r for built in per_backend for r in built[1:]], ENDPOINT: [r[0] for r in per_backend],
-                 LISTENER: [r[0] for r in per_listener], ROUTE: [r[1] for r in per_listener],
-                 SECRET: [r[0] for r in per_secret], RUNTIME: [runtime]}
-        changed = {_ARGUMENT[type_url]: items for type_url, items in lists.items()
-                   if not _same(items, self._last_lists.get(type_url))}
-        built = self._last.replace(**changed)
-        self._last, self._last_lists = built, lists
+        for listener in group.listeners:
+            for resource in self._built(listener, _listener_resources, self._listeners, fresh):
+                patch[resource.type_url][resource.name] = resource
+        self._listeners = fresh
+        fresh = {}
+        for secret in self._used_secrets(group):
+            for resource in self._built(secret, _secret_resources, self._secrets, fresh):
+                patch[resource.type_url][resource.name] = resource
+        self._secrets = fresh
+
+    def _by_name_of(self, type_url: str) -> list[tuple[str, Resource]]:
+        return [(name, resource) for name, resource in self._last.resources(type_url).resources.items()]
+
+    def _built(self, value, build, before: dict, fresh: dict) -> tuple[Resource, ...]:
+        entry = before.get(id(value))
+        if entry is None or entry[0] is not value:
+            entry = (value, tuple(self._same_as_before(resource) for resource in build(value)))
+        fresh[id(value)] = entry
+        return entry[1]
+
+    def _used_secrets(self, group: ir.NodeGroup) -> list[ir.Certificate | ir.TrustedCa]:
+        """Each secret a listener or Backend names, by name; where two values share a name, the
+        last in (listeners, then Backends in order) wins, as a fresh build would have it."""
+        used = {secret.name: secret for listener in group.listeners if listener.tls is not None
+                for secret in (listener.tls.certificate, listener.tls.client_ca) if secret is not None}
+        for position in sorted(self._tls_positions):
+            tls = group.backends[position].tls
+            used.update((secret.name, secret) for secret in (tls.ca, tls.client_certificate) if secret is not None)
+        return [secret for _name, secret in sorted(used.items())]
+
+    def _publish(self, patch: dict[str, dict[str, Resource | None]]) -> Snapshot:
+        """The last snapshot with what really changed: an entry equal to what it holds is dropped,
+        so a type with nothing new keeps its ResourceSet (and the streams' memoised responses)."""
+        held = self._by_name
+        changes = {}
+        for type_url, entries in patch.items():
+            real = {name: resource for name, resource in entries.items()
+                    if (resource is None and (type_url, name) in held) or
+                    (resource is not None and held.get((type_url, name)) is not resource)}
+            if real:
+                changes[type_url] = real
+        built = self._last.patch(changes)
+        for type_url, real in changes.items():
+            for name, resource in real.items():
+                if resource is None:
+                    del held[(type_url, name)]
+                else:
+                    held[(type_url, name)] = resource
+        self._last = built
         return built
 
 
-_ARGUMENT = {CLUSTER: "clusters", ENDPOINT: "endpoints", LISTENER: "listeners", ROUTE: "routes",
-             SECRET: "secrets", RUNTIME: "runtimes"}
+_TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, RUNTIME)
+_RUNTIME_NAME = b.RUNTIME_LAYER
 
 
 def budget_overrides(backend: ir.Backend) -> list[tuple[str, int]]:
@@ -94,10 +213,6 @@ def budget_overrides(backend: ir.Backend) -> list[tuple[str, int]]:
         budgets.append((backend.websocket.name, base_pb2.DEFAULT, backend.websocket.budget))
     return [(b.budget_runtime_key(cluster_name, priority, limit), getattr(budget, limit))
             for cluster_name, priority, budget in budgets for limit, _fixed in budget.follows_endpoints]
-
-
-def _same(new: list, old: list | None) -> bool:
-    return old is not None and len(new) == len(old) and all(a is b for a, b in zip(new, old))
 
 
 def _backend_resources(backend: ir.Backend) -> tuple[Resource, ...]:
