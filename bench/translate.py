@@ -1,12 +1,15 @@
-"""Translation at scale: 1,000 Backends x 10 endpoints, full and after one endpoint changes.
+"""Translation at scale: 1,000 Backends x 10 endpoints, full and after endpoints change.
 
     python bench/translate.py [--backends 1000] [--endpoints 10] [--repeat 15]
 
 Full: store view -> IR -> Envoy resources -> serialized Snapshot, from cold caches.
 One endpoint changed: the same, with one EndpointSlice updated (what a pod restart causes); ten
-successive changes after each full pass, as a running control plane sees them; and, after each
-change, the last accepted state `serve` saves (`Translator.remembered_json()`, on the event loop).
-The garbage collector is tuned as `controlplane serve` tunes it (runtime.serve.tune_gc).
+successive changes after each full pass, as a running control plane sees them; then the new
+snapshot's version (what publishing it computes first), and the last accepted state `serve`
+saves (`Translator.remembered_json()`, on the event loop). A burst: 100 EndpointSlices of
+different Services updated before one translation (a rollout, coalesced by the pipeline), three
+after each full pass. The garbage collector is tuned as `controlplane serve` tunes it
+(runtime.serve.tune_gc).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def main() -> None:
     if args.one_pass:
         Publisher().publish(Store(objects(args.backends, args.endpoints)))
         return
-    full, changed, remembered = [], [], []
+    full, changed, versions, remembered, bursts = [], [], [], [], []
     for round_number in range(args.repeat):
         store = Store(objects(args.backends, args.endpoints))
         publisher = Publisher()
@@ -92,14 +95,27 @@ def main() -> None:
             snapshot = publisher.publish(store)
             changed.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
+            assert snapshot.version != previous.version
+            versions.append((time.perf_counter() - started) * 1000)
+            started = time.perf_counter()
             publisher.translator.remembered_json()
             remembered.append((time.perf_counter() - started) * 1000)
+            previous = snapshot
+        for burst in range(3):
+            for index in range(burst * 100, (burst + 1) * 100):
+                index = index * 97 % args.backends
+                store.put(endpoint_slice(f"svc-{index}", index, args.endpoints, version=20 + burst, moved=120 + burst))
+            started = time.perf_counter()
+            snapshot = publisher.publish(store)
+            bursts.append((time.perf_counter() - started) * 1000)
             assert snapshot.version != previous.version
             previous = snapshot
     print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
     print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
     print(f"  one endpoint changed -> snapshot: {min(changed):7.1f} / {statistics.median(changed):7.1f} ms")
+    print(f"  then the snapshot's version:      {min(versions):7.1f} / {statistics.median(versions):7.1f} ms")
     print(f"  then the state to save:           {min(remembered):7.1f} / {statistics.median(remembered):7.1f} ms")
+    print(f"  100 slices in a burst -> snapshot: {min(bursts):6.1f} / {statistics.median(bursts):7.1f} ms")
 
 
 if __name__ == "__main__":

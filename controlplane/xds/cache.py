@@ -60,7 +60,7 @@ class Selection:
 
     @cached_property
     def version(self) -> str:
-        return xr.content_version(frozenset((name, r.version) for name, r in self.resources.items()))
+        return xr.content_version([(name, r.version) for name, r in self.resources.items()])  # names are unique
 
     def same_content(self, other: Selection | None) -> bool:
         return other is not None and (other is self or other.versions == self.versions)
