@@ -595,26 +595,23 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
 def _endpoints(slices: list[_SliceVerdict], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
     """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
     found: dict[tuple[str, int], ir.Endpoint] = {}
-    for endpoint_slice, _problem in slices:
-        if endpoint_slice is None or endpoint_slice.address_type not in ("IPv4", "IPv6"):
+    for usable, _problem in slices:
+        if usable is None:
             continue
-        number = next((p.port for p in endpoint_slice.ports if p.name == port.name and p.port), None)
+        ports, endpoints = usable
+        number = next((number for name, number in ports if name == port.name and number), None)
         if number is None:
             continue
-        for endpoint in endpoint_slice.endpoints:
-            conditions = endpoint.conditions
-            ready = conditions.ready is not False  # unset means ready (discovery.k8s.io/v1)
-            serving = conditions.serving if conditions.serving is not None else ready
-            if not serving:
-                continue
-            draining = not ready or bool(conditions.terminating)
-            for address in endpoint.addresses[:1]:
-                found[(address, number)] = ir.Endpoint(address, number, draining)
+        for address, draining in endpoints:
+            found[(address, number)] = ir.Endpoint(address, number, draining)
     return tuple(sorted(found.values()))  # by address and port: each pair is there once
 
 
-_SliceVerdict = tuple[kube.EndpointSlice | None, str | None]
-"""An EndpointSlice as far as it can be used (None: not at all), and what is wrong with it (None: nothing)."""
+_SliceVerdict = tuple[tuple[tuple[tuple[str, int | None], ...], tuple[tuple[str, bool], ...]] | None, str | None]
+"""What an EndpointSlice offers: ((port name, number) of its ports, (address, draining) of its serving
+endpoints), None if nothing (its address type is not IP, or its shape is wrong); and what is wrong with
+it (None: nothing). Plain tuples, not the parsed model: the memo keeps one per slice, and 10,000 parsed
+slices kept alive made every garbage collection of a full translation slower than their parsing."""
 
 
 def _checked_slice(raw: Mapping[str, Any]) -> _SliceVerdict:
@@ -622,7 +619,7 @@ def _checked_slice(raw: Mapping[str, Any]) -> _SliceVerdict:
     EndpointSlice port of 0, -1 or 70000 (it checks a Service's ports, not a slice's): such a part
     is left out (and reported by `_slice_problems`), the rest of the slice still serves."""
     try:
-        return kube.EndpointSlice.model_validate(raw), None
+        return _offered(kube.EndpointSlice.model_validate(raw)), None
     except ValidationError as error:
         wrong = "; ".join(problems.explain(error, ""))
     family = raw.get("addressType", "IPv4")
@@ -630,9 +627,23 @@ def _checked_slice(raw: Mapping[str, Any]) -> _SliceVerdict:
                      if _slice_problem({"addressType": family, field: [part]}) is None]
              for field in ("ports", "endpoints")}
     try:
-        return kube.EndpointSlice.model_validate({**raw, **parts}), wrong
+        return _offered(kube.EndpointSlice.model_validate({**raw, **parts})), wrong
     except ValidationError:  # its addressType or its shape itself: nothing in it can be used
         return None, wrong
+
+
+def _offered(endpoint_slice: kube.EndpointSlice):
+    if endpoint_slice.address_type not in ("IPv4", "IPv6"):
+        return None
+    endpoints = []
+    for endpoint in endpoint_slice.endpoints:
+        conditions = endpoint.conditions
+        ready = conditions.ready is not False  # unset means ready (discovery.k8s.io/v1)
+        serving = conditions.serving if conditions.serving is not None else ready
+        if serving:
+            draining = not ready or bool(conditions.terminating)
+            endpoints.extend((address, draining) for address in endpoint.addresses[:1])
+    return tuple((p.name, p.port) for p in endpoint_slice.ports), tuple(endpoints)
 
 
 def _slice_problem(raw: Mapping[str, Any]) -> str | None:
