@@ -146,7 +146,7 @@ class SnapshotBuilder:
         """Listeners, their route configurations and secrets: a handful per group, each rebuilt only
         when its value changed (a route configuration holds every route: never for nothing)."""
         for type_url in (LISTENER, ROUTE, SECRET):
-            for name, _resource in self._by_name_of(type_url):
+            for name in self._last.resources(type_url).resources:
                 patch[type_url].setdefault(name, None)
         fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         for listener in group.listeners:
@@ -158,9 +158,6 @@ class SnapshotBuilder:
             for resource in self._built(secret, _secret_resources, self._secrets, fresh):
                 patch[resource.type_url][resource.name] = resource
         self._secrets = fresh
-
-    def _by_name_of(self, type_url: str) -> list[tuple[str, Resource]]:
-        return [(name, resource) for name, resource in self._last.resources(type_url).resources.items()]
 
     def _built(self, value, build, before: dict, fresh: dict) -> tuple[Resource, ...]:
         entry = before.get(id(value))
