@@ -10,8 +10,13 @@ import yaml
 from pydantic import ValidationError
 
 from controlplane.model import crds, problems
+from controlplane.runtime.envoy_count import SettledCounts, fleet_counts
+from controlplane.runtime.fleet import GroupEnvoys
+from controlplane.runtime.pipeline import Pipeline
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
+from controlplane.xds import CLUSTER, RUNTIME, SnapshotCache
+from controlplane.xds.resources import parse
 from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 from tests.test_envoy_xds import body_of
@@ -263,3 +268,71 @@ async def test_an_endpoint_failing_its_health_check_gets_no_traffic(served, envo
     await eventually(lambda: _is(envoy.stat(f"{cluster}.membership_healthy"), 1), what="the sick pod unhealthy")
     assert [await body_of(port, "/orders") for _ in range(10)] == ["api-1"] * 10
     assert await envoy.stat(f"{cluster}.health_check.failure") >= 1
+
+
+# -- scope: Gateway -----------------------------------------------------------------------------------
+
+def test_a_gateway_wide_budget_reaches_each_envoy_as_its_share_and_the_cluster_keeps_the_total():
+    spec = {"circuitBreakers": {"default": {"scope": "Gateway", "maxConnections": 100, "maxPendingRequests": 7},
+                                "high": {"maxConnections": 100}},
+            "websocket": {"circuitBreakers": {"scope": "Gateway", "perEndpoint": {"maxConnections": 30}}}}
+    group = to_ir.translate(_api(ready("10.0.0.1"), ready("10.0.0.2"), **spec).view()).groups["edge"]
+    builder = to_xds.SnapshotBuilder()
+
+    def layer(envoys: int) -> dict:
+        snapshot = builder.snapshot(group, envoys=envoys)
+        [runtime] = snapshot.resources(RUNTIME).resources.values()
+        return _layer(runtime)
+
+    def key(cluster: str, limit: str, priority: str = "default") -> str:
+        return f"circuit_breakers.{NS}/{cluster}.{priority}.{limit}"
+
+    assert layer(1) == {key("api", "max_connections"): 100, key("api", "max_pending_requests"): 7,
+                        key("api/websocket", "max_connections"): 60}  # the high budget is each Envoy's
+    clusters = builder.snapshot(group, envoys=1).resources(CLUSTER)
+    assert layer(4) == {key("api", "max_connections"): 25, key("api", "max_pending_requests"): 1,
+                        key("api/websocket", "max_connections"): 15}
+    assert layer(3)[key("api", "max_connections")] == 33  # rounded down: the fleet never offers more
+    assert layer(500)[key("api", "max_connections")] == 1  # never 0: that would shut the cluster
+    # The Envoys coming and going changed the runtime layer only: Envoy never rebuilds the clusters.
+    assert builder.snapshot(group, envoys=2).resources(CLUSTER) is clusters
+    [default, _high] = to_xds.cluster(group.backends[0]).circuit_breakers.thresholds
+    assert default.max_connections.value == 100  # what an Envoy without our runtime layer falls back to
+
+
+def test_envoys_counted_rise_at_once_and_fall_once_settled():
+    counts = SettledCounts(settle=5)
+    assert counts.update({"edge": 2}, now=0) == {"edge": 2}
+    assert counts.update({"edge": 4}, now=1) == {"edge": 4}  # scaled out: smaller shares at once
+    assert counts.update({"edge": 3}, now=2) == {"edge": 4}  # one stream dropped: maybe a reconnect
+    assert counts.update({"edge": 4}, now=3) == {"edge": 4}  # it was
+    assert counts.update({"edge": 3}, now=4) == {"edge": 4}
+    assert counts.update({"edge": 3}, now=8.9) == {"edge": 4}
+    assert counts.update({"edge": 3}, now=9) == {"edge": 3}  # gone for 5 s: its share goes to the others
+    assert counts.update({}, now=10) == {"edge": 3}
+    assert counts.update({}, now=15) == {}
+
+
+def test_the_fleet_count_is_this_replicas_envoys_and_its_live_peers():
+    peers = [("replica-b", {"edge": GroupEnvoys(envoys=2)}), ("replica-c", {"edge": GroupEnvoys(envoys=1),
+                                                                            "other": GroupEnvoys(envoys=3)})]
+    assert fleet_counts({"edge": 1}, peers) == {"edge": 4, "other": 3}
+
+
+def test_a_new_envoy_count_republishes_only_the_runtime_layer_of_its_group():
+    cache = SnapshotCache()
+    pipeline = Pipeline(cache)
+    spec = {"circuitBreakers": {"default": {"scope": "Gateway", "maxConnections": 100}}}
+    pipeline.publish(_api(ready("10.0.0.1"), **spec).view())
+    before = cache.snapshot("edge")
+    pipeline.share_among({"edge": 4})
+    after = cache.snapshot("edge")
+    assert after.resources(CLUSTER) is before.resources(CLUSTER)
+    assert after.resources(RUNTIME) is not before.resources(RUNTIME)
+    pipeline.publish(_api(ready("10.0.0.1"), ready("10.0.0.2"), **spec).view())  # a later translation keeps it
+    [runtime] = cache.snapshot("edge").resources(RUNTIME).resources.values()
+    assert _layer(runtime) == {f"circuit_breakers.{NS}/api.default.max_connections": 25}
+
+
+def _layer(runtime) -> dict[str, float]:
+    return {key: value.number_value for key, value in parse(RUNTIME, runtime.body).layer.fields.items()}

@@ -273,3 +273,30 @@ async def test_a_newer_backend_never_takes_the_routes_of_the_one_that_holds_them
     assert f"Backend {kube_namespace}/api already serves it" in newcomer["message"]
     assert "other routes are served" in newcomer["message"]
     assert condition(real_kube, kube_namespace, "Backend", "api", "Accepted")["status"] == "True"
+
+
+async def test_a_gateway_wide_budget_is_shared_by_the_envoys_of_every_replica(real_kube, kube_namespace, replicas,
+                                                                               envoys):
+    first, second = replicas("cp-a"), replicas("cp-b")
+    shared = backend("api", namespace=kube_namespace, routes=[{"pathPrefix": "/"}],
+                     circuitBreakers={"default": {"scope": "Gateway", "maxConnections": 100}})
+    for manifest in (gateway(port=free_port(), namespace=kube_namespace), service("api", namespace=kube_namespace),
+                     endpoint_slice("api", [ready("192.0.2.10")], namespace=kube_namespace), shared):
+        manifest["metadata"].pop("generation", None)
+        real_kube.apply(manifest)
+    key = f"circuit_breakers.{kube_namespace}/api.default.max_connections"
+
+    async def limits(*fleet) -> list:
+        return [(await envoy.admin.get("/runtime")).json()["entries"].get(key, {}).get("final_value")
+                for envoy in fleet]
+
+    one = envoys(first.xds_port, node_cluster="edge", node_id="envoy-a")
+    assert await eventually(lambda: _is(limits(one), ["100"]), timeout=30, what="one Envoy: the whole budget")
+    other = envoys(second.xds_port, node_cluster="edge", node_id="envoy-b")  # on the other replica
+    # Each replica counts its own Envoy and the other's (from its Lease record): 50 each, not 100 each.
+    assert await eventually(lambda: _is(limits(one, other), ["50", "50"]), timeout=30,
+                            what="the two replicas' Envoys sharing the budget")
+
+
+async def _is(awaitable, expected) -> bool:
+    return await awaitable == expected

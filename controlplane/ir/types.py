@@ -38,10 +38,13 @@ class Budget:
     max_retries: int | None = None
     retry_budget: RetryBudget | None = None
     per_host_max_connections: int | None = None  # what any one endpoint may be given
-    follows_endpoints: tuple[tuple[str, int], ...] = ()
-    """(limit, the cluster's fixed value) for each limit computed per endpoint: the cluster carries
-    the fixed value, and the computed one reaches Envoy as a runtime override (RTDS), so that an
-    endpoint change never changes the cluster (Envoy would count a changed cluster from zero)."""
+    runtime_limits: tuple[tuple[str, int], ...] = ()
+    """(limit, the cluster's fixed value) for each limit that moves: computed per endpoint, or
+    shared among a Gateway's Envoys. The cluster carries the fixed value, and the one Envoy runs
+    reaches it as a runtime override (RTDS), so that an endpoint or an Envoy coming or going never
+    changes the cluster (Envoy would count a changed cluster from zero)."""
+    gateway_wide: bool = False
+    """The limits are the whole Gateway's: each Envoy's runtime override is its share of them."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ summed over each node group's Envoys.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -36,8 +36,11 @@ class BudgetUse:
     envoys: int  # Envoys of the node group that reported it
 
 
-def budget_use(translation: Translation | None, envoys: Iterable[EnvoyStats]) -> list[BudgetUse]:
-    """Every budget of every Backend of the last translation, with its use, by node group and Backend."""
+def budget_use(translation: Translation | None, envoys: Iterable[EnvoyStats],
+               shared_among: Mapping[str, int] | None = None) -> list[BudgetUse]:
+    """Every budget of every Backend of the last translation, with its use, by node group and Backend
+    (`shared_among`: per node group, the Envoys Gateway-wide budgets are shared among; the limit is
+    one Envoy's)."""
     if translation is None:
         return []
     remaining: dict[tuple[str, str, str, str], list[float]] = defaultdict(list)
@@ -50,7 +53,8 @@ def budget_use(translation: Translation | None, envoys: Iterable[EnvoyStats]) ->
     uses = []
     for group_name, group in sorted(translation.groups.items()):
         for backend in group.backends:
-            for cluster, traffic, priority, resource, limit in backend_limits(backend):
+            for cluster, traffic, priority, resource, limit in backend_limits(
+                    backend, (shared_among or {}).get(group_name, 1)):
                 reported = remaining.get((group_name, cluster, priority, resource), [])
                 in_use = max(0, int(limit - min(reported))) if reported else None
                 uses.append(BudgetUse(group_name, backend.name, cluster, traffic, priority, resource, limit, in_use,
@@ -65,9 +69,11 @@ class EnvoyStatsCollector:
     """The metrics endpoint's view of the stats Envoys push: aggregated per node group, so that
     1,000 Envoys are not 1,000 times the series."""
 
-    def __init__(self, store: StatsStore, last_translation: Callable[[], Translation | None]):
+    def __init__(self, store: StatsStore, last_translation: Callable[[], Translation | None],
+                 shared_among: Callable[[], Mapping[str, int]] = dict):
         self._store = store
         self._last_translation = last_translation
+        self._shared_among = shared_among
 
     def collect(self):
         envoys = self._store.envoys()
@@ -80,7 +86,7 @@ class EnvoyStatsCollector:
             "node group (limit - its remaining_<resource>), API and WebSocket clusters side by side; the limit is "
             "controlplane_circuit_breaker_limit.",
             labels=["node_group", "backend", "envoy_cluster_name", "traffic", "priority", "resource"])
-        for use in budget_use(self._last_translation(), envoys):
+        for use in budget_use(self._last_translation(), envoys, self._shared_among()):
             if use.in_use is not None:
                 in_use.add_metric([use.node_group, use.backend, use.cluster, use.traffic, use.priority, use.resource],
                                   use.in_use)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
@@ -29,9 +29,11 @@ from controlplane.xds.resources import SHORT_NAMES
 
 
 class ControlPlaneCollector:
-    def __init__(self, cache: SnapshotCache, last_translation: Callable[[], Translation | None]):
+    def __init__(self, cache: SnapshotCache, last_translation: Callable[[], Translation | None],
+                 envoys: Callable[[], Mapping[str, int]] = dict):
         self._cache = cache
         self._last_translation = last_translation
+        self._envoys = envoys  # per node group: the Envoys Gateway-wide budgets are shared among
 
     def collect(self):
         connected = GaugeMetricFamily("controlplane_xds_connected_envoys", "Envoys with an open xDS stream.",
@@ -66,8 +68,10 @@ class ControlPlaneCollector:
                                        "(reason InvalidSecret: a refused Secret; Envoys keep its last valid version).",
                                        labels=["kind", "reason"])
         limits = GaugeMetricFamily("controlplane_circuit_breaker_limit",
-                                   "Each cluster's circuit-breaker limits, Envoy's defaults included; resource names "
-                                   "match Envoy's circuit_breakers.<priority>.remaining_<resource> gauges.",
+                                   "Each cluster's circuit-breaker limits as each Envoy runs them (computed for the "
+                                   "ready endpoints, and a Gateway-wide budget's share), Envoy's defaults included; "
+                                   "resource names match Envoy's circuit_breakers.<priority>.remaining_<resource> "
+                                   "gauges.",
                                    labels=["envoy_cluster_name", "priority", "resource"])
         ready = GaugeMetricFamily("controlplane_backend_ready_endpoints",
                                   "Each cluster's ready endpoints (terminating ones not counted): what per-endpoint "
@@ -83,8 +87,9 @@ class ControlPlaneCollector:
                               if conditions[0].status == "True" and conditions[1].status == "False")
             for (kind, reason), count in sorted(reasons.items()):
                 unresolved.add_metric([kind, reason], count)
-            for cluster, priority, budget in _budgets(translation):
-                for resource, limit in _effective_limits(budget):
+            envoys = self._envoys()
+            for group, cluster, priority, budget in _budgets(translation):
+                for resource, limit in _effective_limits(budget, envoys.get(group, 1)):
                     limits.add_metric([cluster, priority, resource], limit)
             for group in translation.groups.values():
                 for backend in group.backends:
@@ -105,32 +110,36 @@ _ENVOY_DEFAULT_LIMITS = {"cx": 1024, "pending": 1024, "rq": 1024, "retries": 3}
 
 
 def _budgets(translation: Translation):
-    for group in translation.groups.values():
+    for name, group in translation.groups.items():
         for backend in group.backends:
-            yield backend.name, "default", backend.default_budget
-            yield backend.name, "high", backend.high_budget
+            yield name, backend.name, "default", backend.default_budget
+            yield name, backend.name, "high", backend.high_budget
             if backend.websocket is not None:
-                yield backend.websocket.name, "default", backend.websocket.budget
+                yield name, backend.websocket.name, "default", backend.websocket.budget
 
 
-def _effective_limits(budget: ir.Budget):
-    """The limits Envoy enforces, as computed for the endpoints ready now. Under a retry budget the
-    retries limit moves with the requests in flight: no fixed number to report."""
+def _effective_limits(budget: ir.Budget, envoys: int = 1):
+    """The limits each Envoy enforces, as computed for the endpoints ready now and, for a
+    Gateway-wide budget, shared among `envoys`. Under a retry budget the retries limit moves with
+    the requests in flight: no fixed number to report."""
     configured = {"cx": budget.max_connections, "pending": budget.max_pending_requests, "rq": budget.max_requests}
+    if budget.gateway_wide:
+        configured = {resource: None if limit is None else capacity.share(limit, envoys)
+                      for resource, limit in configured.items()}
     if budget.retry_budget is None:
         configured["retries"] = budget.max_retries
     for resource, limit in configured.items():
         yield resource, limit if limit is not None else _ENVOY_DEFAULT_LIMITS[resource]
 
 
-def backend_limits(backend: ir.Backend):
+def backend_limits(backend: ir.Backend, envoys: int = 1):
     """(Envoy cluster, "api" or "websocket", priority, resource, limit) of each budget of a Backend:
-    its own cluster's and its WebSocket cluster's, side by side."""
+    its own cluster's and its WebSocket cluster's, side by side, as each of `envoys` runs them."""
     budgets = [(backend.name, "api", "default", backend.default_budget), (backend.name, "api", "high", backend.high_budget)]
     if backend.websocket is not None:
         budgets.append((backend.websocket.name, "websocket", "default", backend.websocket.budget))
     for cluster, traffic, priority, budget in budgets:
-        for resource, limit in _effective_limits(budget):
+        for resource, limit in _effective_limits(budget, envoys):
             yield cluster, traffic, priority, resource, limit
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from controlplane.sources.store import ObjectKey, Store, StoreView
@@ -37,6 +37,8 @@ class Pipeline:
         self._reported: dict[ObjectKey, tuple[str, str | None]] = {}
         self._failed: set[ObjectKey] = set()
         self.last: to_ir.Translation | None = None
+        self.envoys: dict[str, int] = {}
+        """Per node group, the Envoys its Gateway-wide budgets are shared among (see `share_among`)."""
         self.publish_seconds = Histogram(PUBLISH_BUCKETS)  # store to snapshots published: translation and building
 
     def publish(self, view: StoreView) -> to_ir.Translation:
@@ -47,7 +49,7 @@ class Pipeline:
         for name, group in translation.groups.items():
             try:
                 builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
-                self._cache.set_snapshot(name, builder.snapshot(group))
+                self._cache.set_snapshot(name, builder.snapshot(group, envoys=self.envoys.get(name, 1)))
             except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
                 log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
                           name, error)
@@ -66,6 +68,30 @@ class Pipeline:
         if self._on_translated is not None:
             self._on_translated(translation)
         return translation
+
+    def share_among(self, envoys: Mapping[str, int]) -> None:
+        """New fleet-wide Envoy counts per node group (at least 1 each): the groups whose count changed
+        get a new runtime layer (each Envoy's share of the Gateway-wide budgets), nothing else
+        rebuilt; a group without such budgets gets the snapshot it has."""
+        changed = {name: max(1, count) for name, count in envoys.items() if self.envoys.get(name, 1) != max(1, count)}
+        changed.update({name: 1 for name in self.envoys.keys() - envoys.keys() if self.envoys[name] != 1})
+        if not changed:
+            return
+        self.envoys.update(changed)
+        groups = self.last.groups if self.last is not None else {}
+        for name, count in sorted(changed.items()):
+            builder, group = self._builders.get(name), groups.get(name)
+            if builder is None or group is None:
+                continue
+            if any(_gateway_wide(backend) for backend in group.backends):
+                log.info("node group %r: Gateway-wide budgets shared among %d Envoy%s now", name, count,
+                         "" if count == 1 else "s", extra={"group": name})
+            try:
+                self._cache.set_snapshot(name, builder.snapshot(group, envoys=count))
+            except Exception:  # a bug: this group keeps its last snapshot; the next publish tries again
+                log.exception("node group %r: sharing its budgets among %d Envoys failed; its Envoys keep the "
+                              "last configuration", name, count)
+                self._builders.pop(name, None)
 
     def _log_problems(self, translation: to_ir.Translation, view: StoreView) -> None:
         """Log each object's problem once (and when it is fixed), not on every translation; a bug's
@@ -87,6 +113,13 @@ class Pipeline:
             else:
                 log.info("%s deleted (it was not accepted; its problem is gone with it)", key)
         self._reported = problems
+
+
+def _gateway_wide(backend) -> bool:
+    budgets = [backend.default_budget, backend.high_budget]
+    if backend.websocket is not None:
+        budgets.append(backend.websocket.budget)
+    return any(budget.gateway_wide for budget in budgets)
 
 
 class Coalescer:

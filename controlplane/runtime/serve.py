@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 
 from controlplane.runtime.activity_metrics import ActivityCollector
 from controlplane.runtime.envoy_stats import EnvoyStatsCollector
+from controlplane.runtime.envoy_count import keep_counted
 from controlplane.runtime.fleet import EnvoyRecords
 from controlplane.runtime.leader import LeaderElection
 from controlplane.runtime.memory import Memory, MemoryWriter
@@ -173,9 +174,9 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
                                      source=source if isinstance(source, KubernetesSource) else None,
                                      is_leader=(lambda: leader.is_leader) if leader is not None else None)
         try:
-            serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last),
+            serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last, lambda: pipeline.envoys),
                           ready=lambda: pipeline.last is not None,
-                          more=(activity, EnvoyStatsCollector(stats, lambda: pipeline.last)))
+                          more=(activity, EnvoyStatsCollector(stats, lambda: pipeline.last, lambda: pipeline.envoys)))
         except OSError as error:
             raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
                           "it, or choose another --metrics-address ('' turns metrics off)") from None
@@ -194,6 +195,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         if memory_writer is not None:
             tasks.append(_supervised("saving the last accepted state", memory_writer.run))
         tasks.append(_supervised("the periodic re-publish", lambda: periodically(coalescer.poke, 60)))
+        tasks.append(_supervised("counting the Envoys that share Gateway-wide budgets",
+                                 lambda: keep_counted(cache, pipeline.share_among, records=records)))
         tasks.append(_supervised("giving free memory back", lambda: periodically(release_free_memory, 60)))
         if leader is not None:
             tasks += [_supervised("leader election", leader.run),

@@ -6,6 +6,10 @@ same, so the lone pod was offered twice its share and the circuit breaker opened
 per-endpoint budget makes the cluster's limits per-endpoint capacity × ready endpoints, clamped
 to `min`/`max`, and gives Envoy the per-host connection limit, so no endpoint is ever given more
 than its own capacity. Pure: translation recomputes it on every EndpointSlice change.
+
+A budget of `scope: Gateway` is the whole fleet's: each Envoy of the Gateway runs its `share`, the
+total divided by the Envoys counted (runtime/, from every replica's Envoy records), so scaling the
+gateway from 2 to 4 Envoys never doubles what the backend is offered.
 """
 
 from __future__ import annotations
@@ -58,13 +62,24 @@ def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> i
             # the computed one. An Envoy without our runtime layer falls back to it: the maximum.
             follows.append((field, min(high if high is not None else CEILING, CEILING)))
         per_host = per_endpoint.max_connections
+    gateway_wide = thresholds.scope is crds.Scope.GATEWAY
+    if gateway_wide:  # a fixed limit moves too: with the number of Envoys sharing it
+        computed = {field for field, _fixed in follows}
+        follows.extend((field, value) for field, value in limits.items() if value is not None and field not in computed)
     retry_budget = None
     if thresholds.retry_budget is not None:
         retry_budget = ir.RetryBudget(thresholds.retry_budget.percent, thresholds.retry_budget.min_concurrency)
     elif thresholds.max_retries is None:
         retry_budget = DEFAULT_RETRY_BUDGET
     return ir.Budget(**limits, max_retries=thresholds.max_retries, retry_budget=retry_budget,
-                     per_host_max_connections=per_host, follows_endpoints=tuple(follows))
+                     per_host_max_connections=per_host, runtime_limits=tuple(follows),
+                     gateway_wide=gateway_wide)
+
+
+def share(total: int, envoys: int) -> int:
+    """One Envoy's share of a Gateway-wide limit: rounded down, so the fleet never offers more than
+    the total (with more Envoys than the total, each gets 1: a limit of 0 would shut the cluster)."""
+    return max(1, total // max(1, envoys))
 
 
 def backend_fields(spec: crds.BackendSpec, endpoints: tuple[ir.Endpoint, ...], *, websocket_name: str) -> dict:

@@ -19,6 +19,7 @@ from envoy.config.core.v3 import base_pb2
 
 from controlplane.ir import types as ir
 from controlplane.translate import builders as b
+from controlplane.translate import capacity
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot, SnapshotError
 
 
@@ -44,7 +45,8 @@ class SnapshotBuilder:
         self._by_name: dict[tuple[str, str], Resource] = {}  # what the last snapshot holds, by (type, name)
         self._backends: tuple[ir.Backend, ...] = ()
         self._backend_built: list[tuple[Resource, ...]] = []  # each Backend's resources, in the same order
-        self._overrides: list[list[tuple[str, int]]] = []  # each Backend's budget_overrides, in the same order
+        self._overrides: list[list[tuple[str, int, bool]]] = []  # each Backend's budget_overrides, in the same order
+        self._envoys = 1  # the group's Envoys, among which Gateway-wide limits are shared
         self._tls_positions: set[int] = set()  # where the Backends with upstream TLS are (their secrets)
         self._listeners: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         self._secrets: dict[int, tuple[object, tuple[Resource, ...]]] = {}
@@ -57,16 +59,22 @@ class SnapshotBuilder:
         return before if before is not None and before.version == resource.version else resource
 
     def _runtime_resource(self) -> Resource:
-        """The group's runtime layer: the limits computed per endpoint, by runtime key. The same
-        values keep the same Resource."""
-        values = tuple(sorted(override for overrides in self._overrides for override in overrides))
+        """The group's runtime layer: the limits computed per endpoint, and each Envoy's share of
+        the Gateway-wide ones, by runtime key. The same values keep the same Resource."""
+        values = tuple(sorted((key, capacity.share(value, self._envoys) if shared else value)
+                              for overrides in self._overrides for key, value, shared in overrides))
         if self._runtime is None or self._runtime[0] != values:
             self._runtime = (values, Resource.from_message(RUNTIME, b.runtime_layer(dict(values))))
         return self._runtime[1]
 
-    def snapshot(self, group: ir.NodeGroup) -> Snapshot:
+    def snapshot(self, group: ir.NodeGroup, *, envoys: int = 1) -> Snapshot:
+        """`envoys`: how many Envoys the group has, fleet-wide, to share Gateway-wide limits among."""
         try:
+            envoys_changed = envoys != self._envoys
+            self._envoys = envoys
             changed = self._backends_changed(group.backends)
+            if changed is not None and envoys_changed:
+                changed = (changed[0], True)
             return self._snapshot_anew(group) if changed is None else self._snapshot_patched(group, *changed)
         except BaseException:
             self.__init__()  # half of this attempt may be recorded: the next snapshot starts afresh
@@ -202,14 +210,15 @@ _TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, RUNTIME)
 _RUNTIME_NAME = b.RUNTIME_LAYER
 
 
-def budget_overrides(backend: ir.Backend) -> list[tuple[str, int]]:
-    """(runtime key, value) of each of the Backend's limits that follow its endpoints."""
+def budget_overrides(backend: ir.Backend) -> list[tuple[str, int, bool]]:
+    """(runtime key, value, whether the value is a Gateway's to share among its Envoys) of each of
+    the Backend's limits that move: computed per endpoint, or shared by the Gateway's Envoys."""
     budgets = [(backend.name, base_pb2.DEFAULT, backend.default_budget), (backend.name, base_pb2.HIGH,
                                                                           backend.high_budget)]
     if backend.websocket is not None:
         budgets.append((backend.websocket.name, base_pb2.DEFAULT, backend.websocket.budget))
-    return [(b.budget_runtime_key(cluster_name, priority, limit), getattr(budget, limit))
-            for cluster_name, priority, budget in budgets for limit, _fixed in budget.follows_endpoints]
+    return [(b.budget_runtime_key(cluster_name, priority, limit), getattr(budget, limit), budget.gateway_wide)
+            for cluster_name, priority, budget in budgets for limit, _fixed in budget.runtime_limits]
 
 
 def _backend_resources(backend: ir.Backend) -> tuple[Resource, ...]:
@@ -300,7 +309,7 @@ def route_configuration(listener: ir.Listener):
 
 
 def _thresholds(priority: int, budget: ir.Budget):
-    fixed = dict(budget.follows_endpoints)  # the computed value comes over RTDS (budget_overrides)
+    fixed = dict(budget.runtime_limits)  # the computed value comes over RTDS (budget_overrides)
     return b.thresholds(priority, max_connections=fixed.get("max_connections", budget.max_connections),
                         max_pending_requests=fixed.get("max_pending_requests", budget.max_pending_requests),
                         max_requests=fixed.get("max_requests", budget.max_requests),
