@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from controlplane import certs, check_secret, surge
+from controlplane import certs, check_secret, fleet_status, surge
 from controlplane.runtime import demo, logs
 from controlplane.runtime.memory import FileMemory, SecretMemory
 from controlplane.sources.files import DirectorySource, ManifestError
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_secret.add_parser(commands)
     surge.add_parser(commands)
     certs.add_parser(commands)
+    fleet_status.add_parser(commands)
     return parser
 
 
@@ -164,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
         return surge.run(args)
     if args.command == "certs":
         return certs.run(args)
+    if args.command == "status":  # its output is the table (or JSON)
+        try:
+            return fleet_status.run(args, _kube_api_client)
+        except SettingsError as error:
+            print(f"controlplane status: {error}", file=sys.stderr)
+            return 2
     logs.configure(args.log_level, args.log_format)
     if args.command == "demo":
         ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)

@@ -300,3 +300,34 @@ async def test_a_gateway_wide_budget_is_shared_by_the_envoys_of_every_replica(re
 
 async def _is(awaitable, expected) -> bool:
     return await awaitable == expected
+
+
+async def test_status_shows_the_envoys_of_every_replica_from_their_records(real_kube, kube_namespace, replicas,
+                                                                           envoys, capsys):
+    import json
+
+    from controlplane import cli
+    first, second = replicas("cp-a"), replicas("cp-b")
+    apply_app(real_kube, kube_namespace, port=free_port())
+    envoys(first.xds_port, node_cluster="edge", node_id="envoy-a")
+    envoys(second.xds_port, node_cluster="edge", node_id="envoy-b")
+    argv = ["status", "--kubeconfig", str(real_kube.kubeconfig("admin")), "--namespace",
+            real_kube.controlplane_namespace]
+
+    def rows() -> dict | None:
+        code = cli.main([*argv, "--output", "json"])
+        out, _err = capsys.readouterr()
+        found = {row["node"]: row for replica in json.loads(out)["replicas"] for row in replica["rows"]}
+        synced = all(entry["state"] == "SYNCED" for row in found.values() for short, entry in row["types"].items()
+                     if short in ("CDS", "EDS", "LDS", "RDS"))
+        return found if code == 0 and set(found) == {"envoy-a", "envoy-b"} and synced else None
+
+    found = await eventually(rows, timeout=30, what="both replicas' Envoys in their records")
+    assert (found["envoy-a"]["replica"], found["envoy-b"]["replica"]) == ("cp-a", "cp-b")
+    assert cli.main(argv) == 0
+    out, _err = capsys.readouterr()
+    assert "2 Envoy(s) on 2 replica(s): 2 in sync, 0 not" in out, out
+    # --node: what the live objects translate to for its group, keys redacted.
+    assert cli.main([*argv, "--node", "envoy-b", "--output", "json"]) == 0
+    shown = json.loads(capsys.readouterr()[0])
+    assert shown["config"]["group"] == "edge" and "ListenersConfigDump" in json.dumps(shown["config"])

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from controlplane.sources.kube_api import ApiError, KubeApi, parse_timestamp, timestamp
+from controlplane.runtime import envoy_rows
 from controlplane.runtime.leader import LEASE
 from controlplane.xds import EnvoyStatus
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 RECORD_LABEL = "xds.controlplane.dev/envoy-record"
 SUMMARY_ANNOTATION = "xds.controlplane.dev/envoys"
+ROWS_ANNOTATION = "xds.controlplane.dev/envoy-list"
+"""Each Envoy's row (runtime/envoy_rows.py), for `controlplane status`: written with the summary,
+and when only rows changed (versions moving) at most every `ROWS_EVERY` seconds."""
+ROWS_EVERY = 2.0
 MAX_REJECTIONS = 20
 MAX_MESSAGE = 500
 
@@ -140,24 +145,31 @@ class EnvoyRecords:
         self.name = record_name(identity)
         self.duration = duration
         self._clock = clock
-        self._written: tuple[str, float] | None = None  # (summary, when)
+        self._written: tuple[str, float, str | None] | None = None  # (summary, when, rows)
         self._version: str | None = None  # the record's resourceVersion after this replica's last write
         self._unreadable: set[str] = set()
 
-    def publish(self, groups: Mapping[str, GroupEnvoys]) -> bool:
-        """Write this replica's record if its summary changed or a third of its duration passed;
+    def publish(self, groups: Mapping[str, GroupEnvoys], rows: str | None = None) -> bool:
+        """Write this replica's record if its summary changed, its Envoys' `rows` (envoy_rows.pack)
+        changed `ROWS_EVERY` seconds after the last write, or a third of its duration passed;
         returns whether it wrote."""
         now = self._clock()
         summary = to_json(groups)
-        if self._written is not None and self._written[0] == summary and now - self._written[1] < self.duration / 3:
-            return False
+        if self._written is not None:
+            summary_was, when, rows_were = self._written
+            due = now - when >= self.duration / 3 or (rows != rows_were and now - when >= ROWS_EVERY)
+            if summary_was == summary and not due:
+                return False
+        annotations = {SUMMARY_ANNOTATION: summary}
+        if rows is not None:
+            annotations[ROWS_ANNOTATION] = rows
         body = {"apiVersion": LEASE.api_version, "kind": "Lease",
                 "metadata": {"name": self.name, "namespace": self.namespace, "labels": {RECORD_LABEL: "true"},
-                             "annotations": {SUMMARY_ANNOTATION: summary}},
+                             "annotations": annotations},
                 "spec": {"holderIdentity": self.identity, "leaseDurationSeconds": int(self.duration),
                          "renewTime": timestamp(now)}}
         self._write(body)
-        self._written = (summary, now)
+        self._written = (summary, now, rows)
         return True
 
     def _write(self, body: dict) -> None:
@@ -225,3 +237,36 @@ class EnvoyRecords:
         except ApiError as error:
             if error.status != 404:
                 log.warning("could not delete the expired Envoy record %s/%s: %s", self.namespace, name, error)
+
+
+@dataclass(frozen=True)
+class ReplicaEnvoys:
+    """One replica's record as `controlplane status` reads it."""
+
+    replica: str
+    rows: list
+    left_out: int
+    expired: bool
+    problem: str = ""
+
+
+def every_replica(api: KubeApi, namespace: str, clock: Callable[[], float] = time.time) -> list[ReplicaEnvoys]:
+    """Every replica's Envoy rows from the records in `namespace` (expired ones marked, not dropped:
+    whoever reads them is told)."""
+    listed = api.json("GET", LEASE.path(namespace), query={"labelSelector": f"{RECORD_LABEL}=true"})
+    found = []
+    for lease in listed.get("items") or []:
+        metadata, spec = lease.get("metadata") or {}, lease.get("spec") or {}
+        replica = spec.get("holderIdentity") or metadata.get("name", "")
+        expired = parse_timestamp(spec.get("renewTime")) + (spec.get("leaseDurationSeconds") or 15) < clock()
+        packed = (metadata.get("annotations") or {}).get(ROWS_ANNOTATION)
+        if packed is None:
+            found.append(ReplicaEnvoys(replica, [], 0, expired, "its record has no Envoy list (an older version)"))
+            continue
+        try:
+            rows, left_out = envoy_rows.unpack(packed)
+        except ValueError as error:
+            found.append(ReplicaEnvoys(replica, [], 0, expired, str(error)))
+            continue
+        found.append(ReplicaEnvoys(replica, rows, left_out, expired))
+    return sorted(found, key=lambda record: record.replica)

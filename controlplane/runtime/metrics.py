@@ -144,9 +144,10 @@ def backend_limits(backend: ir.Backend, envoys: int = 1):
 
 
 def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Callable[[], bool],
-                  more: tuple[Collector, ...] = ()) -> None:
+                  more: tuple[Collector, ...] = (), debug: Callable | None = None) -> None:
     """/metrics (`collector` and `more`), and the probes: /healthz (the process answers) and /readyz (`ready()`:
-    the first configuration has been published, so a new replica takes no Envoy before it has something to serve)."""
+    the first configuration has been published, so a new replica takes no Envoy before it has something to serve);
+    /debug/* to `debug` (runtime/debug_views.py)."""
     registry = CollectorRegistry()
     for each in (collector, *more):
         registry.register(each)
@@ -158,6 +159,8 @@ def serve_metrics(address: str, collector: ControlPlaneCollector, *, ready: Call
             ok = path == "/healthz" or ready()
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b"ok\n" if ok else b"not ready: no configuration published yet\n"]
+        if debug is not None and path.startswith("/debug/"):
+            return debug(environ, start_response)  # runtime/debug_views.py
         return metrics(environ, start_response)
 
     host, _, port = address.rpartition(":")

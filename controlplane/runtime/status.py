@@ -22,6 +22,7 @@ from typing import Any
 
 from controlplane.model import crds
 from controlplane.runtime.events import RotationEvents
+from controlplane.runtime import envoy_rows
 from controlplane.runtime.fleet import EnvoyRecords, GroupEnvoys, fleet, summarize
 from controlplane.runtime.leader import LeaderElection, RbacWarmUp, rbac_hint
 from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
@@ -135,7 +136,7 @@ class StatusWriter:
         envoys = self._cache.status()
         local = summarize(envoys, self._snapshots({envoy.node_group for envoy in envoys}))
         if self._records is not None:
-            self._records.publish(local)
+            self._records.publish(local, envoy_rows.pack(envoy_rows.rows(envoys, self._records.identity)))
         translation = self._translation
         if not self._leader.is_leader or translation is None:
             self._rotation_events.drop()
