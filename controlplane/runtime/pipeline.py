@@ -37,6 +37,7 @@ class Pipeline:
         self._reported: dict[ObjectKey, tuple[str, str | None]] = {}
         self._failed: set[ObjectKey] = set()
         self.last: to_ir.Translation | None = None
+        self._files: Mapping[ObjectKey, str] = {}  # the last view's object -> file (the file source's)
         self.envoys: dict[str, int] = {}
         """Per node group, the Envoys its Gateway-wide budgets are shared among (see `share_among`)."""
         self.publish_seconds = Histogram(PUBLISH_BUCKETS)  # store to snapshots published: translation and building
@@ -65,9 +66,20 @@ class Pipeline:
             for rotation in translation.secret_rotations:
                 log.log(logging.WARNING if rotation.failures else logging.INFO, "%s", rotation.log_line())
         self.last = translation
+        self._files = view.origins
         if self._on_translated is not None:
             self._on_translated(translation)
         return translation
+
+    def describe(self, resource: str) -> str | None:
+        """Where an Envoy resource came from ("Backend shop/api (in manifests/api.yaml)"), for NACK
+        log lines; None for a resource no object produced. Called from the xDS server's loop."""
+        translation = self.last
+        key = translation.origins.get(resource) if translation is not None else None
+        if key is None:
+            return None
+        file = self._files.get(key)
+        return f"{key}" + (f" (in {file})" if file else "")
 
     def share_among(self, envoys: Mapping[str, int]) -> None:
         """New fleet-wide Envoy counts per node group (at least 1 each): the groups whose count changed

@@ -186,7 +186,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         log.info("metrics on http://%s/metrics", metrics_address)
     server = XdsServer(cache, address=xds_address, tls=xds_tls, services=(MetricsService(stats, trust_domain=xds_tls.trust_domain if xds_tls is not None
                                                    else identity.DEFAULT_TRUST_DOMAIN).handler(),),
-                       insecure_private_keys_over_plaintext=insecure_private_keys_over_plaintext)
+                       insecure_private_keys_over_plaintext=insecure_private_keys_over_plaintext,
+                       describe=pipeline.describe)
     await server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

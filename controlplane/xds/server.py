@@ -32,7 +32,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -91,10 +91,12 @@ class _Stream:
     """One connected Envoy: its protocol, what it has to write, and what `status()` reports."""
 
     __slots__ = ("node_id", "group", "transport", "protocol", "connected_since", "_group_state", "_context",
-                 "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled", "_closed")
+                 "_loop", "_loop_thread", "_unwritten", "_writer", "_refresh_scheduled", "_closed", "_describe")
 
-    def __init__(self, node, group: GroupState | KeylessGroup, transport: str, protocol: StreamProtocol, context):
+    def __init__(self, node, group: GroupState | KeylessGroup, transport: str, protocol: StreamProtocol, context,
+                 describe: Callable[[str], str | None] | None = None):
         self.node_id = node.id
+        self._describe = describe
         self.group = group.name
         self.transport = transport
         self.protocol = protocol
@@ -117,10 +119,16 @@ class _Stream:
         for ack in step.acks:
             self._group_state.record_ack(ack.selection)
         for nack in step.nacks:
-            log.warning("Envoy %s (node group %r) rejected %s version %s (%s): %s. It keeps its last accepted "
+            record = nack.record
+            origins = [self._describe(name) for name in record.resource_names] if self._describe is not None else []
+            came_from = "; ".join(sorted({origin for origin in origins if origin}))
+            log.warning("Envoy %s (node group %r) rejected %s version %s (%s): %s.%s It keeps its last accepted "
                         "configuration; fix the resource and publish a new snapshot.",
-                        self.node_id, self.group, xr.SHORT_NAMES[nack.record.type_url], nack.record.version,
-                        ", ".join(nack.record.resource_names) or "no names", nack.record.message)
+                        self.node_id, self.group, xr.SHORT_NAMES[record.type_url], record.version,
+                        ", ".join(record.resource_names) or "no names", record.message.strip(),
+                        f" It came from {came_from}." if came_from else "",
+                        extra={"node": self.node_id, "group": self.group, "type": xr.SHORT_NAMES[record.type_url],
+                               "version": record.version})
         if step.responses:
             self._unwritten.extend(response.payload for response in step.responses)
             if self._writer is None:
@@ -175,14 +183,17 @@ class XdsServer:
     def __init__(self, cache: ConfigWatcher, *, address: str = "127.0.0.1:18000",
                  options: tuple[tuple[str, int], ...] = SERVER_OPTIONS, tls: ServerTls | None = None,
                  services: tuple[grpc.GenericRpcHandler, ...] = (),
-                 insecure_private_keys_over_plaintext: bool = False):
+                 insecure_private_keys_over_plaintext: bool = False,
+                 describe: Callable[[str], str | None] | None = None):
         """`services`: more gRPC services on the same port (the metrics service Envoys push stats to).
+        `describe(resource name)`: where a resource came from (an object, its file), for NACK log lines.
         Without mutual TLS (`tls` with a client CA), no secret with a private key is served, nor
         what needs one; `insecure_private_keys_over_plaintext` serves them anyway (a lab)."""
         self._cache = cache
         self._verifies_identity = tls is not None and tls.client_ca is not None
         self._trust_domain = tls.trust_domain if tls is not None else identity.DEFAULT_TRUST_DOMAIN
         self._keyless = not self._verifies_identity and not insecure_private_keys_over_plaintext
+        self._describe = describe
         self._refusals_logged: set[tuple[str, str]] = set()
         self._left_out_logged: dict[str, object] = {}
         self._services = services
@@ -338,10 +349,11 @@ class XdsServer:
                     if stream is None:
                         group = await self._authorized_group(request.node, context, transport)
                         stream = _Stream(request.node, group, transport,
-                                         StreamProtocol(group, delta=delta, types=types), context)
+                                         StreamProtocol(group, delta=delta, types=types), context, self._describe)
                         disconnect = self._cache.connect(stream)
                         stop_watching = self._cache.watch(group.name, stream.snapshot_changed)
-                        log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport)
+                        log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport,
+                                 extra={"node": stream.node_id, "group": group.name})
                     stream.handle(stream.protocol.receive(request, now=time.time()))
                     # Not held while waiting for the next one: Envoy's first request carries its node, whose
                     # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
@@ -368,7 +380,7 @@ class XdsServer:
             if stream is not None:
                 stream.close()
                 log.log(logging.DEBUG if self._stopping else logging.INFO, "Envoy %s (node group %r) disconnected: %s",
-                        stream.node_id, stream.group, why)
+                        stream.node_id, stream.group, why, extra={"node": stream.node_id, "group": stream.group})
 
 
 def _check_bindable(address: str) -> None:

@@ -8,6 +8,8 @@ its stream has nothing in flight and nothing held back after the publication (it
 was sent), or when it NACKed something (the rollout is then `rejected`), or left. The rollout
 ends `converged` when the last one is done, `superseded` when a newer version is published
 first. Envoys that connect during a rollout get the new version at once and are not waited for.
+Each rollout's end is one log line: INFO when every Envoy applied it (with how long it took),
+WARNING when some rejected it. Envoys that all left say nothing: nobody applied anything.
 
 Counted on the event loop (a dict increment per response); read from the metrics endpoint's
 threads as copies. Bounded by the node groups that were published to.
@@ -15,11 +17,14 @@ threads as copies. Bounded by the node groups that were published to.
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 # Seconds; a local push is ~10 ms, a fleet of 1,000 Envoys ~1 s (docs/benchmarks.md).
 ROLLOUT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
@@ -32,6 +37,8 @@ class _Rollout:
     waiting: set[Hashable]
     acked: bool = False
     rejected: bool = False
+    envoys: int = 0  # waited for at the start
+    rejecting: int = 0
 
 
 class Histogram:
@@ -63,7 +70,8 @@ class XdsTelemetry:
             return
         if previous is not None and previous.waiting:
             self.rollouts[group, "superseded"] += 1
-        self._rollouts[group] = _Rollout(version, self._clock(), set(waiting))
+        waiting = set(waiting)
+        self._rollouts[group] = _Rollout(version, self._clock(), waiting, envoys=len(waiting))
 
     def handled(self, group: str, stream: Hashable, step, *, settled: bool) -> None:
         """A stream of `group` handled a protocol step (`settled`: nothing in flight or held back after it)."""
@@ -76,6 +84,7 @@ class XdsTelemetry:
             return
         if step.nacks:
             rollout.rejected = True
+            rollout.rejecting += 1
         elif settled:
             rollout.acked = True
         else:
@@ -92,8 +101,15 @@ class XdsTelemetry:
         rollout.waiting.discard(stream)
         if rollout.waiting:
             return
+        took = self._clock() - rollout.started
+        extra = {"group": group, "version": rollout.version}
         if rollout.rejected:
             self.rollouts[group, "rejected"] += 1
+            log.warning("node group %r: version %s rejected by %d of its %d Envoys after %.0f ms (their NACKs are "
+                        "logged above); the others applied it", group, rollout.version, rollout.rejecting,
+                        rollout.envoys, took * 1000, extra=extra)
         elif rollout.acked:
             self.rollouts[group, "converged"] += 1
-            self.rollout_seconds.setdefault(group, Histogram()).observe(self._clock() - rollout.started)
+            self.rollout_seconds.setdefault(group, Histogram()).observe(took)
+            log.info("node group %r: version %s applied by all %d Envoy%s in %.0f ms", group, rollout.version,
+                     rollout.envoys, "" if rollout.envoys == 1 else "s", took * 1000, extra=extra)
