@@ -297,6 +297,13 @@ async def test_a_gateway_wide_budget_is_shared_by_the_envoys_of_every_replica(re
     assert await eventually(lambda: _is(limits(one, other), ["50", "50"]), timeout=30,
                             what="the two replicas' Envoys sharing the budget")
 
+    def budgets() -> list:
+        obj = real_kube.get(API_VERSION, "Backend", "api", namespace=kube_namespace)
+        return (obj.get("status") or {}).get("budgets") or []
+    default = {"cluster": f"{kube_namespace}/api", "priority": "Default", "scope": "Gateway", "readyEndpoints": 1,
+               "envoys": 2, "maxConnections": 50}
+    assert await eventually(lambda: default in budgets(), timeout=30, what="the computed budget in the status")
+
 
 async def _is(awaitable, expected) -> bool:
     return await awaitable == expected

@@ -172,3 +172,20 @@ def test_a_403_is_quiet_only_in_the_first_seconds_the_api_server_answers():
     warm_up.quiet(ConnectionRefusedError())  # the API server goes away, then answers again
     now[0] += 1
     assert warm_up.quiet(forbidden)
+
+
+def test_a_backends_status_shows_each_budget_as_each_envoy_runs_it():
+    from controlplane.runtime.status import computed_budgets
+    from tests.objects import backend, endpoint_slice, ready, service
+    store = Store([gateway(), service("api"), endpoint_slice("api", [ready("10.0.0.1"), ready("10.0.0.2")]),
+                   backend("api", circuitBreakers={"default": {"scope": "Gateway", "maxConnections": 100},
+                                                   "high": {"perEndpoint": {"maxRequests": 30}}},
+                           websocket={"circuitBreakers": {"maxConnections": 500}})])
+    found = computed_budgets(to_ir.translate(store.view()), {"edge": 4})
+    assert found[ObjectKey("Backend", NS, "api")] == [
+        {"cluster": f"{NS}/api", "priority": "Default", "scope": "Gateway", "readyEndpoints": 2, "envoys": 4,
+         "maxConnections": 25},
+        {"cluster": f"{NS}/api", "priority": "High", "scope": "Envoy", "readyEndpoints": 2, "envoys": 1,
+         "maxRequests": 60},
+        {"cluster": f"{NS}/api/websocket", "priority": "Default", "scope": "Envoy", "readyEndpoints": 2, "envoys": 1,
+         "maxConnections": 500}]

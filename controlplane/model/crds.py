@@ -266,9 +266,9 @@ class Thresholds(Spec):
         "of the requests in flight, at least 3), so retries never multiply a surge.")
     retry_budget: RetryBudget | None = Field(None, description="Retries in flight as a share of the requests in "
                                              "flight. Unset and maxRetries unset: 20%, at least 3.")
-    scope: Scope = Field(Scope.ENVOY, description="Envoy: the limits are each Envoy's, as Envoy counts (a "
-                         "Gateway of 4 Envoys may offer the backend 4 times maxConnections). Gateway: the limits "
-                         "are for all the Envoys of the Gateway together; each Envoy gets its share, the limit "
+    scope: Scope | None = Field(None, description="Envoy (or unset): the limits are each Envoy's, as Envoy "
+                         "counts (a Gateway of 4 Envoys may offer the backend 4 times maxConnections). Gateway: the "
+                         "limits are for all the Envoys of the Gateway together; each Envoy gets its share, the limit "
                          "divided by the Gateway's connected Envoys (rounded down, at least 1), recomputed as "
                          "Envoys come and go (counted across every control-plane replica, from the replicas' "
                          "Envoy records; an Envoy gone is counted out after 5 s, a new one at once). Applies to "
@@ -406,8 +406,24 @@ class Condition(Spec):
     last_transition_time: str | None = None
 
 
+class ComputedBudget(Spec):
+    """A budget as each Envoy runs it now: computed for the ready endpoints and, with `scope:
+    Gateway`, shared among the Gateway's Envoys (unset: Envoy's default, 1024)."""
+
+    cluster: str = Field(description="The Envoy cluster: the Backend's, or its WebSocket cluster.")
+    priority: Literal["Default", "High"]
+    scope: Scope
+    ready_endpoints: int = Field(description="What perEndpoint limits were computed for.")
+    envoys: int = Field(description="The Gateway's Envoys a Gateway-wide budget is shared among (1 otherwise).")
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+
+
 class Status(Spec):
     conditions: list[Condition] = Field(default_factory=list)
+    budgets: list[ComputedBudget] = Field(default_factory=list, description="Backends: each circuit-breaker "
+                                          "budget as each Envoy runs it now.")
 
 
 KINDS = {"Gateway": GatewaySpec, "Backend": BackendSpec}

@@ -167,7 +167,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
     if leader is not None:  # Kubernetes: the source has a store, whose objects carry their current status
         records = EnvoyRecords(leader.api, namespace=leader.namespace, identity=leader.identity,
                                duration=leader.lease_duration)
-        writer = StatusWriter(leader.api, cache, leader, objects=source.store.view, records=records)
+        writer = StatusWriter(leader.api, cache, leader, objects=source.store.view, records=records,
+                              envoys=lambda: pipeline.envoys)
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None,
                         min_certificate_lifetime=min_certificate_lifetime)
     stats = StatsStore()  # what Envoys push by their stats sink, to the xDS port

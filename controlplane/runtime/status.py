@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from controlplane.model import crds
-from controlplane.runtime.events import RotationEvents
 from controlplane.runtime import envoy_rows
+from controlplane.runtime.events import RotationEvents
 from controlplane.runtime.fleet import EnvoyRecords, GroupEnvoys, fleet, summarize
 from controlplane.runtime.leader import LeaderElection, RbacWarmUp, rbac_hint
 from controlplane.sources.kube_api import ApiError, KubeApi, brief, timestamp
 from controlplane.sources.kubernetes import WATCHED
 from controlplane.sources.store import ObjectKey, StoreView
+from controlplane.translate import capacity
 from controlplane.translate.to_ir import Translation
 from controlplane.xds import SnapshotCache
 
@@ -89,18 +90,19 @@ class StatusWriter:
 
     def __init__(self, api: KubeApi, cache: SnapshotCache, leader: LeaderElection, *,
                  objects: Callable[[], StoreView], records: EnvoyRecords | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, envoys: Callable[[], Mapping[str, int]] = dict):
         self._api = api
         self._cache = cache
         self._leader = leader
         self._objects = objects
         self._records = records
         self._clock = clock
+        self._envoys = envoys  # per node group: the Envoys Gateway-wide budgets are shared among
         self._translation: Translation | None = None
         self._rotation_events = RotationEvents(instance=leader.identity)
-        self._written: dict[ObjectKey, tuple[str, str, list[dict], str]] = {}
-        """What this replica wrote: (the object's uid and resourceVersion before, the conditions, its
-        resourceVersion after). Until the watch brings a newer version of the object, that write is
+        self._written: dict[ObjectKey, tuple[str, str, tuple[list[dict], list[dict] | None], str]] = {}
+        """What this replica wrote: (the object's uid and resourceVersion before, the conditions and
+        the budgets (None: not a Backend), its resourceVersion after). Until the watch brings a newer version of the object, that write is
         its current status."""
 
     def update(self, translation: Translation) -> None:
@@ -150,6 +152,7 @@ class StatusWriter:
 
     def write_changed(self, translation: Translation, groups: Mapping[str, GroupEnvoys], view: StoreView) -> int:
         writes = 0
+        budgets = computed_budgets(translation, self._envoys())
         for key, conditions in sorted(with_programmed(translation, groups).items()):
             current = view.get(*key)
             if current is None:  # deleted since it was translated
@@ -159,25 +162,32 @@ class StatusWriter:
             uid, version = metadata.get("uid", ""), metadata.get("resourceVersion", "")
             written = self._written.get(key)
             if written is not None and written[:2] == (uid, version):  # the watch has not brought our write back yet
-                before, version = written[2], written[3]
+                (before, budgets_before), version = written[2], written[3]
             else:
-                before = _our_fields((current.get("status") or {}).get("conditions"))
+                status = current.get("status") or {}
+                before = _our_fields(status.get("conditions"))
+                budgets_before = status.get("budgets") if key.kind == "Backend" else None
             body = [self._as_status(condition, before) for condition in conditions]
-            if body == before:
+            # A refused Backend never served has no budgets: an empty list, not a stale one.
+            budget_body = budgets.get(key, []) if key.kind == "Backend" else None
+            if body == before and (budget_body is None or budget_body == (budgets_before or [])):
                 continue
+            status_body: dict = {"conditions": body}
+            if budget_body is not None:
+                status_body["budgets"] = budget_body
             try:
                 # resourceVersion: a precondition, so what was computed for a version the watch has not
                 # caught up with (changed, or deleted and created again) is not written over a newer one.
                 written_now = self._api.json(
                     "PATCH", KINDS[key.kind].path(key.namespace, key.name, "status"),
-                    body={"metadata": {"resourceVersion": version}, "status": {"conditions": body}},
+                    body={"metadata": {"resourceVersion": version}, "status": status_body},
                     content_type="application/merge-patch+json")
             except ApiError as error:
                 # 404: deleted meanwhile; 409: changed meanwhile: the watch brings it, and the next pass sees it.
                 if error.status not in (404, 409):
                     log.warning("could not write the status of %s: %s", key, error)
                 continue
-            self._written[key] = (uid, metadata.get("resourceVersion", ""), body,
+            self._written[key] = (uid, metadata.get("resourceVersion", ""), (body, budget_body),
                                   (written_now.get("metadata") or {}).get("resourceVersion", ""))
             writes += 1
         for key in self._written.keys() - translation.conditions.keys():
@@ -190,6 +200,35 @@ class StatusWriter:
         unchanged = before is not None and before.get("status") == condition.status and before.get("lastTransitionTime")
         body["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else timestamp(self._clock())
         return body
+
+
+def computed_budgets(translation: Translation, envoys: Mapping[str, int]) -> dict[ObjectKey, list[dict]]:
+    """Each served Backend's budgets as each Envoy runs them (status.budgets), by object."""
+    found: dict[ObjectKey, list[dict]] = {}
+    for name, group in translation.groups.items():
+        count = max(1, envoys.get(name, 1))
+        for backend in group.backends:
+            key = translation.origins.get(backend.name)
+            if key is None or key.kind != "Backend":
+                continue
+            ready = capacity.ready_endpoints(backend.endpoints)
+            budgets = [(backend.name, "Default", backend.default_budget), (backend.name, "High", backend.high_budget)]
+            if backend.websocket is not None:
+                budgets.append((backend.websocket.name, "Default", backend.websocket.budget))
+            found[key] = [_budget_status(cluster, priority, budget, ready, count) for cluster, priority, budget in budgets]
+    return found
+
+
+def _budget_status(cluster: str, priority: str, budget, ready: int, envoys: int) -> dict:
+    shared = budget.gateway_wide
+    entry = {"cluster": cluster, "priority": priority, "scope": "Gateway" if shared else "Envoy",
+             "readyEndpoints": ready, "envoys": envoys if shared else 1}
+    for field, name in (("max_connections", "maxConnections"), ("max_pending_requests", "maxPendingRequests"),
+                        ("max_requests", "maxRequests")):
+        value = getattr(budget, field)
+        if value is not None:
+            entry[name] = capacity.share(value, envoys) if shared else value
+    return entry
 
 
 def _our_fields(conditions: Any) -> list[dict]:
