@@ -59,6 +59,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or None, metavar="PATH")
     parser.add_argument("--node-cluster", action="append", default=[], metavar="NAME",
                         help="a node group to issue a client certificate for (repeat it)")
+    parser.add_argument("--admin", action="store_true",
+                        help="also an admin client certificate (admin/ in --output DIR, files only): it may read "
+                             "every Envoy's state over CSDS; keep its key with the people who operate the fleet")
     parser.add_argument("--manifests", type=Path, metavar="DIR",
                         help="also every nodeCluster of the Gateways in this directory of manifests")
     parser.add_argument("--namespace", default="controlplane-system",
@@ -94,6 +97,7 @@ class Issued:
     bundle: bytes
     server: pki.Pair
     clients: dict[str, pki.Pair]
+    admin: pki.Pair | None = None
 
 
 def run(args) -> int:
@@ -103,12 +107,15 @@ def run(args) -> int:
             raise CertsError(f"--trust-domain {args.trust_domain!r}: use lowercase letters, digits, '.', '-', '_'")
         if args.kubernetes == (args.output is not None):
             raise CertsError("give --output DIR (files or Secret manifests) or --kubernetes (Secrets in the cluster)")
+        if args.admin and (args.kubernetes or args.output_format != "files"):
+            raise CertsError("--admin writes files only (--output DIR): the admin's key belongs with its people, "
+                             "not in a Secret of the cluster")
         store = _KubernetesStore(args) if args.kubernetes else _DirectoryStore(args.output, args.output_format,
                                                                                args.namespace,
                                                                                args.gateway_namespace or args.namespace)
         previous = store.current_ca()
         issued = issue(previous, groups, server_names=service_names(args), trust_domain=args.trust_domain,
-                       days=args.days, new_ca=args.new_ca)
+                       days=args.days, new_ca=args.new_ca, admin=args.admin)
         written = store.write(issued)
     except CertsError as error:
         print(f"controlplane certs: {error}", file=sys.stderr)
@@ -126,7 +133,7 @@ def run(args) -> int:
 
 
 def issue(previous: tuple[pki.Pair, bytes] | None, groups: Iterable[str], *, server_names: list[str],
-          trust_domain: str, days: int, new_ca: bool) -> Issued:
+          trust_domain: str, days: int, new_ca: bool, admin: bool = False) -> Issued:
     """New server and client certificates, from the previous CA unless `new_ca` or there is none."""
     if previous is not None and not new_ca:
         ca, bundle = previous[0], previous[1]
@@ -135,7 +142,8 @@ def issue(previous: tuple[pki.Pair, bytes] | None, groups: Iterable[str], *, ser
         bundle = ca.cert + (previous[0].cert if previous is not None else b"")  # never more than two CAs
     server = pki.server_certificate(ca, server_names, days=days)
     clients = {group: pki.client_certificate(ca, group, trust_domain=trust_domain, days=days) for group in groups}
-    return Issued(ca, bundle, server, clients)
+    return Issued(ca, bundle, server, clients,
+                  pki.admin_certificate(ca, trust_domain=trust_domain, days=days) if admin else None)
 
 
 def service_names(args) -> list[str]:
@@ -221,6 +229,9 @@ class _DirectoryStore:
             for group, pair in issued.clients.items():
                 files |= {f"node-groups/{group}/tls.crt": pair.cert, f"node-groups/{group}/tls.key": pair.key,
                           f"node-groups/{group}/ca.crt": issued.bundle}
+            if issued.admin is not None:
+                files |= {"admin/tls.crt": issued.admin.cert, "admin/tls.key": issued.admin.key,
+                          "admin/ca.crt": issued.bundle}
         else:
             files = {f"{secret['metadata']['name']}.yaml": yaml.safe_dump(secret, sort_keys=False).encode()
                      for secret in secrets(issued, self.namespace, self.gateway_namespace)}

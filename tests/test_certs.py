@@ -99,6 +99,7 @@ def test_secret_manifests_from_the_gateways_of_a_manifests_directory(tmp_path, c
 @pytest.mark.parametrize("argv, message", [
     (["--node-cluster", "Team_A"], "node cluster 'Team_A' is not a DNS label"),
     (["--node-cluster", "a", "--trust-domain", "Bad/Domain"], "--trust-domain 'Bad/Domain'"),
+    (["--node-cluster", "a", "--admin", "--output-format", "secrets"], "--admin writes files only"),
     ([], "give --output DIR (files or Secret manifests) or --kubernetes"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
@@ -154,3 +155,15 @@ def test_the_job_s_command_writes_the_secrets_on_a_real_api_server_with_its_own_
     for name in ("controlplane-xds-server", "controlplane-xds-client-gateway"):
         assert second[name]["data"]["ca.crt"] == first[name]["data"]["ca.crt"]  # the CA is kept
         assert second[name]["data"]["tls.crt"] != first[name]["data"]["tls.crt"]  # the rest renewed
+
+
+def test_the_admin_certificate_names_the_admin_identity_and_is_for_clients(tmp_path, capsys):
+    assert certs_command("--output", str(tmp_path), "--node-cluster", "edge", "--admin") == 0
+    [admin] = load((tmp_path / "admin/tls.crt").read_bytes())
+    uris = admin.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.UniformResourceIdentifier)
+    assert uris == ["spiffe://controlplane/admin"]
+    assert list(admin.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
+        ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert signed_by(admin, load((tmp_path / "ca.crt").read_bytes())[0])
+    assert (tmp_path / "admin/tls.key").exists() and (tmp_path / "admin/ca.crt").exists()

@@ -33,6 +33,7 @@ from controlplane.sources.kube_api import brief
 from controlplane.sources.kubernetes import KubernetesSource
 from controlplane.translate import secrets
 from controlplane.xds import SnapshotCache, XdsServer, identity
+from controlplane.xds.csds import CsdsService
 from controlplane.xds.metrics_service import MetricsService, StatsStore
 from controlplane.xds.server_tls import ServerTls
 
@@ -185,8 +186,10 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
             raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
                           "it, or choose another --metrics-address ('' turns metrics off)") from None
         log.info("metrics on http://%s/metrics", metrics_address)
-    server = XdsServer(cache, address=xds_address, tls=xds_tls, services=(MetricsService(stats, trust_domain=xds_tls.trust_domain if xds_tls is not None
-                                                   else identity.DEFAULT_TRUST_DOMAIN).handler(),),
+    trust_domain = xds_tls.trust_domain if xds_tls is not None else identity.DEFAULT_TRUST_DOMAIN
+    server = XdsServer(cache, address=xds_address, tls=xds_tls,
+                       services=(MetricsService(stats, trust_domain=trust_domain).handler(),
+                                 CsdsService(cache, trust_domain=trust_domain).handler()),
                        insecure_private_keys_over_plaintext=insecure_private_keys_over_plaintext,
                        describe=pipeline.describe)
     await server.start()

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controlplane.xds.identity import DEFAULT_TRUST_DOMAIN, node_group_uri
+from controlplane.xds.identity import DEFAULT_TRUST_DOMAIN, admin_uri, node_group_uri
 
 CA_DAYS = 3650
 LEAF_DAYS = 365
@@ -54,6 +54,12 @@ def client_certificate(ca: Pair, group: str, *, trust_domain: str = DEFAULT_TRUS
     """For the Envoys of node group `group`: its URI SAN is their identity."""
     uri = x509.UniformResourceIdentifier(node_group_uri(group, trust_domain))
     return _leaf(ca, group, [uri], ExtendedKeyUsageOID.CLIENT_AUTH, days)
+
+
+def admin_certificate(ca: Pair, *, trust_domain: str = DEFAULT_TRUST_DOMAIN, days: int = LEAF_DAYS) -> Pair:
+    """For whoever may read every Envoy's state over CSDS (`controlplane status` tools, grpcurl)."""
+    return _leaf(ca, "admin", [x509.UniformResourceIdentifier(admin_uri(trust_domain))],
+                 ExtendedKeyUsageOID.CLIENT_AUTH, days)
 
 
 def certificate(pem: bytes) -> x509.Certificate:

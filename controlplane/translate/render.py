@@ -17,11 +17,11 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf import json_format
 
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
-from controlplane.xds.resources import SHORT_NAMES, parse
+from controlplane.xds.resources import SHORT_NAMES, parse, redacted
 
 
 def _messages(snapshot: Snapshot, type_url: str) -> list:
@@ -33,22 +33,8 @@ def _as_dict(message) -> dict[str, Any]:
     return json.loads(json_format.MessageToJson(message))
 
 
-REDACTED = "[redacted]"
-
-
-def _redacted(message):
-    """A Secret as Envoy's /config_dump shows it: the private key's value replaced by "[redacted]"
-    (Envoy redacts its sensitive fields the same way), the certificates as they are."""
-    if message.DESCRIPTOR.full_name == secret_pb2.Secret.DESCRIPTOR.full_name and message.HasField("tls_certificate"):
-        key = message.tls_certificate.private_key
-        for field in ("inline_bytes", "inline_string"):
-            if key.HasField(field):
-                setattr(key, field, REDACTED.encode() if field == "inline_bytes" else REDACTED)
-    return message
-
-
 def resources_document(snapshot: Snapshot) -> dict[str, list[dict[str, Any]]]:
-    return {SHORT_NAMES[type_url]: [_as_dict(_redacted(m)) for m in _messages(snapshot, type_url)]
+    return {SHORT_NAMES[type_url]: [_as_dict(redacted(m)) for m in _messages(snapshot, type_url)]
             for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET)}
 
 
@@ -89,7 +75,7 @@ _DUMPS = (  # (the config dump type, its list of dynamic resources, how one entr
      lambda m: {"name": m.name, "active_state": {"listener": _as_dump_entry(m)}}),
     (ROUTE, "RoutesConfigDump", "dynamic_route_configs", lambda m: {"route_config": _as_dump_entry(m)}),
     (SECRET, "SecretsConfigDump", "dynamic_active_secrets",
-     lambda m: {"name": m.name, "secret": _as_dump_entry(_redacted(m))}),
+     lambda m: {"name": m.name, "secret": _as_dump_entry(redacted(m))}),
 )
 
 

@@ -23,6 +23,12 @@ from cryptography import x509
 
 DEFAULT_TRUST_DOMAIN = "controlplane"
 _GROUP_PATH = "/node-group/"
+_ADMIN_PATH = "/admin"
+
+
+def admin_uri(trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
+    """The URI SAN of the admin identity: who may read every Envoy's state (CSDS)."""
+    return f"spiffe://{trust_domain}{_ADMIN_PATH}"
 
 
 def node_group_uri(group: str, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> str:
@@ -37,6 +43,7 @@ class Peer:
 
     description: str
     groups: frozenset[str] | None
+    admin: bool = False
 
     def may_see(self, group: str) -> bool:
         return self.groups is None or group in self.groups
@@ -55,7 +62,7 @@ def peer_of(auth_context: dict, trust_domain: str = DEFAULT_TRUST_DOMAIN) -> Pee
     groups = frozenset(uri[len(prefix):] for uri in uris
                        if uri.startswith(prefix) and uri[len(prefix):] and "/" not in uri[len(prefix):])
     shown = ", ".join(uris) if uris else "no URI SAN"
-    return Peer(f"certificate {subject} ({shown})", groups)
+    return Peer(f"certificate {subject} ({shown})", groups, admin=admin_uri(trust_domain) in uris)
 
 
 @functools.lru_cache(maxsize=1024)  # a fleet's Envoys present few certificates; parsed once each

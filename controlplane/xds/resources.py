@@ -194,3 +194,18 @@ def _route_clusters(config: route_pb2.RouteConfiguration) -> set[str]:
             names.update(weighted.name for weighted in action.weighted_clusters.clusters)
             names.update(policy.cluster for policy in action.request_mirror_policies if policy.cluster)
     return names
+
+
+REDACTED = "[redacted]"
+
+
+def redacted(message):
+    """A Secret as Envoy's /config_dump shows it: the private key's value replaced by "[redacted]"
+    (Envoy redacts its sensitive fields the same way), the certificates as they are. In place;
+    any other message is returned as it is. For every view of a configuration meant for people."""
+    if message.DESCRIPTOR.full_name == secret_pb2.Secret.DESCRIPTOR.full_name and message.HasField("tls_certificate"):
+        key = message.tls_certificate.private_key
+        for field in ("inline_bytes", "inline_string"):
+            if key.HasField(field):
+                setattr(key, field, REDACTED.encode() if field == "inline_bytes" else REDACTED)
+    return message
