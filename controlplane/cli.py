@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the manifests to serve (default: examples/demo)")
     run_demo.add_argument("--xds-port", type=_port, default=demo.DemoPorts.xds)
     run_demo.add_argument("--admin-port", type=_port, default=demo.DemoPorts.admin)
+    run_demo.add_argument("--metrics-port", type=_port, default=demo.DemoPorts.metrics,
+                          help="metrics and what `controlplane status` reads (default: %(default)s)")
     run_demo.add_argument("--check", action="store_true",
                           help="send 20 requests through Envoy, print who answered, and exit")
 
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logs.configure(args.log_level, args.log_format)
     if args.command == "demo":
-        ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port)
+        ports = demo.DemoPorts(xds=args.xds_port, admin=args.admin_port, metrics=args.metrics_port)
         try:
             return asyncio.run(demo.run_demo(Path(args.source), ports, check=args.check))
         except (OSError, RuntimeError, ManifestError) as error:

@@ -10,11 +10,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
+import httpx
 import pytest
+import yaml
 from envoy.config.core.v3 import base_pb2
 from envoy.service.cluster.v3 import cds_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
@@ -25,7 +28,7 @@ from controlplane.runtime import serve as serving
 from controlplane.sources.store import Store
 from controlplane.xds import CLUSTER
 from tests.harness import assert_envoy_accepts, eventually, free_port
-from tests.objects import app, gateway
+from tests.objects import app, endpoint_slice, gateway, ready
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.svc:18000",
@@ -51,20 +54,81 @@ def test_bad_xds_address_is_a_clear_error(capsys):
     assert "is not HOST:PORT" in capsys.readouterr().err
 
 
+def _demo_manifests(directory: Path) -> int:
+    """The demo's own manifests in `directory`, moved to free ports so the test runs beside anything;
+    returns the listener's port."""
+    text = "".join(path.read_text() + "\n---\n" for path in sorted((REPO / "examples" / "demo").glob("*.yaml")))
+    listener = free_port()
+    text = text.replace("port: 10000", f"port: {listener}")
+    for port in ("18081", "18082"):
+        text = text.replace(f"port: {port}", f"port: {free_port()}")
+    (directory / "demo.yaml").write_text(text)
+    return listener
+
+
+def _demo_ports() -> list[str]:
+    return ["--xds-port", str(free_port()), "--admin-port", str(free_port()), "--metrics-port", str(free_port())]
+
+
 @pytest.mark.envoy
 def test_demo_serves_its_manifests_through_a_real_envoy(tmp_path):
-    """The demo's own manifests, moved to free ports so the test runs beside anything."""
-    text = "".join(path.read_text() + "\n---\n" for path in sorted((REPO / "examples" / "demo").glob("*.yaml")))
-    for port in ("10000", "18081", "18082"):
-        text = text.replace(f"port: {port}", f"port: {free_port()}")
-    (tmp_path / "demo.yaml").write_text(text)
+    _demo_manifests(tmp_path)
     demo = subprocess.run(
-        [sys.executable, "-m", "controlplane.cli", "demo", "--check", "--source", str(tmp_path),
-         "--xds-port", str(free_port()), "--admin-port", str(free_port())],
+        [sys.executable, "-m", "controlplane.cli", "demo", "--check", "--source", str(tmp_path), *_demo_ports()],
         capture_output=True, text=True, timeout=120)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "'api-1'" in demo.stdout and "'api-2'" in demo.stdout
     assert "/agents answered 'api-" in demo.stdout  # a WebSocket echo, on the Backend's WebSocket cluster
+
+
+@pytest.mark.envoy
+def test_the_demo_follows_an_added_endpoint_shows_its_status_and_leaves_nothing_behind(tmp_path):
+    listener = _demo_manifests(tmp_path)
+    ports = _demo_ports()
+    metrics = ports[5]
+    demo = subprocess.Popen([sys.executable, "-m", "controlplane.cli", "demo", "--source", str(tmp_path), *ports],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in demo.stdout:  # bounded: the demo prints its banner within seconds, or exits
+            lines.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        banner = "".join(lines)
+        assert f"controlplane status --server http://127.0.0.1:{metrics}" in banner, banner
+        assert "/clusters" in banner and "circuit_breakers" in banner and "/config_dump" not in banner
+        workdir = Path(banner.split("Envoy's log: ")[1].split()[0].rstrip(".")).parent
+        assert workdir.is_dir()
+
+        added = free_port()  # a third pod, added to the manifests while the demo runs
+        (tmp_path / "more.yaml").write_text(yaml.safe_dump(endpoint_slice("api", [ready("127.0.0.1")], port=added,
+                                                                          name="api-3", namespace="demo")))
+
+        def every_pod_answers() -> bool:
+            answers = set()
+            for _ in range(30):
+                try:
+                    answers.add(httpx.get(f"http://127.0.0.1:{listener}/", timeout=2).raise_for_status().text.strip())
+                except httpx.HTTPError:
+                    return False
+            return len(answers) == 3
+        deadline = time.monotonic() + 20
+        while not every_pod_answers():
+            assert time.monotonic() < deadline, "the added endpoint never answered through Envoy"
+            time.sleep(0.3)
+
+        status = subprocess.run([sys.executable, "-m", "controlplane.cli", "status", "--server",
+                                 f"http://127.0.0.1:{metrics}"], capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0 and "demo-envoy" in status.stdout, status.stdout + status.stderr
+
+        second = subprocess.run([sys.executable, "-m", "controlplane.cli", "demo", "--source", str(tmp_path), *ports],
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1
+        assert "is in use on 127.0.0.1: is another demo" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=30) == 0
+    assert not workdir.exists()  # its keys and Envoy's files are gone
 
 
 def test_render_prints_what_a_node_group_gets_and_envoy_accepts_it(tmp_path, capsys):
