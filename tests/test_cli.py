@@ -35,10 +35,19 @@ EXAMPLE_ARGS = ["bootstrap", "--xds-address", "controlplane.controlplane-system.
                 "--node-cluster", "gateway", "--node-id", "gateway", "--stats-port", "9902"]
 
 
-@pytest.mark.parametrize("extra", [[], ["--delta"]])
+@pytest.mark.parametrize("extra", [[], ["--delta"], ["--stats-flush-interval", "299"]])
 def test_bootstrap_is_valid_for_envoy(tmp_path, capsys, extra):
     assert cli.main(EXAMPLE_ARGS + extra) == 0
-    assert_envoy_accepts(capsys.readouterr().out, tmp_path)
+    out = capsys.readouterr().out
+    assert_envoy_accepts(out, tmp_path)
+    assert f"stats_flush_interval: {extra[-1] if extra[1:] else 5}s" in out
+
+
+@pytest.mark.parametrize("value", ["300", "0", "5s"])
+def test_a_flush_interval_envoy_would_refuse_is_refused_first(capsys, value):
+    with pytest.raises(SystemExit):
+        cli.main(EXAMPLE_ARGS + ["--stats-flush-interval", value])
+    assert "--stats-flush-interval" in capsys.readouterr().err
 
 
 def test_example_bootstrap_in_the_repo_is_current(capsys):
