@@ -75,7 +75,32 @@ def run(args: argparse.Namespace, kube_api_client: Callable[[str | None], Any]) 
     print(table(rows))
     for line in _notes(records, rows):
         print(line)
+    budgets = [use for record in records for use in record.get("budgets", [])]
+    if budgets:
+        print()
+        print(budget_table(budgets))
     return 0
+
+
+def budget_table(uses: list[dict[str, Any]]) -> str:
+    """Each Backend's budgets, API and WebSocket clusters side by side: in use on the busiest Envoy
+    of the node group / the limit each Envoy runs, per resource (from the stats Envoys push)."""
+    resources = ("cx", "pending", "rq")
+    merged: dict[tuple, dict[str, str]] = {}
+    for use in uses:
+        if use["resource"] not in resources:
+            continue
+        key = (use["node_group"], use["backend"], use["cluster"], use["traffic"], use["priority"])
+        in_use = "?" if use["in_use"] is None else str(use["in_use"])
+        merged.setdefault(key, {})[use["resource"]] = f"{in_use}/{use['limit']}"
+        merged[key]["envoys"] = str(use["envoys"])
+    header = ["GROUP", "BACKEND", "CLUSTER", "TRAFFIC", "PRIORITY", "CONNECTIONS", "PENDING", "REQUESTS",
+              "ENVOYS REPORTING"]
+    lines = [header] + [[*key, cells.get("cx", "-"), cells.get("pending", "-"), cells.get("rq", "-"),
+                         cells.get("envoys", "0")] for key, cells in sorted(merged.items())]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+    return "\n".join(["Budgets in use (busiest Envoy of the group) / limit per Envoy:", *text])
 
 
 def table(rows: list[dict[str, Any]], now: float | None = None) -> str:
@@ -146,7 +171,7 @@ def _from_server(server: str, node: str | None) -> tuple[list[dict[str, Any]], d
     except (ValueError, KeyError) as error:
         raise StatusError(f"{base} did not answer as a control plane does ({error})") from None
     return [{"replica": envoys["replica"], "rows": envoys["rows"], "left_out": envoys.get("left_out", 0),
-             "expired": False}], config
+             "expired": False, "budgets": envoys.get("budgets", [])}], config
 
 
 def _check(answer: httpx.Response, base: str) -> None:

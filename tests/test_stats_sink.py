@@ -6,11 +6,15 @@ own /stats. Then the bounds: hostile or excessive pushers cannot grow the store.
 from __future__ import annotations
 
 import asyncio
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from controlplane import cli
+from controlplane.runtime.debug_views import DebugViews
 from controlplane.runtime.envoy_stats import EnvoyStatsCollector, budget_use
 from controlplane.runtime.pipeline import Pipeline, cancel, feed
 from controlplane.sources.files import DirectorySource
@@ -21,6 +25,11 @@ from tests.harness import eventually, free_port, write
 from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 from tests.test_envoy_websocket import open_websocket, refused_with
 from tests.test_envoy_xds import body_of
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
 
 BUDGET = {"maxConnections": 2, "maxPendingRequests": 1, "maxRequests": 2}
 
@@ -42,7 +51,7 @@ async def sinked(tmp_path):
 
 
 @pytest.mark.envoy
-async def test_budget_use_from_pushed_stats_matches_envoys_own_stats(sinked, envoys, backends):
+async def test_budget_use_from_pushed_stats_matches_envoys_own_stats(sinked, envoys, backends, capsys):
     source, pipeline, server, store = sinked
     api = backends("api")
     port = free_port()
@@ -100,6 +109,21 @@ async def test_budget_use_from_pushed_stats_matches_envoys_own_stats(sinked, env
     assert ('controlplane_envoy_cluster_overflows_total{envoy_cluster_name="shop/api/websocket",node_group="edge",'
             'overflow="pending"} 1.0') in exposed
     assert 'controlplane_envoy_stats_envoys{node_group="edge"} 1.0' in exposed
+
+    # `controlplane status` shows the same, API and WebSocket side by side.
+    views = DebugViews(server._cache, "cp-test", lambda: budget_use(pipeline.last, store.envoys()))
+    web = make_server("127.0.0.1", 0, views, handler_class=_Quiet)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        code = await asyncio.to_thread(cli.main, ["status", "--server", f"http://127.0.0.1:{web.server_port}"])
+    finally:
+        web.shutdown()
+        web.server_close()
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = {tuple(line.split()[:5]): line.split()[5:] for line in out.splitlines() if line.startswith("edge ")}
+    assert rows["edge", "shop/api", "shop/api/websocket", "websocket", "default"][0] == "2/2"  # spent
+    assert rows["edge", "shop/api", "shop/api", "api", "default"][0] == f"{api_cx.in_use}/2"
     for agent in agents:
         await agent.close()
     waiting.cancel()

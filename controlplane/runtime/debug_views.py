@@ -14,6 +14,7 @@ and its immutable snapshots, nothing they could see half-changed.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import time
@@ -38,9 +39,10 @@ def is_loopback(address: str) -> bool:
 
 
 class DebugViews:
-    def __init__(self, cache: SnapshotCache, replica: str):
+    def __init__(self, cache: SnapshotCache, replica: str, budgets: Callable[[], list] | None = None):
         self._cache = cache
         self._replica = replica
+        self._budgets = budgets  # envoy_stats.budget_use of what the Envoys pushed, when they push stats
 
     def __call__(self, environ, start_response) -> Iterable[bytes]:
         if not is_loopback(environ.get("REMOTE_ADDR", "")):
@@ -71,8 +73,9 @@ class DebugViews:
         for group in sorted({envoy.node_group for envoy in statuses}):
             snapshot = self._cache.snapshot(group)
             snapshots[group] = snapshot.version if snapshot is not None else ""
+        budgets = [dataclasses.asdict(use) for use in self._budgets()] if self._budgets is not None else []
         return {"replica": self._replica, "at": time.time(), "rows": envoy_rows.rows(statuses, self._replica),
-                "left_out": 0, "snapshots": snapshots}
+                "left_out": 0, "snapshots": snapshots, "budgets": budgets}
 
     def config(self, node: str) -> dict | None:
         """What the Envoy `node` is being sent: its node group's snapshot, as /config_dump keys it."""

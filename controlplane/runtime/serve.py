@@ -20,7 +20,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from controlplane.runtime.activity_metrics import ActivityCollector
-from controlplane.runtime.envoy_stats import EnvoyStatsCollector
+from controlplane.runtime.envoy_stats import EnvoyStatsCollector, budget_use
 from controlplane.runtime.debug_views import DebugViews
 from controlplane.runtime.envoy_count import keep_counted
 from controlplane.runtime.fleet import EnvoyRecords
@@ -181,7 +181,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
             serve_metrics(metrics_address, ControlPlaneCollector(cache, lambda: pipeline.last, lambda: pipeline.envoys),
                           ready=lambda: pipeline.last is not None,
                           more=(activity, EnvoyStatsCollector(stats, lambda: pipeline.last, lambda: pipeline.envoys)),
-                          debug=DebugViews(cache, leader.identity if leader is not None else socket.gethostname()))
+                          debug=DebugViews(cache, leader.identity if leader is not None else socket.gethostname(),
+                                           lambda: budget_use(pipeline.last, stats.envoys(), pipeline.envoys)))
         except OSError as error:
             raise OSError(f"cannot serve metrics on {metrics_address}: {error.strerror or error}; stop what holds "
                           "it, or choose another --metrics-address ('' turns metrics off)") from None
