@@ -75,11 +75,26 @@ def run(args: argparse.Namespace, kube_api_client: Callable[[str | None], Any]) 
     print(table(rows))
     for line in _notes(records, rows):
         print(line)
-    budgets = [use for record in records for use in record.get("budgets", [])]
+    budgets = merged_budgets([use for record in records for use in record.get("budgets", [])])
     if budgets:
         print()
         print(budget_table(budgets))
     return 0
+
+
+def merged_budgets(uses: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every replica's budget use as one: in use on the busiest Envoy of any replica, the Envoys
+    reporting summed (the limit per Envoy is the same everywhere)."""
+    merged: dict[tuple, dict[str, Any]] = {}
+    for use in uses:
+        key = tuple(use.get(name) for name in ("node_group", "backend", "cluster", "traffic", "priority", "resource"))
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = dict(use)
+        else:
+            seen["in_use"] = max(seen["in_use"] or 0, use.get("in_use") or 0)
+            seen["envoys"] = seen.get("envoys", 0) + use.get("envoys", 0)
+    return list(merged.values())
 
 
 def budget_table(uses: list[dict[str, Any]]) -> str:
@@ -93,7 +108,7 @@ def budget_table(uses: list[dict[str, Any]]) -> str:
         key = (use["node_group"], use["backend"], use["cluster"], use["traffic"], use["priority"])
         in_use = "?" if use["in_use"] is None else str(use["in_use"])
         merged.setdefault(key, {})[use["resource"]] = f"{in_use}/{use['limit']}"
-        merged[key]["envoys"] = str(use["envoys"])
+        merged[key]["envoys"] = str(max(int(merged[key].get("envoys", 0)), use["envoys"]))
     header = ["GROUP", "BACKEND", "CLUSTER", "TRAFFIC", "PRIORITY", "CONNECTIONS", "PENDING", "REQUESTS",
               "ENVOYS REPORTING"]
     lines = [header] + [[*key, cells.get("cx", "-"), cells.get("pending", "-"), cells.get("rq", "-"),
@@ -134,6 +149,9 @@ def _notes(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[st
         if record.get("expired"):
             notes.append(f"replica {record['replica']}: its record has expired (the replica is gone or cannot reach "
                          "the API server); its Envoys above may have reconnected elsewhere")
+        if record.get("budgets_left_out"):
+            notes.append(f"replica {record['replica']}: the budget use of {record['budgets_left_out']} more clusters "
+                         "is not in its record; port-forward to that replica and use --server to see it")
         if record.get("left_out"):
             notes.append(f"replica {record['replica']}: {record['left_out']} more Envoy(s) not listed (a record holds "
                          f"at most {len(record['rows'])}); port-forward to that replica and run "
@@ -197,7 +215,8 @@ def _from_cluster(args: argparse.Namespace, kube_api_client) -> tuple[list[dict[
     if args.node is not None:
         config = _rendered_for(args, api_client, records)
     return [{"replica": r.replica, "rows": r.rows, "left_out": r.left_out, "expired": r.expired,
-             "problem": r.problem} for r in records], config
+             "problem": r.problem, "budgets": r.budgets, "budgets_left_out": r.budgets_left_out}
+            for r in records], config
 
 
 def _rendered_for(args, api_client, records) -> dict | None:

@@ -141,10 +141,17 @@ def _status_of(node: str, *, sent: str = "v1", acked: str = "v1", nack: str | No
 def test_the_rows_of_a_lease_record_round_trip_and_say_how_many_were_left_out():
     statuses = [_status_of(f"envoy-{n:05d}") for n in range(envoy_rows.MAX_ROWS + 3)]
     statuses.append(_status_of("envoy-nack", nack="x" * 1000))
-    packed = envoy_rows.pack(envoy_rows.rows(statuses, "cp-a"))
-    assert len(packed) < 64 * 1024  # well within the 256 KiB a Lease's annotations may hold
-    rows, left_out = envoy_rows.unpack(packed)
+    uses = [{"node_group": "edge", "backend": f"shop/b{n}", "cluster": f"shop/b{n}", "traffic": "api",
+             "priority": "default", "resource": "cx", "limit": 100, "in_use": n % 7, "envoys": 1}
+            for n in range(envoy_rows.MAX_BUDGETS + 5)]
+    uses.append({**uses[0], "backend": "shop/quiet", "in_use": None})  # nothing reported: not recorded
+    packed = envoy_rows.pack(envoy_rows.rows(statuses, "cp-a"), uses)
+    assert len(packed) < 128 * 1024  # well within the 256 KiB a Lease's annotations may hold
+    record = envoy_rows.unpack(packed)
+    rows, left_out = record.rows, record.left_out
     assert (len(rows), left_out) == (envoy_rows.MAX_ROWS, 4)
+    assert (len(record.budgets), record.budgets_left_out) == (envoy_rows.MAX_BUDGETS, 5)
+    assert record.budgets[3] == uses[3]
     assert rows[0]["types"]["CDS"] == {"sent": "v1", "acked": "v1", "state": "SYNCED"}
     nacked = envoy_rows.row(statuses[-1], "cp-a")["types"]["LDS"]
     assert nacked["state"] == "NACKED" and len(nacked["nack"]["message"]) == envoy_rows.MAX_MESSAGE
@@ -153,3 +160,13 @@ def test_the_rows_of_a_lease_record_round_trip_and_say_how_many_were_left_out():
     notes = fleet_status._notes([{"replica": "cp-a", "rows": rows, "left_out": left_out, "expired": True}], rows)
     assert any("4 more Envoy(s) not listed" in note for note in notes)
     assert any("its record has expired" in note for note in notes)
+
+
+def test_budget_use_of_every_replica_is_merged_as_the_busiest_envoy():
+    one = {"node_group": "edge", "backend": "shop/api", "cluster": "shop/api/websocket", "traffic": "websocket",
+           "priority": "default", "resource": "cx", "limit": 50, "in_use": 12, "envoys": 2}
+    merged = fleet_status.merged_budgets([one, {**one, "in_use": 40, "envoys": 1}, {**one, "resource": "rq"}])
+    assert [(use["resource"], use["in_use"], use["envoys"]) for use in merged] == [("cx", 40, 3), ("rq", 12, 2)]
+    table = fleet_status.budget_table(merged)
+    assert ["edge", "shop/api", "shop/api/websocket", "websocket", "default", "40/50", "-", "12/50", "3"] in [
+        line.split() for line in table.splitlines()]

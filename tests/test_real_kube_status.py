@@ -330,10 +330,21 @@ async def test_status_shows_the_envoys_of_every_replica_from_their_records(real_
         return found if code == 0 and set(found) == {"envoy-a", "envoy-b"} and synced else None
 
     found = await eventually(rows, timeout=30, what="both replicas' Envoys in their records")
+
+    def budgets_recorded() -> bool:  # each replica's Envoy pushes its stats (every 5 s): their budget use
+        cli.main([*argv, "--output", "json"])
+        replicas_seen = json.loads(capsys.readouterr()[0])["replicas"]
+        return all(any(use["cluster"] == f"{kube_namespace}/api" and use["resource"] == "cx" and use["in_use"] == 0
+                       for use in replica["budgets"]) for replica in replicas_seen) and len(replicas_seen) == 2
+    await eventually(budgets_recorded, timeout=30, interval=1, what="both replicas' budget use in their records")
     assert (found["envoy-a"]["replica"], found["envoy-b"]["replica"]) == ("cp-a", "cp-b")
     assert cli.main(argv) == 0
     out, _err = capsys.readouterr()
     assert "2 Envoy(s) on 2 replica(s): 2 in sync, 0 not" in out, out
+    api = f"{kube_namespace}/api"
+    [api_row] = [fields for fields in map(str.split, out.splitlines())
+                 if fields[:5] == ["edge", api, api, "api", "default"]]
+    assert api_row[5] == "0/1024" and api_row[-1] == "2"  # Envoy's default limit; both replicas' Envoys
     # --node: what the live objects translate to for its group, keys redacted.
     assert cli.main([*argv, "--node", "envoy-b", "--output", "json"]) == 0
     shown = json.loads(capsys.readouterr()[0])

@@ -14,7 +14,8 @@ was sent, which is not yet what the objects ask for".
 
 In a Lease, the rows are gzip-compressed JSON (base64) in an annotation of their own, at most
 `MAX_ROWS` per replica (Kubernetes allows 256 KiB of annotations in all; a row is ~60 bytes
-compressed): beyond that the record says how many were left out, and `status` says so.
+compressed), with the budget use the replica's Envoys report (at most `MAX_BUDGETS` entries):
+beyond that the record says how many were left out, and `status` says so.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import base64
 import gzip
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from controlplane.xds import EnvoyStatus
@@ -31,6 +33,8 @@ from controlplane.xds.resources import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTI
 TYPES = {CLUSTER: "CDS", ENDPOINT: "EDS", LISTENER: "LDS", ROUTE: "RDS", SECRET: "SDS", RUNTIME: "RTDS"}
 MAX_ROWS = 2_000
 MAX_MESSAGE = 200
+MAX_BUDGETS = 3_000
+"""Budget-use entries (cluster, priority, resource) in a record: ~40 bytes each compressed."""
 
 
 def row(envoy: EnvoyStatus, replica: str) -> dict[str, Any]:
@@ -58,19 +62,31 @@ def rows(envoys: Iterable[EnvoyStatus], replica: str) -> list[dict[str, Any]]:
     return sorted((row(envoy, replica) for envoy in envoys), key=lambda r: (r["group"], r["node"]))
 
 
-def pack(envoy_rows: list[dict[str, Any]]) -> str:
-    """The rows for a Lease annotation: {"rows": [...], "left_out": N}, gzip, base64."""
-    body = {"rows": envoy_rows[:MAX_ROWS], "left_out": max(0, len(envoy_rows) - MAX_ROWS)}
+def pack(envoy_rows: list[dict[str, Any]], budgets: list[dict[str, Any]] = ()) -> str:
+    """The rows (and the budget use this replica's Envoys report: envoy_stats.budget_use, as dicts)
+    for a Lease annotation, each list bounded and saying how many were left out; gzip, base64."""
+    budgets = [use for use in budgets if use.get("in_use") is not None]
+    body = {"rows": envoy_rows[:MAX_ROWS], "left_out": max(0, len(envoy_rows) - MAX_ROWS),
+            "budgets": budgets[:MAX_BUDGETS], "budgets_left_out": max(0, len(budgets) - MAX_BUDGETS)}
     return base64.b64encode(gzip.compress(json.dumps(body, separators=(",", ":")).encode(), mtime=0)).decode()
 
 
-def unpack(text: str) -> tuple[list[dict[str, Any]], int]:
-    """(rows, how many were left out); raises ValueError on what this version cannot read."""
+@dataclass(frozen=True)
+class Packed:
+    rows: list[dict[str, Any]]
+    left_out: int
+    budgets: list[dict[str, Any]]
+    budgets_left_out: int
+
+
+def unpack(text: str) -> Packed:
+    """What `pack` wrote; raises ValueError on what this version cannot read."""
     try:
         body = json.loads(gzip.decompress(base64.b64decode(text, validate=True)))
-        found = body["rows"]
-        if not isinstance(found, list) or not all(isinstance(r, dict) for r in found):
-            raise ValueError("rows is not a list of objects")
-        return found, int(body.get("left_out", 0))
+        found, budgets = body["rows"], body.get("budgets", [])
+        for listed in (found, budgets):
+            if not isinstance(listed, list) or not all(isinstance(r, dict) for r in listed):
+                raise ValueError("a list of objects was expected")
+        return Packed(found, int(body.get("left_out", 0)), budgets, int(body.get("budgets_left_out", 0)))
     except (OSError, EOFError, KeyError, TypeError, json.JSONDecodeError, base64.binascii.Error) as error:
         raise ValueError(f"unreadable Envoy list: {error}") from None

@@ -248,6 +248,8 @@ class ReplicaEnvoys:
     left_out: int
     expired: bool
     problem: str = ""
+    budgets: list = field(default_factory=list)
+    budgets_left_out: int = 0
 
 
 def every_replica(api: KubeApi, namespace: str, clock: Callable[[], float] = time.time) -> list[ReplicaEnvoys]:
@@ -264,9 +266,10 @@ def every_replica(api: KubeApi, namespace: str, clock: Callable[[], float] = tim
             found.append(ReplicaEnvoys(replica, [], 0, expired, "its record has no Envoy list (an older version)"))
             continue
         try:
-            rows, left_out = envoy_rows.unpack(packed)
+            record = envoy_rows.unpack(packed)
         except ValueError as error:
             found.append(ReplicaEnvoys(replica, [], 0, expired, str(error)))
             continue
-        found.append(ReplicaEnvoys(replica, rows, left_out, expired))
+        found.append(ReplicaEnvoys(replica, record.rows, record.left_out, expired, budgets=record.budgets,
+                                   budgets_left_out=record.budgets_left_out))
     return sorted(found, key=lambda record: record.replica)

@@ -169,7 +169,8 @@ async def serve(source: Source, *, xds_address: str, metrics_address: str | None
         records = EnvoyRecords(leader.api, namespace=leader.namespace, identity=leader.identity,
                                duration=leader.lease_duration)
         writer = StatusWriter(leader.api, cache, leader, objects=source.store.view, records=records,
-                              envoys=lambda: pipeline.envoys)
+                              envoys=lambda: pipeline.envoys,
+                              budget_use=lambda: budget_use(pipeline.last, stats.envoys(), pipeline.envoys))
     pipeline = Pipeline(cache, on_translated=writer.update if writer is not None else None,
                         min_certificate_lifetime=min_certificate_lifetime)
     stats = StatsStore()  # what Envoys push by their stats sink, to the xDS port

@@ -15,6 +15,7 @@ condition's status does not change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -90,7 +91,8 @@ class StatusWriter:
 
     def __init__(self, api: KubeApi, cache: SnapshotCache, leader: LeaderElection, *,
                  objects: Callable[[], StoreView], records: EnvoyRecords | None = None,
-                 clock: Callable[[], float] = time.time, envoys: Callable[[], Mapping[str, int]] = dict):
+                 clock: Callable[[], float] = time.time, envoys: Callable[[], Mapping[str, int]] = dict,
+                 budget_use: Callable[[], list] = list):
         self._api = api
         self._cache = cache
         self._leader = leader
@@ -98,6 +100,7 @@ class StatusWriter:
         self._records = records
         self._clock = clock
         self._envoys = envoys  # per node group: the Envoys Gateway-wide budgets are shared among
+        self._budget_use = budget_use  # what this replica's Envoys report (envoy_stats.budget_use), for its record
         self._translation: Translation | None = None
         self._rotation_events = RotationEvents(instance=leader.identity)
         self._written: dict[ObjectKey, tuple[str, str, tuple[list[dict], list[dict] | None], str]] = {}
@@ -138,7 +141,8 @@ class StatusWriter:
         envoys = self._cache.status()
         local = summarize(envoys, self._snapshots({envoy.node_group for envoy in envoys}))
         if self._records is not None:
-            self._records.publish(local, envoy_rows.pack(envoy_rows.rows(envoys, self._records.identity)))
+            self._records.publish(local, envoy_rows.pack(envoy_rows.rows(envoys, self._records.identity),
+                                                         [dataclasses.asdict(use) for use in self._budget_use()]))
         translation = self._translation
         if not self._leader.is_leader or translation is None:
             self._rotation_events.drop()
