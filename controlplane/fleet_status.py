@@ -124,7 +124,7 @@ def table(rows: list[dict[str, Any]], now: float | None = None) -> str:
     lines = [header]
     nacks = []
     for row in rows:
-        states = [row["types"].get(short, {}).get("state", "NOT SENT") for short in TYPES.values()]
+        states = [_cell(row["types"].get(short, {})) for short in TYPES.values()]
         lines.append([row["node"], row["group"], row["replica"], f"{_ago(now - row['connected_since'])} "
                       f"({row['transport']})", *states])
         for short, entry in row["types"].items():
@@ -137,6 +137,17 @@ def table(rows: list[dict[str, Any]], now: float | None = None) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
     return "\n".join(text + nacks)
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    """A type's state with the versions, short: "SYNCED 3f2a91", "STALE 3f2a91>9c0d12" (ACKed >
+    sent), "NACKED 9c0d12" (the version rejected), "NOT SENT"."""
+    state, sent, acked = entry.get("state", "NOT SENT"), entry.get("sent", "")[:6], entry.get("acked", "")[:6]
+    if state == "NOT SENT":
+        return state
+    if state == "STALE":
+        return f"STALE {acked or '-'}>{sent}"
+    return f"{state} {sent}"
 
 
 def _notes(records: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
