@@ -8,7 +8,8 @@ successive changes after each full pass, as a running control plane sees them; t
 snapshot's version (what publishing it computes first), and the last accepted state `serve`
 saves (`Translator.remembered_json()`, on the event loop). A burst: 100 EndpointSlices of
 different Services updated before one translation (a rollout, coalesced by the pipeline), three
-after each full pass. The garbage collector is tuned as `controlplane serve` tunes it
+after each full pass. Then one Backend edited (its budget) and one Service edited (its port),
+three of each per run: changes that are not EndpointSlices. The garbage collector is tuned as `controlplane serve` tunes it
 (runtime.serve.tune_gc).
 """
 
@@ -33,19 +34,24 @@ def objects(backends: int, endpoints: int) -> list[dict]:
                "spec": {"nodeCluster": "edge", "listeners": [{"name": "http", "port": 8080}]}}
     found = [gateway]
     for i in range(backends):
-        name = f"svc-{i}"
-        found += [
-            {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Backend",
-             "metadata": {"name": name, "namespace": "bench", "resourceVersion": "1"},
-             "spec": {"gateway": "edge", "service": {"name": name, "port": "http"},
-                      "routes": [{"pathPrefix": f"/{name}"}],
-                      "circuitBreakers": {"default": {"maxConnections": 1000}, "high": {"maxConnections": 100}}}},
-            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "bench",
-                                                                 "resourceVersion": "1"},
-             "spec": {"ports": [{"name": "http", "port": 80}]}},
-            endpoint_slice(name, i, endpoints, version=1),
-        ]
+        found += [backend(i), service(i), endpoint_slice(f"svc-{i}", i, endpoints, version=1)]
     return found
+
+
+def backend(index: int, *, max_connections: int = 1000) -> dict:
+    name = f"svc-{index}"
+    return {"apiVersion": "xds.controlplane.dev/v1alpha1", "kind": "Backend",
+            "metadata": {"name": name, "namespace": "bench", "resourceVersion": str(max_connections)},
+            "spec": {"gateway": "edge", "service": {"name": name, "port": "http"},
+                     "routes": [{"pathPrefix": f"/{name}"}],
+                     "circuitBreakers": {"default": {"maxConnections": max_connections},
+                                         "high": {"maxConnections": 100}}}}
+
+
+def service(index: int, *, port: int = 80) -> dict:
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": f"svc-{index}", "namespace": "bench",
+                                                                "resourceVersion": str(port)},
+            "spec": {"ports": [{"name": "http", "port": port}]}}
 
 
 def endpoint_slice(name: str, index: int, endpoints: int, *, version: int, moved: int = 0) -> dict:
@@ -80,7 +86,7 @@ def main() -> None:
     if args.one_pass:
         Publisher().publish(Store(objects(args.backends, args.endpoints)))
         return
-    full, changed, versions, remembered, bursts = [], [], [], [], []
+    full, changed, versions, remembered, bursts, edits = [], [], [], [], [], {"Backend": [], "Service": []}
     for round_number in range(args.repeat):
         store = Store(objects(args.backends, args.endpoints))
         publisher = Publisher()
@@ -110,12 +116,26 @@ def main() -> None:
             bursts.append((time.perf_counter() - started) * 1000)
             assert snapshot.version != previous.version
             previous = snapshot
+        for edit in range(3):  # what is not an EndpointSlice: a Backend's budget, a Service's port
+            index = (round_number * 3 + edit) * 53 % args.backends
+            for kind, edited in (("Backend", backend(index, max_connections=500 + edit)),
+                                 ("Service", service(index, port=81 + edit))):
+                store.put(edited)
+                started = time.perf_counter()
+                snapshot = publisher.publish(store)
+                edits[kind].append((time.perf_counter() - started) * 1000)
+                # A Service's port number changes no Envoy resource (endpoints come from the slices).
+                assert (snapshot.version != previous.version) == (kind == "Backend")
+                previous = snapshot
     print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
     print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
     print(f"  one endpoint changed -> snapshot: {min(changed):7.1f} / {statistics.median(changed):7.1f} ms")
     print(f"  then the snapshot's version:      {min(versions):7.1f} / {statistics.median(versions):7.1f} ms")
     print(f"  then the state to save:           {min(remembered):7.1f} / {statistics.median(remembered):7.1f} ms")
     print(f"  100 slices in a burst -> snapshot: {min(bursts):6.1f} / {statistics.median(bursts):7.1f} ms")
+    for kind, times in edits.items():
+        print(f"  one {kind} edited -> snapshot:{' ' * (8 - len(kind))}{min(times):7.1f} / "
+              f"{statistics.median(times):7.1f} ms")
 
 
 if __name__ == "__main__":
