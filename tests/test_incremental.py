@@ -36,6 +36,10 @@ BACKEND_SPECS = {
     "other-route": {"routes": [{"pathPrefix": "/moved"}]},  # may claim another Backend's route: a conflict
     "per-endpoint": {"circuitBreakers": {"default": PER_ENDPOINT, "high": PER_ENDPOINT}},
     "websocket": {"websocket": {"circuitBreakers": {"maxConnections": 5, "perEndpoint": {"maxRequests": 3}}}},
+    # Only what shapes the clusters: the fast path that rebuilds these Backends alone.
+    "budgets-only": {"circuitBreakers": {"default": {"scope": "Gateway", "maxConnections": 40}},
+                     "connectTimeoutMs": 250, "outlierDetection": {"consecutive5xx": 2}},
+    "websocket-budget": {"websocket": {"circuitBreakers": {"maxConnections": 9}}},
     "tls": {"tls": UPSTREAM_TLS},
     "invalid": {"circuitBreakers": {"default": {"maxConnections": -1}}},  # refused: the last accepted one serves
     "missing-service": {"service": {"name": "nowhere", "port": "http"}},

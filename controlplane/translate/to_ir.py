@@ -213,6 +213,11 @@ class Translator:
                 translation = self._endpoints_changed(view, changed)
                 self._last = (view, translation)
                 return translation
+            if changed is not None and all(key.kind == "Backend" for key in changed):
+                translation = self._clusters_changed(view, changed)
+                if translation is not None:
+                    self._last = (view, translation)
+                    return translation
         translation = self._translate(view)
         self._last = (view, translation)
         return translation
@@ -252,6 +257,56 @@ class Translator:
                 backends[position] = backend
             groups[name] = ir.NodeGroup(name, groups[name].listeners, tuple(backends))
         return Translation(groups=groups, conditions=last.conditions, origins=last.origins,
+                           node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
+                           serving_last_accepted=last.serving_last_accepted, failures=last.failures,
+                           secret_rotations_total=last.secret_rotations_total)
+
+    def _clusters_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
+        """Only Backends changed, each fully accepted before and now, and only in what shapes its
+        clusters (budgets, ejection, health checks, timeouts: a budget raised during a surge): their
+        routes, and so every listener, condition but their generation, and claim, stay as they
+        are, so only these Backends are rebuilt. None when a change is more than that (a full pass
+        then; tests/test_incremental.py proves both equal)."""
+        earlier, last = self._last
+        edits = []
+        for key in changed:
+            before, obj = earlier.get(*key), view.get(*key)
+            node_cluster = last.node_groups.get(key)
+            if before is None or obj is None or node_cluster is None or key not in self._served \
+                    or last.conditions.get(key) != _accepted_conditions(_generation(before), node_cluster):
+                return None
+            memo = self._memo.get(("spec", key, "now"))
+            if memo is None or memo[0] != (before,) or not memo[1]:
+                return None
+            try:
+                spec = _parse(crds.BackendSpec, obj)
+            except _Rejected:
+                return None
+            if _beyond_clusters(spec) != _beyond_clusters(memo[2]):
+                return None
+            edits.append((key, obj, spec, node_cluster))
+        replaced: dict[str, ir.Backend] = {}
+        conditions = dict(last.conditions)
+        for key, obj, spec, node_cluster in edits:
+            self._memo[("spec", key, "now")] = ((obj,), True, spec)
+            attempt = _Attempt("now", obj)
+            warnings: list[str] = []
+            backend = self._backend(view, key, spec, attempt, warnings=warnings)
+            if warnings or backend.name not in self._backend_positions:
+                return self._translate(view)  # memo entries primed above are right for it too
+            replaced[backend.name] = backend
+            self._good[key] = _Good(obj, view.get("Service", key.namespace, spec.service.name), backend.endpoints)
+            self.remembered_changes += 1
+            users = self._service_users.get((key.namespace, spec.service.name), [])
+            users[:] = [(user, attempt if user == key else was) for user, was in users]
+            conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+        groups = dict(last.groups)
+        for name, backend in replaced.items():
+            group, position = self._backend_positions[name]
+            backends = list(groups[group].backends)
+            backends[position] = backend
+            groups[group] = ir.NodeGroup(group, groups[group].listeners, tuple(backends))
+        return Translation(groups=groups, conditions=conditions, origins=last.origins,
                            node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
                            serving_last_accepted=last.serving_last_accepted, failures=last.failures,
                            secret_rotations_total=last.secret_rotations_total)
@@ -761,6 +816,17 @@ def _condition(kind: str, status: str, reason: str, message: str, generation: in
     # Built from values we control: no validation needed (model_construct), thousands per translation.
     return crds.Condition.model_construct(type=kind, status=status, reason=reason, message=message,
                                           observed_generation=generation)
+
+
+_CLUSTER_ONLY = {"circuit_breakers": None, "outlier_detection": None, "health_check": None,
+                 "max_requests_per_connection": None, "connect_timeout_ms": None}
+
+
+def _beyond_clusters(spec: crds.BackendSpec) -> crds.BackendSpec:
+    """The spec without what shapes only its clusters (their budgets, ejection, health checks,
+    timeouts): what its routes, claims and references come from."""
+    websocket = spec.websocket.model_copy(update={"circuit_breakers": None}) if spec.websocket is not None else None
+    return spec.model_copy(update={**_CLUSTER_ONLY, "websocket": websocket})
 
 
 @functools.lru_cache(maxsize=4096)
