@@ -8,8 +8,9 @@ successive changes after each full pass, as a running control plane sees them; t
 snapshot's version (what publishing it computes first), and the last accepted state `serve`
 saves (`Translator.remembered_json()`, on the event loop). A burst: 100 EndpointSlices of
 different Services updated before one translation (a rollout, coalesced by the pipeline), three
-after each full pass. Then one Backend edited (its budget) and one Service edited (its port),
-three of each per run: changes that are not EndpointSlices. The garbage collector is tuned as `controlplane serve` tunes it
+after each full pass. Then changes that are not EndpointSlices, three of each per run: a Backend's
+budget edited, a Backend's routes edited, a Service's port edited, a Backend added (with its
+Service and EndpointSlice), that Backend deleted. The garbage collector is tuned as `controlplane serve` tunes it
 (runtime.serve.tune_gc).
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from controlplane.runtime.serve import tune_gc  # noqa: E402
-from controlplane.sources.store import Store  # noqa: E402
+from controlplane.sources.store import ObjectKey, Store  # noqa: E402
 from controlplane.translate import to_ir, to_xds  # noqa: E402
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     if args.one_pass:
         Publisher().publish(Store(objects(args.backends, args.endpoints)))
         return
-    full, changed, versions, remembered, bursts, edits = [], [], [], [], [], {"Backend": [], "Service": []}
+    full, changed, versions, remembered, bursts, edits = [], [], [], [], [], {}
     for round_number in range(args.repeat):
         store = Store(objects(args.backends, args.endpoints))
         publisher = Publisher()
@@ -116,16 +117,26 @@ def main() -> None:
             bursts.append((time.perf_counter() - started) * 1000)
             assert snapshot.version != previous.version
             previous = snapshot
-        for edit in range(3):  # what is not an EndpointSlice: a Backend's budget, a Service's port
+        for edit in range(3):  # what is not an EndpointSlice: Backends and Services edited, added, deleted
             index = (round_number * 3 + edit) * 53 % args.backends
-            for kind, edited in (("Backend", backend(index, max_connections=500 + edit)),
-                                 ("Service", service(index, port=81 + edit))):
-                store.put(edited)
+            added = args.backends + round_number * 3 + edit
+            routed = backend(index + 1)
+            routed["spec"]["routes"] = [{"pathPrefix": f"/moved-{round_number}-{edit}"}]
+            for label, write, new_version in (
+                    ("Backend budget edited", lambda: store.put(backend(index, max_connections=500 + edit)), True),
+                    ("Backend routes edited", lambda: store.put(routed), True),
+                    ("Service edited", lambda: store.put(service(index, port=81 + edit)), False),
+                    ("Backend added", lambda: [store.put(o) for o in (service(added), backend(added),
+                                                                      endpoint_slice(f"svc-{added}", added,
+                                                                                     args.endpoints, version=1))],
+                     True),
+                    ("Backend deleted", lambda: store.delete(ObjectKey("Backend", "bench", f"svc-{added}")), True)):
+                write()
                 started = time.perf_counter()
                 snapshot = publisher.publish(store)
-                edits[kind].append((time.perf_counter() - started) * 1000)
+                edits.setdefault(label, []).append((time.perf_counter() - started) * 1000)
                 # A Service's port number changes no Envoy resource (endpoints come from the slices).
-                assert (snapshot.version != previous.version) == (kind == "Backend")
+                assert (snapshot.version != previous.version) == new_version, label
                 previous = snapshot
     print(f"{args.backends} Backends x {args.endpoints} endpoints, {args.repeat} runs (best / median):")
     print(f"  full translation + serialization: {min(full):7.1f} / {statistics.median(full):7.1f} ms")
@@ -133,8 +144,8 @@ def main() -> None:
     print(f"  then the snapshot's version:      {min(versions):7.1f} / {statistics.median(versions):7.1f} ms")
     print(f"  then the state to save:           {min(remembered):7.1f} / {statistics.median(remembered):7.1f} ms")
     print(f"  100 slices in a burst -> snapshot: {min(bursts):6.1f} / {statistics.median(bursts):7.1f} ms")
-    for kind, times in edits.items():
-        print(f"  one {kind} edited -> snapshot:{' ' * (8 - len(kind))}{min(times):7.1f} / "
+    for label, times in edits.items():
+        print(f"  one {label} -> snapshot:{' ' * (22 - len(label))}{min(times):7.1f} / "
               f"{statistics.median(times):7.1f} ms")
 
 

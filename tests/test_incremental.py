@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from controlplane.sources.store import ObjectKey, Store
@@ -29,6 +29,7 @@ UPSTREAM_TLS = {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCer
 PER_ENDPOINT = {"perEndpoint": {"maxConnections": 10, "maxRequests": 20, "min": {"maxConnections": 15},
                                 "max": {"maxRequests": 50}}}
 SERVICES = ["a", "b", "c", "d"]
+NEWCOMER = "e"  # a Backend and Service that come and go
 
 # Each Backend edit is a whole spec: a route, budgets, a WebSocket block, upstream TLS, or bad input.
 BACKEND_SPECS = {
@@ -40,6 +41,11 @@ BACKEND_SPECS = {
     "budgets-only": {"circuitBreakers": {"default": {"scope": "Gateway", "maxConnections": 40}},
                      "connectTimeoutMs": 250, "outlierDetection": {"consecutive5xx": 2}},
     "websocket-budget": {"websocket": {"circuitBreakers": {"maxConnections": 9}}},
+    # The same prefix, one header each: they tie on specificity, so their order must not depend on
+    # which Backend was placed first.
+    "canary": {"routes": [{"pathPrefix": "/moved", "headers": [{"name": "x-canary", "value": "1"}]}]},
+    "canary-2": {"routes": [{"pathPrefix": "/moved", "headers": [{"name": "x-canary", "value": "2"}]}]},
+    "admin-listener": {"listener": "admin"},  # refused while the Gateway has no such listener
     "tls": {"tls": UPSTREAM_TLS},
     "invalid": {"circuitBreakers": {"default": {"maxConnections": -1}}},  # refused: the last accepted one serves
     "missing-service": {"service": {"name": "nowhere", "port": "http"}},
@@ -48,8 +54,9 @@ BACKEND_SPECS = {
 CHANGES = st.one_of(
     st.tuples(st.just("slice"), st.sampled_from(SERVICES), st.integers(0, 3),
               st.sampled_from(["put", "delete", "not-ready", "bad-port"])),
-    st.tuples(st.just("backend"), st.sampled_from(SERVICES), st.sampled_from([*BACKEND_SPECS, "delete"])),
-    st.tuples(st.just("service"), st.sampled_from(SERVICES), st.sampled_from(["port-renamed", "delete", "restore"])),
+    st.tuples(st.just("backend"), st.sampled_from([*SERVICES, NEWCOMER]), st.sampled_from([*BACKEND_SPECS, "delete"])),
+    st.tuples(st.just("service"), st.sampled_from([*SERVICES, NEWCOMER]),
+              st.sampled_from(["port-renamed", "delete", "restore"])),
     st.tuples(st.just("secret"), st.sampled_from(["endpoints-ca", "edge-client"]),
               st.sampled_from(["rotate", "garbage", "delete", "restore"])),
     st.tuples(st.just("gateway"), st.sampled_from(["second-listener", "one-listener"])),
@@ -118,8 +125,12 @@ def content(snapshot) -> dict[str, tuple[str, dict[str, str]]]:
             for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, RUNTIME)}
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(changes=st.lists(CHANGES, min_size=1, max_size=12))
+# A route freed by its holder goes to the Backend it was refused to.
+@example(changes=[("backend", "a", "other-route"), ("backend", "b", "other-route"), ("backend", "a", "plain")])
+# A Secret another Backend uses: a NACK of it names the first Backend in claim order.
+@example(changes=[("backend", "a", "tls"), ("secret", "endpoints-ca", "rotate"), ("backend", "b", "plain")])
 def test_incremental_translation_and_snapshots_equal_translating_everything(changes):
     objects = {ObjectKey.of(obj): obj for obj in initial_objects()}
     store = Store(objects.values())  # the long-lived store: its views say what changed
@@ -139,6 +150,12 @@ def test_incremental_translation_and_snapshots_equal_translating_everything(chan
         full = reference.translate(Store(objects.values()).view())  # a new store: nothing to be incremental about
         assert fast.conditions == full.conditions, change
         assert fast.groups == full.groups, change
+        assert fast.origins == full.origins, change  # what an Envoy NACK is reported on
+        assert fast.node_groups == full.node_groups, change
+        assert fast.certificate_expiry == full.certificate_expiry, change
+        assert fast.serving_last_accepted == full.serving_last_accepted, change
+        assert fast.failures.keys() == full.failures.keys(), change
+        assert incremental.remembered() == reference.remembered(), change  # what a restart keeps
         for name, group in fast.groups.items():
             patched = builders.setdefault(name, to_xds.SnapshotBuilder()).snapshot(group)
             fresh = to_xds.snapshot(full.groups[name])
@@ -147,3 +164,43 @@ def test_incremental_translation_and_snapshots_equal_translating_everything(chan
         for gone in builders.keys() - fast.groups.keys():
             del builders[gone]
 
+
+
+def test_a_change_places_again_only_the_backends_that_name_what_changed(monkeypatch):
+    """The dependency index: a Service, Secret or Backend change at many Backends costs what it touches."""
+    objects = [gateway(), ca_secret("endpoints-ca", AUTHORITY.cert_pem)]
+    for index in range(30):
+        name = f"b{index}"
+        objects += [backend(name, **({"tls": {"caSecret": "endpoints-ca", "hostname": "b.shop.svc"}} if index == 7
+                                     else {})),
+                    service(name), endpoint_slice(name, [ready(f"10.0.1.{index + 1}")])]
+    store = Store(objects)
+    translator = to_ir.Translator()
+    translator.translate(store.view())
+    placed: list[str] = []
+    place = to_ir.Translator._place_backend
+    monkeypatch.setattr(to_ir.Translator, "_place_backend",
+                        lambda self, view, key, *rest: placed.append(key.name) or place(self, view, key, *rest))
+
+    def change(*, put=(), delete=()) -> tuple[list[str], to_ir.Translation]:
+        """The Backends placed again, and the translation (checked against one from scratch)."""
+        placed.clear()
+        for obj in put:
+            store.put(obj)
+        for key in delete:
+            store.delete(key)
+        translation, placed_again = translator.translate(store.view()), list(placed)
+        assert translation.groups == to_ir.translate(store.view()).groups
+        return placed_again, translation
+
+    assert change(put=[service("b3", port=81)])[0] == ["b3"]
+    placed_again, translation = change(put=[backend("b4", routes=[{"pathPrefix": "/moved"}], generation=2)])
+    assert placed_again == ["b4"]
+    routes = {route.path_prefix: route.backend for route in translation.groups["edge"].listeners[0].routes}
+    assert routes["/moved"] == "shop/b4" and "/b4" not in routes
+    assert change(put=[ca_secret("endpoints-ca", OTHER_AUTHORITY.cert_pem)])[0] == ["b7"]
+    placed_again, translation = change(delete=[ObjectKey("Backend", NS, "b5")])
+    assert placed_again == [] and "shop/b5" not in {b.name for b in translation.groups["edge"].backends}
+    placed_again, translation = change(put=[backend("newcomer", service="b6")])
+    assert placed_again == ["newcomer"] and "shop/newcomer" in {b.name for b in translation.groups["edge"].backends}
+    assert change(put=[service("nobody-uses-it")])[0] == []

@@ -18,6 +18,7 @@ Gateway's other Backends down with it, and nothing that works stops working:
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import json
@@ -92,6 +93,17 @@ class _Attempt:
     endpoints: tuple[ir.Endpoint, ...] = ()  # the endpoints to keep if today's EndpointSlices give none
 
 
+@dataclass(frozen=True)
+class _Placed:
+    """Where a served Backend's parts went: what placing it again first takes back."""
+
+    node_cluster: str
+    backend: str  # its cluster's name: its place in the node group
+    service: tuple[str, str]  # (namespace, name): whose EndpointSlices it follows
+    routes: dict[tuple[ObjectKey, str], list[ir.Route]]  # the routes it was given, by (Gateway, listener)
+    origins: tuple[str, ...]  # the Envoy resource names it is the origin of
+
+
 _FAILED = "TranslationFailed"
 _PARTIAL = ("RouteConflict", "PortConflict")  # Accepted reasons of an object served in part
 
@@ -128,8 +140,20 @@ class Translator:
         self._now: float | None = None
         self._next_validity_change = float("inf")  # when a certificate in use expires or becomes valid
         self._last: tuple[StoreView, Translation] | None = None
-        self._service_users: dict[tuple[str, str], list[tuple[ObjectKey, _Attempt]]] = {}
+        # What the last translation placed, kept so that a change places again only what it touches
+        # (`_backends_changed`): a full pass rebuilds all of it.
+        self._service_users: dict[tuple[str, str], dict[ObjectKey, _Attempt]] = {}
         self._backend_positions: dict[str, tuple[str, int]] = {}  # cluster name -> (node group, index in it)
+        self._gateways: dict[tuple[str, str], _Gateway] = {}  # accepted, by (namespace, name)
+        self._claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {}  # (Gateway, listener) -> route -> holder
+        self._listener_routes: dict[tuple[ObjectKey, str], list[ir.Route]] = {}  # (Gateway, listener) -> sorted routes
+        self._placed: dict[ObjectKey, _Placed] = {}
+        # The dependency index: ("Service" or "Secret", namespace, name) -> the Backends that name it
+        # (refused ones too: a Service created may resolve them), and each Backend's entries.
+        self._references: dict[tuple[str, str, str], set[ObjectKey]] = {}
+        self._references_of: dict[ObjectKey, set[tuple[str, str, str]]] = {}
+        self._gateway_secrets: set[tuple[str, str]] = set()  # (namespace, name) of the Secrets Gateways name
+        self._contested = False  # a Backend is refused a route another holds: who gets it depends on everyone
         self._expiry: dict[tuple[str, str, str], float] = {}
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
         self._good: dict[ObjectKey, _Good] = {}
@@ -206,19 +230,17 @@ class Translator:
     def translate(self, view: StoreView, *, now: float | None = None) -> Translation:
         """`now` (seconds since the epoch) checks certificate validity; None skips that check."""
         self._now = now
+        self._rotations = []
         certificates_unchanged = now is None or now < self._next_validity_change
+        translation = None
         if self._last is not None and certificates_unchanged:
             changed = view.changed_since(self._last[0])
             if changed is not None and all(key.kind == "EndpointSlice" for key in changed):
                 translation = self._endpoints_changed(view, changed)
-                self._last = (view, translation)
-                return translation
-            if changed is not None and all(key.kind == "Backend" for key in changed):
-                translation = self._clusters_changed(view, changed)
-                if translation is not None:
-                    self._last = (view, translation)
-                    return translation
-        translation = self._translate(view)
+            elif changed is not None:
+                translation = self._backends_changed(view, changed)
+        if translation is None:
+            translation = self._translate(view)
         self._last = (view, translation)
         return translation
 
@@ -234,7 +256,7 @@ class Translator:
                     and (service := ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL))}
         replaced: dict[str, ir.Backend] = {}
         for namespace, service in services:
-            for key, attempt in self._service_users.get((namespace, service), ()):
+            for key, attempt in self._service_users.get((namespace, service), {}).items():
                 spec = self._memo[("spec", key, attempt.variant)][2]
                 # Secrets unchanged: so are the warnings
                 backend = self._backend(view, key, spec, attempt, warnings=[])
@@ -244,7 +266,7 @@ class Translator:
                     self._good[key] = dataclasses.replace(good, endpoints=backend.endpoints)
                     self.remembered_changes += 1
         if not replaced:
-            return last
+            return dataclasses.replace(last, secret_rotations=())
         patches: dict[str, dict[int, ir.Backend]] = {}
         for name, backend in replaced.items():
             if name in self._backend_positions:
@@ -261,113 +283,192 @@ class Translator:
                            serving_last_accepted=last.serving_last_accepted, failures=last.failures,
                            secret_rotations_total=last.secret_rotations_total)
 
-    def _clusters_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
-        """Only Backends changed, each fully accepted before and now, and only in what shapes its
-        clusters (budgets, ejection, health checks, timeouts: a budget raised during a surge): their
-        routes, and so every listener, condition but their generation, and claim, stay as they
-        are, so only these Backends are rebuilt. None when a change is more than that (a full pass
-        then; tests/test_incremental.py proves both equal)."""
+    def _backends_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
+        """Only Backends, Services, EndpointSlices and Secrets that no Gateway names changed: only
+        the Backends that name what changed are placed again (the dependency index), each after
+        taking back what it held. None when the change reaches further (a full pass then;
+        tests/test_incremental.py proves both equal):
+        - a Gateway changed (its listeners, ports and TLS shape every Backend of it);
+        - a route is contested (refused to one Backend because another holds it), before or after:
+          who gets it depends on the order of everyone;
+        - a Backend of these shares a Secret with another object (which one a NACK names depends
+          on the order of everyone)."""
         earlier, last = self._last
-        edits = []
+        if self._contested:
+            return None
+        affected: set[ObjectKey] = set()
         for key in changed:
-            before, obj = earlier.get(*key), view.get(*key)
-            node_cluster = last.node_groups.get(key)
-            if before is None or obj is None or node_cluster is None or key not in self._served \
-                    or last.conditions.get(key) != _accepted_conditions(_generation(before), node_cluster):
+            if key.kind == "Backend":
+                affected.add(key)
+            elif key.kind == "EndpointSlice":
+                for obj in (earlier.get(*key), view.get(*key)):
+                    service = obj is not None and ((obj.get("metadata") or {}).get("labels") or {}).get(
+                        SERVICE_NAME_LABEL)
+                    affected |= self._references.get(("Service", key.namespace, service), set()) if service else set()
+            elif key.kind == "Service" or (key.kind == "Secret"
+                                           and (key.namespace, key.name) not in self._gateway_secrets):
+                affected |= self._references.get((key.kind, key.namespace, key.name), set())
+            else:
                 return None
-            memo = self._memo.get(("spec", key, "now"))
-            if memo is None or memo[0] != (before,) or not memo[1]:
-                return None
-            try:
-                spec = _parse(crds.BackendSpec, obj)
-            except _Rejected:
-                return None
-            if _beyond_clusters(spec) != _beyond_clusters(memo[2]):
-                return None
-            edits.append((key, obj, spec, node_cluster))
-        replaced: dict[str, ir.Backend] = {}
-        conditions = dict(last.conditions)
-        for key, obj, spec, node_cluster in edits:
-            self._memo[("spec", key, "now")] = ((obj,), True, spec)
-            attempt = _Attempt("now", obj)
-            warnings: list[str] = []
-            backend = self._backend(view, key, spec, attempt, warnings=warnings)
-            if warnings or backend.name not in self._backend_positions:
-                return self._translate(view)  # memo entries primed above are right for it too
-            replaced[backend.name] = backend
-            self._good[key] = _Good(obj, view.get("Service", key.namespace, spec.service.name), backend.endpoints)
-            self.remembered_changes += 1
-            users = self._service_users.get((key.namespace, spec.service.name), [])
-            users[:] = [(user, attempt if user == key else was) for user, was in users]
-            conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+        if not affected:
+            return dataclasses.replace(last, secret_rotations=())  # what changed is named by nothing
+        if self._shares_secrets(affected):
+            return None
+        self._expiry = dict(last.certificate_expiry)
+        out = Translation(groups={}, conditions=dict(last.conditions), origins=dict(last.origins),
+                          node_groups=dict(last.node_groups), serving_last_accepted=dict(last.serving_last_accepted),
+                          failures=dict(last.failures))
+        gone: dict[str, set[str]] = {}  # node group -> the names of the Backends taken out of it
+        targets: set[tuple[ObjectKey, str]] = set()  # the listeners whose routes may change
+        for key in affected:
+            for found in (out.conditions, out.node_groups, out.serving_last_accepted, out.failures):
+                found.pop(key, None)
+            placed = self._placed.pop(key, None)
+            if placed is not None:
+                if not self._take_back(key, placed, out.origins):
+                    return None
+                gone.setdefault(placed.node_cluster, set()).add(placed.backend)
+                targets |= placed.routes.keys()
+            for kind, namespace, name in self._references_of.get(key, ()):
+                if kind == "Secret":  # its own alone (`_shares_secrets`): its user says when it expires
+                    self._expiry.pop((namespace, name, "certificate"), None)
+                    self._expiry.pop((namespace, name, "ca"), None)
+            self._forget_references(key)
+        added: dict[str, dict[str, ir.Backend]] = {}
+        present = [(key, obj) for key in affected if (obj := view.get(*key)) is not None]
+        for key, obj in sorted(present, key=self._claim_order):
+            placed = self._translate_object(key, obj, out, lambda attempt: self._place_backend(
+                view, key, attempt, self._gateways, self._claimed))
+            if placed is not None:
+                backend, node_cluster = self._record_backend(key, obj, *placed, out)
+                added.setdefault(node_cluster, {})[backend.name] = backend
+                for target, routes in self._placed[key].routes.items():
+                    targets.add(target)
+                    for route in routes:
+                        bisect.insort(self._listener_routes[target], route, key=_specificity)
+        if any(out.conditions[key][0].reason in _PARTIAL for key, _obj in present) or self._shares_secrets(affected):
+            return None
         groups = dict(last.groups)
-        for name, backend in replaced.items():
-            group, position = self._backend_positions[name]
-            backends = list(groups[group].backends)
-            backends[position] = backend
-            groups[group] = ir.NodeGroup(group, groups[group].listeners, tuple(backends))
-        return Translation(groups=groups, conditions=conditions, origins=last.origins,
-                           node_groups=last.node_groups, certificate_expiry=last.certificate_expiry,
-                           serving_last_accepted=last.serving_last_accepted, failures=last.failures,
-                           secret_rotations_total=last.secret_rotations_total)
+        moved = set()  # node groups whose Backends came or went
+        for name in gone.keys() | added.keys():
+            group, taken, given = groups[name], gone.get(name, set()), added.get(name, {})
+            if taken == given.keys():  # the same Backends, new values: each at its place
+                backends = list(group.backends)
+                for backend in given.values():
+                    backends[self._backend_positions[backend.name][1]] = backend
+            else:
+                backends = [backend for backend in group.backends if backend.name not in taken]
+                for backend in given.values():
+                    bisect.insort(backends, backend, key=_BY_NAME)
+                moved.add(name)
+            groups[name] = ir.NodeGroup(name, group.listeners, tuple(backends))
+        for target in targets:
+            gateway = self._gateways[(target[0].namespace, target[0].name)]
+            listener = next(listener for listener in gateway.listeners if listener.name == target[1])
+            built = self._built_listener(gateway, listener, tuple(self._listener_routes[target]))
+            group = groups[gateway.spec.node_cluster]
+            if not any(held is built for held in group.listeners):
+                groups[group.name] = ir.NodeGroup(group.name, tuple(built if held.name == built.name else held
+                                                                    for held in group.listeners), group.backends)
+        self._served = (self._served - affected) | {key for key, _obj in present if key in out.node_groups}
+        for name in moved:
+            self._backend_positions.update((backend.name, (name, position))
+                                           for position, backend in enumerate(groups[name].backends))
+        for key in affected:
+            if key.kind == "Backend" and view.get(*key) is None:
+                self._forget(key)
+        out.groups, out.certificate_expiry = groups, self._expiry
+        out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
+        return out
+
+    def _shares_secrets(self, backends: set[ObjectKey]) -> bool:
+        """Whether one of these Backends names a Secret that another object names too."""
+        return any(kind == "Secret" and (len(self._references[(kind, namespace, name)]) > 1
+                                         or (namespace, name) in self._gateway_secrets)
+                   for key in backends for kind, namespace, name in self._references_of.get(key, ()))
+
+    def _take_back(self, key: ObjectKey, placed: _Placed, origins: dict[str, ObjectKey]) -> bool:
+        """Undo what placing a Backend did: its routes, claims, origins and Service use. False if
+        a route is not where it was put (a bug: the caller translates everything instead)."""
+        for target, routes in placed.routes.items():
+            held, claims = self._listener_routes[target], self._claimed[target]
+            for route in routes:
+                position = bisect.bisect_left(held, _specificity(route), key=_specificity)
+                if claims.pop(route.match_key, None) != key or position == len(held) or held[position] != route:
+                    return False
+                del held[position]
+        for name in placed.origins:
+            del origins[name]
+        users = self._service_users[placed.service]
+        del users[key]
+        if not users:
+            del self._service_users[placed.service]
+        return True
+
+    def _forget(self, key: ObjectKey) -> None:
+        """A Backend deleted: its last accepted version and what the memo holds of it go."""
+        if self._good.pop(key, None) is not None:
+            self.remembered_changes += 1
+        for variant in ("now", "last-accepted", "last-resolved"):
+            for part in ("spec", "backend", "routes"):
+                self._memo.pop((part, key, variant), None)
+        for part in ("backend-kept", "slice-problems", "upstream-tls"):
+            self._memo.pop((part, key), None)
+
+    def _refer(self, key: ObjectKey, spec: crds.BackendSpec) -> None:
+        """Index what a Backend's spec names (each attempt's: any may be the one served)."""
+        named = [("Service", key.namespace, spec.service.name)]
+        if spec.tls is not None:
+            named += [("Secret", key.namespace, secret) for secret in (spec.tls.ca_secret,
+                                                                      spec.tls.client_certificate_secret) if secret]
+        for reference in named:
+            self._references.setdefault(reference, set()).add(key)
+        self._references_of.setdefault(key, set()).update(named)
+
+    def _forget_references(self, key: ObjectKey) -> None:
+        for reference in self._references_of.pop(key, ()):
+            users = self._references[reference]
+            users.discard(key)
+            if not users:
+                del self._references[reference]
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
         self._next_validity_change = float("inf")
-        self._service_users = {}
+        self._service_users, self._placed, self._references, self._references_of = {}, {}, {}, {}
+        self._gateway_secrets = set()
         self._expiry: dict[tuple[str, str, str], float] = {}
-        self._rotations = []
         out = Translation(groups={}, conditions={})
         gateways = self._accepted_gateways(view, out)
-        listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {
-            (gateway.key, listener.name): [] for gateway in gateways.values() for listener in gateway.listeners}
-        claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {key: {} for key in listeners}
+        targets = [(gateway, listener) for gateway in gateways.values() for listener in gateway.listeners]
+        claimed: dict[tuple[ObjectKey, str], dict[tuple, ObjectKey]] = {
+            (gateway.key, listener.name): {} for gateway, listener in targets}
         backends: dict[str, list[ir.Backend]] = {}
         for key, obj in self._holders_first(view, "Backend"):
             placed = self._translate_object(key, obj, out, lambda attempt: self._place_backend(
                 view, key, attempt, gateways, claimed))
-            if placed is None:
-                continue
-            attempt, (gateway, spec, backend, routes, (warnings, left_out), conflicts) = placed
-            node_cluster = gateway.spec.node_cluster
-            self._service_users.setdefault((key.namespace, spec.service.name), []).append((key, attempt))
-            for target, served in routes.items():
-                listeners[target].extend(served)
-            backends.setdefault(node_cluster, []).append(backend)
-            out.origins[backend.name] = key
-            if backend.websocket is not None:
-                out.origins[backend.websocket.name] = key
-            if backend.tls is not None:
-                _claim_secrets(out.origins, key, backend.tls.ca, backend.tls.client_certificate)
-            out.node_groups[key] = node_cluster
-            if attempt.variant == "now":
-                out.conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
-            if conflicts:
-                out.conditions[key] = _partially(out.conditions[key], "RouteConflict", "; ".join(conflicts)
-                                                 + ". The Backend's other routes are served")
-            if warnings or left_out:
-                out.conditions[key] = _with_unresolved(out.conditions[key],
-                                                       "InvalidSecret" if warnings else "InvalidEndpointSlice",
-                                                       "; ".join((*warnings, *left_out)))
-
+            if placed is not None:
+                backend, node_cluster = self._record_backend(key, obj, *placed, out)
+                backends.setdefault(node_cluster, []).append(backend)
+        listeners: dict[tuple[ObjectKey, str], list[ir.Route]] = {target: [] for target in claimed}
+        for placed in self._placed.values():
+            for target, routes in placed.routes.items():
+                listeners[target].extend(routes)
         group_listeners: dict[str, list[ir.Listener]] = {}
-        for gateway in gateways.values():
-            for listener in gateway.listeners:
-                name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
-                out.origins[name] = gateway.key
-                routes = tuple(sorted(listeners[(gateway.key, listener.name)], key=_specificity))
-                tls = gateway.tls.get(listener.name)
-                if tls is not None:
-                    _claim_secrets(out.origins, gateway.key, tls.certificate, tls.client_ca)
-                built = self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener,
-                                     routes, gateway.spec.limits.max_connections, tls)
-                group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
-        by_name = operator.attrgetter("name")
-        out.groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=by_name)),
-                                                 tuple(sorted(backends.get(node_cluster, []), key=by_name)))
+        for gateway, listener in targets:
+            routes = listeners[(gateway.key, listener.name)]
+            routes.sort(key=_specificity)
+            built = self._built_listener(gateway, listener, tuple(routes))
+            out.origins[built.name] = gateway.key
+            if built.tls is not None:
+                _claim_secrets(out.origins, gateway.key, built.tls.certificate, built.tls.client_ca)
+            group_listeners.setdefault(gateway.spec.node_cluster, []).append(built)
+        out.groups = {node_cluster: ir.NodeGroup(node_cluster, tuple(sorted(listeners_, key=_BY_NAME)),
+                                                 tuple(sorted(backends.get(node_cluster, []), key=_BY_NAME)))
                       for node_cluster, listeners_ in sorted(group_listeners.items())}
         self._backend_positions = {backend.name: (group.name, position) for group in out.groups.values()
                                    for position, backend in enumerate(group.backends)}
+        self._gateways, self._claimed, self._listener_routes = gateways, claimed, listeners
         for stale in self._memo.keys() - self._used:
             del self._memo[stale]
         for deleted in self._good.keys() - set(view):  # only deleting an object forgets its last good version
@@ -377,20 +478,59 @@ class Translator:
         # the holder of the ones it was refused.
         self._served = frozenset(key for key in out.node_groups if out.conditions[key][0].reason not in _PARTIAL)
         self._partly_served = frozenset(out.node_groups) - self._served
+        self._contested = any(key.kind == "Backend" and conditions[0].reason in _PARTIAL
+                              for key, conditions in out.conditions.items())
         out.certificate_expiry = self._expiry
         out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
         return out
 
+    def _record_backend(self, key: ObjectKey, obj: Mapping[str, Any], attempt: _Attempt, placed: tuple,
+                        out: Translation) -> tuple[ir.Backend, str]:
+        """Enter a placed Backend in `out` (its origins, node group, conditions) and in what the
+        translator keeps of it (`_placed`, the Service it follows): (its value, its node group)."""
+        gateway, spec, backend, routes, (warnings, left_out), conflicts = placed
+        node_cluster = gateway.spec.node_cluster
+        service = (key.namespace, spec.service.name)
+        self._service_users.setdefault(service, {})[key] = attempt
+        origins = [backend.name]
+        if backend.websocket is not None:
+            origins.append(backend.websocket.name)
+        out.origins.update(dict.fromkeys(origins, key))
+        if backend.tls is not None:
+            secrets_ = [secret.name for secret in (backend.tls.ca, backend.tls.client_certificate)
+                        if secret is not None and secret.name not in out.origins]
+            _claim_secrets(out.origins, key, backend.tls.ca, backend.tls.client_certificate)
+            origins += secrets_
+        self._placed[key] = _Placed(node_cluster, backend.name, service, routes, tuple(origins))
+        out.node_groups[key] = node_cluster
+        if attempt.variant == "now":
+            out.conditions[key] = _accepted_conditions(_generation(obj), node_cluster)
+        if conflicts:
+            out.conditions[key] = _partially(out.conditions[key], "RouteConflict", "; ".join(conflicts)
+                                             + ". The Backend's other routes are served")
+        if warnings or left_out:
+            out.conditions[key] = _with_unresolved(out.conditions[key],
+                                                   "InvalidSecret" if warnings else "InvalidEndpointSlice",
+                                                   "; ".join((*warnings, *left_out)))
+        return backend, node_cluster
+
+    def _built_listener(self, gateway: _Gateway, listener: crds.Listener, routes: tuple[ir.Route, ...]) -> ir.Listener:
+        name = names.listener(gateway.key.namespace, gateway.key.name, listener.name)
+        tls = gateway.tls.get(listener.name)
+        return self._cached(("listener", name), (gateway.spec, tls, *routes), _listener, name, listener, routes,
+                            gateway.spec.limits.max_connections, tls)
+
     def _holders_first(self, view: StoreView, kind: str) -> list[tuple[ObjectKey, Mapping[str, Any]]]:
-        """Objects in the order they claim routes and ports: those served before keep what they hold,
-        then those served in part (a newcomer's free routes), then the oldest (creationTimestamp, which
-        sorts as text), then by namespace/name."""
-        def order(item: tuple[ObjectKey, Mapping[str, Any]]) -> tuple:
-            key, obj = item
-            created = (obj.get("metadata") or {}).get("creationTimestamp")
-            rank = 0 if key in self._served else 1 if key in self._partly_served else 2
-            return (rank, created if isinstance(created, str) else "~", key)
-        return sorted(view.of_kind(kind), key=order)
+        return sorted(view.of_kind(kind), key=self._claim_order)
+
+    def _claim_order(self, item: tuple[ObjectKey, Mapping[str, Any]]) -> tuple:
+        """The order objects claim routes and ports in: those served before keep what they hold,
+        then those served in part (a newcomer's free routes), then the oldest (creationTimestamp,
+        which sorts as text), then by namespace/name."""
+        key, obj = item
+        created = (obj.get("metadata") or {}).get("creationTimestamp")
+        rank = 0 if key in self._served else 1 if key in self._partly_served else 2
+        return (rank, created if isinstance(created, str) else "~", key)
 
     def _attempts(self, key: ObjectKey, obj: Mapping[str, Any]) -> Iterator[_Attempt]:
         yield _Attempt("now", obj)
@@ -437,6 +577,7 @@ class Translator:
         """A Backend, its routes by listener (without those another object holds) and its problems,
         claiming its routes; with the Service and endpoints it resolved. Raises _Rejected."""
         spec = self._cached(("spec", key, attempt.variant), (attempt.obj,), _parse, crds.BackendSpec, attempt.obj)
+        self._refer(key, spec)
         gateway = gateways.get((key.namespace, spec.gateway))
         if gateway is None:
             raise _Rejected("GatewayNotFound", f"Gateway {key.namespace}/{spec.gateway} does not exist or "
@@ -512,6 +653,9 @@ class Translator:
     def _place_gateway(self, view: StoreView, key: ObjectKey, attempt: _Attempt,
                        ports: dict[tuple[str, int], ObjectKey]) -> tuple[_Gateway, list[str], list[str]]:
         spec = self._cached(("spec", key, attempt.variant), (attempt.obj,), _parse, crds.GatewaySpec, attempt.obj)
+        self._gateway_secrets.update((key.namespace, secret) for listener in spec.listeners if listener.tls is not None
+                                     for secret in (listener.tls.certificate_secret, listener.tls.client_ca_secret,
+                                                    listener.tls.clients_trust_secret) if secret)
         given, conflicts = [], []
         for listener in spec.listeners:
             holder = ports.get((spec.node_cluster, listener.port))
@@ -796,9 +940,14 @@ def _describe(route: ir.Route) -> str:
 
 
 def _specificity(route: ir.Route) -> tuple:
-    """Envoy takes the first matching route: exact paths, then longer prefixes, then more headers."""
+    """Envoy takes the first matching route: exact paths, then longer prefixes, then more headers.
+    A total order over a listener's routes (no two it serves have the same match): each route's
+    place does not depend on the order Backends were placed in."""
     return (route.path is None, -len(route.path or route.path_prefix or ""), -len(route.headers),
-            route.path or route.path_prefix or "", route.backend)
+            route.path or route.path_prefix or "", route.match_key[2], route.backend)
+
+
+_BY_NAME = operator.attrgetter("name")
 
 
 def _parse(model: type, obj: Mapping[str, Any]):
@@ -816,17 +965,6 @@ def _condition(kind: str, status: str, reason: str, message: str, generation: in
     # Built from values we control: no validation needed (model_construct), thousands per translation.
     return crds.Condition.model_construct(type=kind, status=status, reason=reason, message=message,
                                           observed_generation=generation)
-
-
-_CLUSTER_ONLY = {"circuit_breakers": None, "outlier_detection": None, "health_check": None,
-                 "max_requests_per_connection": None, "connect_timeout_ms": None}
-
-
-def _beyond_clusters(spec: crds.BackendSpec) -> crds.BackendSpec:
-    """The spec without what shapes only its clusters (their budgets, ejection, health checks,
-    timeouts): what its routes, claims and references come from."""
-    websocket = spec.websocket.model_copy(update={"circuit_breakers": None}) if spec.websocket is not None else None
-    return spec.model_copy(update={**_CLUSTER_ONLY, "websocket": websocket})
 
 
 @functools.lru_cache(maxsize=4096)
