@@ -25,6 +25,7 @@ from tests.objects import NS, backend, endpoint_slice, gateway, ready, service
 AUTHORITY = issue("endpoints CA", ca=True)
 OTHER_AUTHORITY = issue("another CA", ca=True)
 EDGE_CLIENT = issue("edge", issuer=AUTHORITY, client=True)
+LISTENER_CERTIFICATE = issue("localhost", issuer=AUTHORITY)  # a Gateway's, named by no Backend
 UPSTREAM_TLS = {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCertificateSecret": "edge-client"}
 PER_ENDPOINT = {"perEndpoint": {"maxConnections": 10, "maxRequests": 20, "min": {"maxConnections": 15},
                                 "max": {"maxRequests": 50}}}
@@ -57,15 +58,16 @@ CHANGES = st.one_of(
     st.tuples(st.just("backend"), st.sampled_from([*SERVICES, NEWCOMER]), st.sampled_from([*BACKEND_SPECS, "delete"])),
     st.tuples(st.just("service"), st.sampled_from([*SERVICES, NEWCOMER]),
               st.sampled_from(["port-renamed", "delete", "restore"])),
-    st.tuples(st.just("secret"), st.sampled_from(["endpoints-ca", "edge-client"]),
+    st.tuples(st.just("secret"), st.sampled_from(["endpoints-ca", "edge-client", "edge-cert"]),
               st.sampled_from(["rotate", "garbage", "delete", "restore"])),
-    st.tuples(st.just("gateway"), st.sampled_from(["second-listener", "one-listener"])),
+    st.tuples(st.just("gateway"), st.sampled_from(["second-listener", "one-listener", "tls-listener"])),
 )
 
 
 def initial_objects() -> list[dict]:
     objects = [gateway(), ca_secret("endpoints-ca", AUTHORITY.cert_pem),
-               tls_secret("edge-client", EDGE_CLIENT.cert_pem, EDGE_CLIENT.key_pem)]
+               tls_secret("edge-client", EDGE_CLIENT.cert_pem, EDGE_CLIENT.key_pem),
+               tls_secret("edge-cert", LISTENER_CERTIFICATE.cert_pem, LISTENER_CERTIFICATE.key_pem)]
     for index, name in enumerate(SERVICES):
         objects += [backend(name, **(BACKEND_SPECS["tls"] if name == "b" else {})), service(name),
                     endpoint_slice(name, [ready(f"10.0.0.{index + 1}")])]
@@ -107,6 +109,10 @@ def apply(store: dict[ObjectKey, dict], change: tuple, step: int) -> None:
         elif name == "endpoints-ca":
             pem = {"rotate": OTHER_AUTHORITY.cert_pem, "garbage": b"not a certificate", "restore": AUTHORITY.cert_pem}
             store[key] = ca_secret(name, pem[action])
+        elif name == "edge-cert":
+            issued = {"rotate": issue("localhost", issuer=AUTHORITY), "restore": LISTENER_CERTIFICATE}.get(action)
+            store[key] = (tls_secret(name, issued.cert_pem, issued.key_pem) if issued is not None
+                          else tls_secret(name, b"garbage", b"garbage"))
         else:
             issued = {"rotate": issue("edge", issuer=AUTHORITY, client=True), "restore": EDGE_CLIENT}.get(action)
             store[key] = (tls_secret(name, issued.cert_pem, issued.key_pem) if issued is not None
@@ -115,6 +121,9 @@ def apply(store: dict[ObjectKey, dict], change: tuple, step: int) -> None:
         listeners = [{"name": "http", "port": 8080, "address": "127.0.0.1"}]
         if name == "second-listener":
             listeners.append({"name": "admin", "port": 8081, "address": "127.0.0.1"})
+        if name == "tls-listener":
+            listeners.append({"name": "https", "port": 8443, "address": "127.0.0.1", "protocol": "HTTPS",
+                              "tls": {"certificateSecret": "edge-cert"}})
         store[ObjectKey("Gateway", NS, "edge")] = gateway(listeners=listeners, generation=step + 2)
 
 
@@ -131,6 +140,11 @@ def content(snapshot) -> dict[str, tuple[str, dict[str, str]]]:
 @example(changes=[("backend", "a", "other-route"), ("backend", "b", "other-route"), ("backend", "a", "plain")])
 # A Secret another Backend uses: a NACK of it names the first Backend in claim order.
 @example(changes=[("backend", "a", "tls"), ("secret", "endpoints-ca", "rotate"), ("backend", "b", "plain")])
+# A listener's certificate rotated, then refused (the last valid one serves), then deleted.
+@example(changes=[("gateway", "tls-listener"), ("secret", "edge-cert", "rotate"), ("secret", "edge-cert", "garbage"),
+                  ("secret", "edge-cert", "delete"), ("secret", "edge-cert", "restore")])
+# A Backend's routes change after a listener's certificate rotated: the listener keeps the new one.
+@example(changes=[("gateway", "tls-listener"), ("secret", "edge-cert", "rotate"), ("backend", "a", "other-route")])
 def test_incremental_translation_and_snapshots_equal_translating_everything(changes):
     objects = {ObjectKey.of(obj): obj for obj in initial_objects()}
     store = Store(objects.values())  # the long-lived store: its views say what changed
@@ -168,7 +182,11 @@ def test_incremental_translation_and_snapshots_equal_translating_everything(chan
 
 def test_a_change_places_again_only_the_backends_that_name_what_changed(monkeypatch):
     """The dependency index: a Service, Secret or Backend change at many Backends costs what it touches."""
-    objects = [gateway(), ca_secret("endpoints-ca", AUTHORITY.cert_pem)]
+    listeners = [{"name": "http", "port": 8080, "address": "127.0.0.1"},
+                 {"name": "https", "port": 8443, "address": "127.0.0.1", "protocol": "HTTPS",
+                  "tls": {"certificateSecret": "edge-cert"}}]
+    objects = [gateway(listeners=listeners), ca_secret("endpoints-ca", AUTHORITY.cert_pem),
+               tls_secret("edge-cert", LISTENER_CERTIFICATE.cert_pem, LISTENER_CERTIFICATE.key_pem)]
     for index in range(30):
         name = f"b{index}"
         objects += [backend(name, **({"tls": {"caSecret": "endpoints-ca", "hostname": "b.shop.svc"}} if index == 7
@@ -204,3 +222,7 @@ def test_a_change_places_again_only_the_backends_that_name_what_changed(monkeypa
     placed_again, translation = change(put=[backend("newcomer", service="b6")])
     assert placed_again == ["newcomer"] and "shop/newcomer" in {b.name for b in translation.groups["edge"].backends}
     assert change(put=[service("nobody-uses-it")])[0] == []
+    rotated = issue("localhost", issuer=AUTHORITY)
+    placed_again, translation = change(put=[tls_secret("edge-cert", rotated.cert_pem, rotated.key_pem)])
+    https = next(listener for listener in translation.groups["edge"].listeners if listener.tls is not None)
+    assert placed_again == [] and https.tls.certificate.certificate_chain == rotated.cert_pem

@@ -39,11 +39,27 @@ class ObjectKey(NamedTuple):
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
+class _Frozen(dict):
+    """A frozen base (never written once a view holds it) that also sorts its objects by kind on
+    first use: every view of the same base shares that work (a full translation at 10,000 Backends
+    spent ~50 ms a kind filtering 40,000 objects)."""
+
+    _by_kind: dict[str, dict[ObjectKey, Mapping[str, Any]]] | None = None
+
+    def of_kind(self, kind: str) -> Mapping[ObjectKey, Mapping[str, Any]]:
+        if self._by_kind is None:
+            by_kind: dict[str, dict[ObjectKey, Mapping[str, Any]]] = {}
+            for key, obj in self.items():
+                by_kind.setdefault(key.kind, {})[key] = obj
+            self._by_kind = by_kind  # computed twice by two threads at worst: the same result
+        return self._by_kind.get(kind, {})
+
+
 class StoreView:
     """An immutable set of objects, with the look-ups translation needs, and what changed since
     an earlier view of the same store (so translation can redo only what a change touches)."""
 
-    def __init__(self, base: Mapping[ObjectKey, Mapping[str, Any]],
+    def __init__(self, base: _Frozen,
                  overlay: Mapping[ObjectKey, Mapping[str, Any] | None],
                  slices: Mapping[tuple[str, str], Mapping[ObjectKey, Mapping[str, Any]]], *,
                  changes: _ChangeLog, version: int):
@@ -87,7 +103,16 @@ class StoreView:
         """Objects of one kind, sorted by namespace and name (translation is deterministic)."""
         found = self._sorted.get(kind)
         if found is None:
-            found = self._sorted[kind] = sorted((k, o) for k, o in self._objects().items() if k.kind == kind)
+            objects = self._base.of_kind(kind)
+            written = [(key, obj) for key, obj in self._overlay.items() if key.kind == kind]
+            if written:
+                objects = dict(objects)
+                for key, obj in written:
+                    if obj is None:
+                        objects.pop(key, None)
+                    else:
+                        objects[key] = obj
+            found = self._sorted[kind] = sorted(objects.items())
         return found
 
     def endpoint_slices(self, namespace: str, service: str) -> list[Mapping[str, Any]]:
@@ -134,7 +159,7 @@ class Store:
 
     def __init__(self, objects: Iterable[Mapping[str, Any]] = ()):
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}  # the store's own, written in place
-        self._base: dict[ObjectKey, Mapping[str, Any]] = {}  # frozen: shared with views, never written
+        self._base = _Frozen()  # shared with views, never written
         self._overlay: dict[ObjectKey, Mapping[str, Any] | None] = {}  # written since `_base` (None: deleted)
         self._slices: dict[tuple[str, str], dict[ObjectKey, Mapping[str, Any]]] = {}
         self._owned: set[tuple[str, str]] = set()  # slice indexes not shared with a view (copy on write)
@@ -190,7 +215,7 @@ class Store:
         with self._lock:
             self._owned = set()  # the view shares every index now: the next write to one copies it
             if len(self._overlay) > max(64, len(self._base) // 8):
-                self._base, self._overlay = dict(self._objects), {}  # a new frozen base: amortized O(1) a write
+                self._base, self._overlay = _Frozen(self._objects), {}  # a new frozen base: amortized O(1) a write
             view = StoreView(self._base, dict(self._overlay), dict(self._slices), changes=self._changes,
                              version=self._version)
             view.origins = self.origins

@@ -237,6 +237,9 @@ class Translator:
             changed = view.changed_since(self._last[0])
             if changed is not None and all(key.kind == "EndpointSlice" for key in changed):
                 translation = self._endpoints_changed(view, changed)
+            elif changed is not None and any(key.kind == "Secret" and (key.namespace, key.name) in self._gateway_secrets
+                                             for key in changed):
+                translation = self._listener_secrets_changed(view, changed)
             elif changed is not None:
                 translation = self._backends_changed(view, changed)
         if translation is None:
@@ -381,6 +384,42 @@ class Translator:
         out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
         return out
 
+    def _listener_secrets_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
+        """Only Secrets changed, Gateways name some and no Backend names those (a listener's
+        certificate rotated): the Gateways (a handful) are accepted again and, if each kept its
+        spec and listeners, only the listeners whose TLS changed are rebuilt; their routes, the
+        Backends and their conditions stay. None otherwise (a full pass then)."""
+        _earlier, last = self._last
+        if any(key.kind != "Secret" for key in changed) or any(
+                ("Secret", namespace, name) in self._references for namespace, name in self._gateway_secrets):
+            return None
+        self._expiry = dict(last.certificate_expiry)  # each Gateway still accepted says again when its expire
+        scratch = Translation(groups={}, conditions={})
+        gateways = self._accepted_gateways(view, scratch)
+        if gateways.keys() != self._gateways.keys() or any(
+                gateway.spec is not self._gateways[name].spec or gateway.listeners != self._gateways[name].listeners
+                for name, gateway in gateways.items()):
+            return None
+        groups = dict(last.groups)
+        for gateway in gateways.values():
+            for listener in gateway.listeners:
+                built = self._built_listener(gateway, listener,
+                                             tuple(self._listener_routes[(gateway.key, listener.name)]))
+                group = groups[gateway.spec.node_cluster]
+                if not any(held is built for held in group.listeners):
+                    groups[group.name] = ir.NodeGroup(group.name, tuple(
+                        built if held.name == built.name else held for held in group.listeners), group.backends)
+        self._gateways = gateways
+        serving_last_accepted, failures = (
+            {key: value for key, value in found.items() if key.kind != "Gateway"} | fresh
+            for found, fresh in ((last.serving_last_accepted, scratch.serving_last_accepted),
+                                 (last.failures, scratch.failures)))
+        return Translation(groups=groups, conditions=last.conditions | scratch.conditions, origins=last.origins,
+                           node_groups=last.node_groups, certificate_expiry=self._expiry,
+                           serving_last_accepted=serving_last_accepted, failures=failures,
+                           secret_rotations=tuple(self._rotations),
+                           secret_rotations_total=dict(self._rotation_totals))
+
     def _shares_secrets(self, backends: set[ObjectKey]) -> bool:
         """Whether one of these Backends names a Secret that another object names too."""
         return any(kind == "Secret" and (len(self._references[(kind, namespace, name)]) > 1
@@ -398,7 +437,8 @@ class Translator:
                     return False
                 del held[position]
         for name in placed.origins:
-            del origins[name]
+            if origins.get(name) == key:  # a Secret's may have gone to a Backend that sorts first since
+                del origins[name]
         users = self._service_users[placed.service]
         del users[key]
         if not users:
@@ -497,10 +537,9 @@ class Translator:
             origins.append(backend.websocket.name)
         out.origins.update(dict.fromkeys(origins, key))
         if backend.tls is not None:
-            secrets_ = [secret.name for secret in (backend.tls.ca, backend.tls.client_certificate)
-                        if secret is not None and secret.name not in out.origins]
             _claim_secrets(out.origins, key, backend.tls.ca, backend.tls.client_certificate)
-            origins += secrets_
+            origins += [secret.name for secret in (backend.tls.ca, backend.tls.client_certificate)
+                        if secret is not None and out.origins[secret.name] == key]
         self._placed[key] = _Placed(node_cluster, backend.name, service, routes, tuple(origins))
         out.node_groups[key] = node_cluster
         if attempt.variant == "now":
@@ -751,11 +790,12 @@ class Translator:
 
 
 def _claim_secrets(origins: dict[str, ObjectKey], key: ObjectKey, *used: ir.Certificate | ir.TrustedCa | None) -> None:
-    """A Secret shared by several objects is reported on the first to claim it (Backends, then
-    Gateways, each by namespace and name): an Envoy NACK of it marks an object that uses it."""
+    """A Secret shared by several objects is reported on the first of them (Backends, then
+    Gateways, each by namespace and name: keys sort so), whatever the order they were placed in:
+    an Envoy NACK of it marks an object that uses it."""
     for secret in used:
-        if secret is not None:
-            origins.setdefault(secret.name, key)
+        if secret is not None and (secret.name not in origins or key < origins[secret.name]):
+            origins[secret.name] = key
 
 
 def _target_listeners(gateway: _Gateway, spec: crds.BackendSpec) -> list[tuple[ObjectKey, str]]:
