@@ -152,17 +152,24 @@ def eds_cluster(name: str, *, connect_timeout_ms: int = 1000, endpoints_name: st
     return cluster
 
 
-def load_assignment(cluster_name: str, endpoints: Iterable[HostPort], *,
+def load_assignment(cluster_name: str, endpoints: Iterable[Sequence], *,
                     draining: Collection[HostPort] = ()) -> endpoint_pb2.ClusterLoadAssignment:
-    """Endpoints of a cluster; `draining` ones get no new traffic while others are healthy.
+    """Endpoints of a cluster, each (host, port) or longer (the IR's (host, port, draining)); the
+    `draining` ones get no new traffic while others are healthy.
 
-    Nested dicts, not message constructors: upb builds them in C, 3x faster for the same bytes
-    (this runs for every endpoint of every Service on a full translation)."""
+    Each endpoint added in place, then its socket address's two fields set: 1.4x faster than
+    nested dicts and 3x faster than message constructors, for the same bytes (this runs for every
+    endpoint of every Service on a full translation)."""
     healthy, drained = health_check_pb2.HEALTHY, health_check_pb2.DRAINING
-    lb_endpoints = [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}},
-                     "health_status": drained if (host, port) in draining else healthy}
-                    for host, port in endpoints]
-    return endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name, endpoints=[{"lb_endpoints": lb_endpoints}])
+    assignment = endpoint_pb2.ClusterLoadAssignment(cluster_name=cluster_name)
+    lb_endpoints = assignment.endpoints.add().lb_endpoints
+    for endpoint in endpoints:
+        host, port = endpoint[0], endpoint[1]
+        status = drained if draining and (host, port) in draining else healthy
+        address = lb_endpoints.add(health_status=status).endpoint.address.socket_address
+        address.address = host
+        address.port_value = port
+    return assignment
 
 
 def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
@@ -171,10 +178,13 @@ def route(cluster: str, *, prefix: str | None = None, path: str | None = None,
     """A route to `cluster` by path prefix or exact path, and exact header values.
 
     High priority routes draw on the cluster's HIGH circuit-breaker budget, so they keep
-    working when the default budget is exhausted (logins during a WebSocket surge)."""
-    action = rc.RouteAction(cluster=cluster, priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT)
+    working when the default budget is exhausted (logins during a WebSocket surge).
+
+    Nested dicts, not message constructors: upb builds them in C, 1.7x faster for the same bytes
+    (a route configuration holds every route of every Backend)."""
+    action = {"cluster": cluster, "priority": base_pb2.HIGH if high_priority else base_pb2.DEFAULT}
     if retry_policy is not None:
-        action.retry_policy.CopyFrom(retry_policy)
+        action["retry_policy"] = retry_policy
     return rc.Route(match=_route_match(prefix, path, headers), route=action)
 
 
@@ -197,7 +207,7 @@ def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None
     route timeout (15 s) bounds the handshake only, a wait for the budget included (504); an open
     WebSocket lasts until it has been idle for `idle_timeout_s`, by default the connection
     manager's stream idle timeout (5 minutes)."""
-    match = _route_match(prefix, path, headers)
+    match = rc.RouteMatch(**_route_match(prefix, path, headers))
     match.headers.append(rc.HeaderMatcher(name="upgrade", string_match=string_pb2.StringMatcher(
         exact="websocket", ignore_case=True)))
     action = rc.RouteAction(cluster=cluster, upgrade_configs=[rc.RouteAction.UpgradeConfig(upgrade_type="websocket")])
@@ -208,10 +218,11 @@ def websocket_route(cluster: str, *, prefix: str | None = None, path: str | None
     return rc.Route(match=match, route=action)
 
 
-def _route_match(prefix: str | None, path: str | None, headers: Sequence[tuple[str, str]]) -> rc.RouteMatch:
-    match = rc.RouteMatch(prefix=prefix) if path is None else rc.RouteMatch(path=path)
-    match.headers.extend(rc.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
-                         for name, value in headers)
+def _route_match(prefix: str | None, path: str | None, headers: Sequence[tuple[str, str]]) -> dict:
+    """A RouteMatch as the dict its constructor takes."""
+    match = {"prefix": prefix} if path is None else {"path": path}
+    if headers:
+        match["headers"] = [{"name": name, "string_match": {"exact": value}} for name, value in headers]
     return match
 
 

@@ -1,0 +1,168 @@
+"""The shortcuts IR -> Envoy resources takes must give the bytes the plain way gives.
+
+Clusters are copies of a shared shape given their names afterwards (to_xds._cluster_shape),
+endpoints are added in place, routes built from dicts, and `Resource.from_message` reads a upb
+message as it is instead of parsing its bytes back. Each is compared here with building the same
+message with its names from the start, with message constructors, and with reading the bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_components_pb2 as components
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.type.matcher.v3 import string_pb2
+
+from controlplane.ir import types as ir
+from controlplane.sources.files import DirectorySource
+from controlplane.sources.store import Store
+from controlplane.translate import builders as b
+from controlplane.translate import to_ir, to_xds
+from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource
+from controlplane.xds.resources import MESSAGE_CLASSES
+from tests.certs import ca_secret, issue, tls_secret
+from tests.objects import app, gateway
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+AUTHORITY = issue("endpoints CA", ca=True)
+CLIENT = issue("edge", issuer=AUTHORITY, client=True)
+PER_ENDPOINT = {"perEndpoint": {"maxConnections": 10, "maxRequests": 20, "min": {"maxConnections": 15}}}
+SPECS = [
+    {},
+    {"circuitBreakers": {"default": PER_ENDPOINT, "high": {"retryBudget": {"percent": 10, "minConcurrency": 2}}}},
+    {"circuitBreakers": {"default": {"scope": "Gateway", "maxConnections": 40}}, "connectTimeoutMs": 250},
+    {"outlierDetection": {"consecutive5xx": 2}, "healthCheck": {"path": "/healthz"}, "maxRequestsPerConnection": 9},
+    {"websocket": {"circuitBreakers": {"maxConnections": 5, "perEndpoint": {"maxRequests": 3}}}},
+    {"tls": {"caSecret": "endpoints-ca", "hostname": "b.shop.svc", "clientCertificateSecret": "edge-client"},
+     "websocket": {"circuitBreakers": {"maxConnections": 9}}},
+    {"routes": [{"path": "/login", "priority": "High"},
+                {"pathPrefix": "/api", "headers": [{"name": "x-canary", "value": "false"}],
+                 "retries": {"attempts": 2, "retryOn": ["connect-failure"], "perTryTimeoutMs": 2500}}],
+     "websocket": {"idleTimeoutSeconds": 60, "maxConnectionDurationSeconds": 600}},
+]
+
+
+def _groups() -> list[ir.NodeGroup]:
+    objects = [gateway(), ca_secret("endpoints-ca", AUTHORITY.cert_pem),
+               tls_secret("edge-client", CLIENT.cert_pem, CLIENT.key_pem)]
+    for index, spec in enumerate(SPECS):
+        objects += app(f"app-{index}", f"10.0.0.{index + 1}", **spec)
+    groups = list(to_ir.translate(Store(objects).view()).groups.values())
+    for case in ("basic", "tls"):
+        source = DirectorySource(GOLDEN / case)
+        source.load()
+        groups += to_ir.translate(source.store().view()).groups.values()
+    return groups
+
+
+GROUPS = _groups()
+BACKENDS = [backend for group in GROUPS for backend in group.backends]
+
+
+def _built_with_names(backend: ir.Backend, budgets: dict[int, ir.Budget], name: str,
+                      endpoints_name: str | None = None) -> cluster_pb2.Cluster:
+    """The cluster `eds_cluster` builds with its names given from the start, as to_xds once did."""
+    outlier, check, tls = backend.outlier_detection, backend.health_check, backend.tls
+    return b.eds_cluster(
+        name, endpoints_name=endpoints_name, connect_timeout_ms=backend.connect_timeout_ms,
+        budgets=[to_xds._thresholds(priority, budget) for priority, budget in budgets.items()],
+        per_host_budgets=[b.per_host_thresholds(priority, budget.per_host_max_connections)
+                          for priority, budget in budgets.items() if budget.per_host_max_connections is not None],
+        transport_socket=None if tls is None else b.upstream_tls(
+            tls.hostname, tls.ca.name, tls.client_certificate.name if tls.client_certificate else None),
+        outlier=None if outlier is None else b.outlier_detection(
+            consecutive_5xx=outlier.consecutive_5xx, consecutive_gateway_failures=outlier.consecutive_gateway_failures,
+            interval_s=outlier.interval_s, base_ejection_time_s=outlier.base_ejection_time_s,
+            max_ejection_percent=outlier.max_ejection_percent),
+        health_checks=[] if check is None else [b.http_health_check(
+            check.path, interval_s=check.interval_s, timeout_s=check.timeout_s,
+            unhealthy_threshold=check.unhealthy_threshold, healthy_threshold=check.healthy_threshold)],
+        max_requests_per_connection=backend.max_requests_per_connection)
+
+
+def test_the_shapes_cover_every_cluster_option():
+    assert any(backend.tls for backend in BACKENDS) and any(backend.websocket for backend in BACKENDS)
+    assert any(backend.health_check for backend in BACKENDS) and any(backend.max_requests_per_connection
+                                                                     for backend in BACKENDS)
+    assert any(budget.per_host_max_connections and budget.retry_budget for backend in BACKENDS
+               for budget in (backend.default_budget, backend.high_budget))
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "shared-shape"])
+def test_a_named_copy_of_a_shape_is_the_cluster_built_with_its_names(cold):
+    for backend in BACKENDS:
+        if cold:
+            to_xds._cluster_shape.cache_clear()
+        budgets = {base_pb2.DEFAULT: backend.default_budget, base_pb2.HIGH: backend.high_budget}
+        expected = _built_with_names(backend, budgets, backend.name)
+        assert to_xds.cluster(backend).SerializeToString() == expected.SerializeToString()
+        if backend.websocket is not None:
+            expected = _built_with_names(backend, {base_pb2.DEFAULT: backend.websocket.budget},
+                                         backend.websocket.name, endpoints_name=backend.name)
+            assert to_xds.websocket_cluster(backend).SerializeToString() == expected.SerializeToString()
+
+
+def test_the_shared_shape_is_never_modified():
+    backend = BACKENDS[0]
+    to_xds.cluster(backend)
+    budgets = ((base_pb2.DEFAULT, backend.default_budget), (base_pb2.HIGH, backend.high_budget))
+    assert to_xds._cluster_shape(budgets, *to_xds._cluster_options(backend)).name == ""
+
+
+def test_endpoints_added_in_place_are_the_message_constructors_endpoints():
+    endpoints = (ir.Endpoint("10.0.0.2", 8080), ir.Endpoint("10.0.0.1", 8080, draining=True),
+                 ir.Endpoint("10.0.0.3", 9090))
+    expected = endpoint_pb2.ClusterLoadAssignment(cluster_name="shop/api", endpoints=[components.LocalityLbEndpoints(
+        lb_endpoints=[components.LbEndpoint(endpoint=components.Endpoint(address=b.socket_address(host, port)),
+                                            health_status=health_check_pb2.DRAINING if draining
+                                            else health_check_pb2.HEALTHY)
+                      for host, port, draining in endpoints])])
+    backend = ir.Backend("shop/api", endpoints)
+    assert to_xds.endpoints(backend).SerializeToString() == expected.SerializeToString()
+    pairs = [(host, port) for host, port, _draining in endpoints]
+    assert (b.load_assignment("shop/api", pairs, draining={("10.0.0.1", 8080)}).SerializeToString()
+            == expected.SerializeToString())
+
+
+@pytest.mark.parametrize("path, prefix", [(None, "/api"), ("/login", None), (None, None), (None, "")])
+def test_routes_from_dicts_are_the_message_constructors_routes(path, prefix):
+    policy = b.retry_policy(2, ["connect-failure", "gateway-error"], per_try_timeout_ms=2500)
+    for headers in ((), [("x-canary", "false"), ("x-b", "")]):
+        for high_priority, retry_policy in ((False, None), (True, policy)):
+            match = rc.RouteMatch(prefix=prefix) if path is None else rc.RouteMatch(path=path)
+            match.headers.extend(rc.HeaderMatcher(name=name, string_match=string_pb2.StringMatcher(exact=value))
+                                 for name, value in headers)
+            action = rc.RouteAction(cluster="api", priority=base_pb2.HIGH if high_priority else base_pb2.DEFAULT)
+            if retry_policy is not None:
+                action.retry_policy.CopyFrom(retry_policy)
+            built = b.route("api", prefix=prefix, path=path, headers=headers, high_priority=high_priority,
+                            retry_policy=retry_policy)
+            assert built.SerializeToString() == rc.Route(match=match, route=action).SerializeToString()
+
+
+def test_a_upb_message_read_as_it_is_gives_what_its_bytes_give():
+    for group in GROUPS:
+        for type_url in (CLUSTER, ENDPOINT, LISTENER, ROUTE):
+            for resource in to_xds.snapshot(group).resources(type_url).resources.values():
+                message = MESSAGE_CLASSES[type_url].FromString(resource.body)
+                # Another class over the same bytes: a copy that `from_message` must parse back.
+                wrapped = Resource.from_message(type_url, _Opaque(resource.body))
+                direct = Resource.from_message(type_url, message)
+                for read in (wrapped, direct):
+                    assert (read.name, read.version, read.references) == (
+                        resource.name, resource.version, resource.references)
+
+
+class _Opaque:
+    """A message of no upb class that serializes: as an envoy-data-plane (betterproto2) one does."""
+
+    def __init__(self, body: bytes):
+        self._body = body
+
+    def __bytes__(self) -> bytes:
+        return self._body
