@@ -11,7 +11,8 @@ different Services updated before one translation (a rollout, coalesced by the p
 after each full pass. Then changes that are not EndpointSlices, three of each per run: a Backend's
 budget edited, a Backend's routes edited, a Service's port edited, a Backend added (with its
 Service and EndpointSlice), that Backend deleted. The garbage collector is tuned as `controlplane serve` tunes it
-(runtime.serve.tune_gc).
+(runtime.serve.tune_gc) and paused during each publish as the pipeline pauses it
+(runtime.pipeline.collector_paused).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from controlplane.runtime.pipeline import collector_paused  # noqa: E402
 from controlplane.runtime.serve import tune_gc  # noqa: E402
 from controlplane.sources.store import ObjectKey, Store  # noqa: E402
 from controlplane.translate import to_ir, to_xds  # noqa: E402
@@ -72,7 +74,8 @@ class Publisher:
         self.builder = to_xds.SnapshotBuilder()
 
     def publish(self, store: Store):
-        return self.builder.snapshot(self.translator.translate(store.view()).groups["edge"])
+        with collector_paused():  # as the pipeline does
+            return self.builder.snapshot(self.translator.translate(store.view()).groups["edge"])
 
 
 def main() -> None:

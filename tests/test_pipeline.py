@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 
-from controlplane.runtime.pipeline import Coalescer
+import pytest
+
+from controlplane.runtime.pipeline import Coalescer, Pipeline
+from controlplane.sources.store import Store
+from controlplane.xds import SnapshotCache
 
 
 @contextlib.asynccontextmanager
@@ -100,3 +105,25 @@ def test_serve_s_minimum_certificate_lifetime_reaches_translation():
     default = Pipeline(SnapshotCache()).publish(store.view())
     assert relaxed.conditions[key][0].status == "True"
     assert default.conditions[key][0].status == "False" and "(check ExpiresSoon)" in default.conditions[key][0].message
+
+
+def test_the_collector_is_paused_while_publishing_and_on_again_after_even_when_translation_fails():
+    pipeline = Pipeline(SnapshotCache())
+    seen = []
+
+    def failing(view, now):
+        seen.append(gc.isenabled())
+        raise RuntimeError("a bug")
+
+    pipeline.translator.translate = failing
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        pipeline.publish(Store().view())
+    assert seen == [False] and gc.isenabled()
+    gc.disable()  # whoever disabled it keeps it so
+    try:
+        with pytest.raises(RuntimeError):
+            pipeline.publish(Store().view())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -276,3 +276,54 @@ def test_envoy_names_of_different_objects_never_collide_with_kubernetes_names():
     assert not names.collide((names.cluster, ("shop", "api")), (names.websocket_cluster, ("shop", "api")))
     assert names.collide((names.cluster, ("shop", "api/websocket")), (names.websocket_cluster, ("shop", "api")))
     assert names.part_problem("api/websocket") is not None and names.part_problem("api.v2") is None
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-1, 70000), st.floats(allow_nan=False), st.text(max_size=4),
+                 st.lists(st.integers(), max_size=1), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+
+
+def _mostly(valid, wrong=_ANY):
+    """`valid` nine times in ten: most slices read fast, and each field is sometimes wrong."""
+    return st.integers(0, 9).flatmap(lambda roll: wrong if roll == 0 else valid)
+
+
+_CONDITION = _mostly(st.one_of(st.none(), st.booleans()), st.sampled_from([0, 1, 1.0, "true", "False"]))
+_ADDRESSES = {"IPv4": ["10.0.0.1", "127.0.0.1", "10.1.2.3"], "IPv6": ["::1", "2001:db8::1", "fd00::2"]}
+_WRONG_ADDRESS = st.one_of(st.sampled_from(["fe80::1%eth0", "::ffff:10.0.0.1", "999.1.2.3", "010.0.0.1", "localhost",
+                                            "", "10.0.0.1", "::1"]), _ANY)
+
+
+def _slice(family: str):
+    endpoint = _mostly(st.fixed_dictionaries({}, optional={
+        "addresses": _mostly(st.lists(_mostly(st.sampled_from(_ADDRESSES[family]), _WRONG_ADDRESS), max_size=2)),
+        "conditions": _mostly(st.fixed_dictionaries({}, optional={
+            "ready": _CONDITION, "serving": _CONDITION, "terminating": _CONDITION})),
+        "hostname": _ANY}))
+    port = _mostly(st.fixed_dictionaries({}, optional={
+        "name": _mostly(st.sampled_from(["http", "", "metrics"])),
+        "port": _mostly(st.integers(1, 65535), st.integers(-1, 70000)), "protocol": _mostly(st.just("TCP"))}))
+    return st.fixed_dictionaries({}, optional={
+        "addressType": _mostly(st.just(family), st.sampled_from(["FQDN", "ipv4", None])),
+        "address_type": st.sampled_from(["IPv4", "IPv6"]),  # the model reads it where addressType is absent
+        "endpoints": _mostly(st.lists(endpoint, max_size=3)), "ports": _mostly(st.lists(port, max_size=2))})
+
+
+_SLICE = st.sampled_from(["IPv4", "IPv6"]).flatmap(_slice)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(raw=_SLICE)
+def test_an_endpoint_slice_read_without_the_model_reads_as_the_model_reads_it(raw):
+    """The fast reading of EndpointSlices (a full translation's largest cost) takes only what the
+    model takes, and reads it the same: the same ports, endpoints and draining ones."""
+    plain = kube.plain_endpoint_slice(raw)
+    if plain is not None:
+        assert to_ir._checked_slice_by_model(raw) == (plain, None)
+
+
+def test_the_usual_endpoint_slice_is_read_without_the_model():
+    raw = endpoint_slice("a", [ready("10.0.0.1"), ("10.0.0.2", {"ready": False, "serving": True, "terminating": True}),
+                               ("10.0.0.3", {"ready": False}), ("10.0.0.4", {"ready": True, "terminating": True})])
+    expected = ((("http", 8080),), (("10.0.0.1", False), ("10.0.0.2", True), ("10.0.0.4", True)))
+    assert kube.plain_endpoint_slice(raw) == expected == to_ir._checked_slice_by_model(raw)[0]
+    assert kube.plain_endpoint_slice({**raw, "addressType": "IPv6"}) is None  # the model says what is wrong

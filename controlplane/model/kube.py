@@ -99,6 +99,50 @@ class EndpointSlice(Lenient):
         return endpoints
 
 
+def _maybe_bool(value: Any) -> bool:
+    return value is None or value is True or value is False  # 1 equals True, but is not a bool
+
+
+def plain_endpoint_slice(raw: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
+    """An IPv4 or IPv6 EndpointSlice of the usual shape read without pydantic: ((port name,
+    number) of its ports, (address, whether draining) of the first address of each serving
+    endpoint), as translation reads a valid `EndpointSlice`; None for anything else (a value of
+    another type, a key in snake case, a bad port or address), which the model then decides.
+    Validating 10,000 slices of 10 endpoints through the model was ~300 ms of a full translation;
+    tests/test_translate.py checks both readings agree on generated slices."""
+    family = raw.get("addressType", "IPv4")
+    endpoints, ports = raw.get("endpoints", []), raw.get("ports", [])
+    if family not in ("IPv4", "IPv6") or "address_type" in raw or type(endpoints) is not list \
+            or type(ports) is not list:
+        return None
+    offered_ports = []
+    for port in ports:
+        if type(port) is not dict:
+            return None
+        name, number, protocol = port.get("name", ""), port.get("port"), port.get("protocol", "TCP")
+        if type(name) is not str or type(protocol) is not str or not (
+                number is None or type(number) is int and 1 <= number <= 65535):
+            return None
+        offered_ports.append((name, number))
+    offered = []
+    for endpoint in endpoints:
+        if type(endpoint) is not dict:
+            return None
+        addresses, conditions = endpoint.get("addresses", []), endpoint.get("conditions", {})
+        if type(addresses) is not list or type(conditions) is not dict:
+            return None
+        ready, serving, terminating = conditions.get("ready"), conditions.get("serving"), conditions.get("terminating")
+        if not (_maybe_bool(ready) and _maybe_bool(serving) and _maybe_bool(terminating)):
+            return None
+        for address in addresses:
+            if checks.ip_problem(address, family) is not None:  # what is not a str too
+                return None
+        ready = ready is not False  # unset means ready (discovery.k8s.io/v1)
+        if (serving if serving is not None else ready) and addresses:
+            offered.append((addresses[0], not ready or bool(terminating)))
+    return tuple(offered_ports), tuple(offered)
+
+
 class ObjectMeta(Lenient):
     name: str = Field(min_length=1)
     namespace: str | None = None

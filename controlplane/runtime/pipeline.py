@@ -11,6 +11,8 @@ tens of milliseconds (at 50 ms, the hold-off was most of a file change's 65 ms t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -46,17 +48,18 @@ class Pipeline:
         """Translate `view` and publish a snapshot to every node group (an empty one to groups
         whose Gateways are gone, so their Envoys drop the old listeners)."""
         started = time.perf_counter()
-        translation = self.translator.translate(view, now=time.time())
-        for name, group in translation.groups.items():
-            try:
-                builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
-                self._cache.set_snapshot(name, builder.snapshot(group, envoys=self.envoys.get(name, 1)))
-            except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
-                log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
-                          name, error)
-            except Exception:  # a bug too; one node group's stays with it, the other groups publish
-                log.exception("node group %r: building its snapshot failed; its Envoys keep the last one", name)
-                self._builders.pop(name, None)  # start afresh next time: it may hold half of this attempt
+        with collector_paused():
+            translation = self.translator.translate(view, now=time.time())
+            for name, group in translation.groups.items():
+                try:
+                    builder = self._builders.setdefault(name, to_xds.SnapshotBuilder())
+                    self._cache.set_snapshot(name, builder.snapshot(group, envoys=self.envoys.get(name, 1)))
+                except SnapshotError as error:  # a translation bug, not bad input: keep the last good one
+                    log.error("node group %r: not publishing an inconsistent snapshot (%s); Envoys keep the last one",
+                              name, error)
+                except Exception:  # a bug too; one node group's stays with it, the other groups publish
+                    log.exception("node group %r: building its snapshot failed; its Envoys keep the last one", name)
+                    self._builders.pop(name, None)  # start afresh next time: it may hold half of this attempt
         for gone in sorted(self._builders.keys() - translation.groups.keys()):
             self._cache.set_snapshot(gone, Snapshot())
             del self._builders[gone]
@@ -125,6 +128,22 @@ class Pipeline:
             else:
                 log.info("%s deleted (it was not accepted; its problem is gone with it)", key)
         self._reported = problems
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """No garbage collection while a store becomes snapshots: a full translation at 10,000 Backends
+    keeps ~1 M objects alive while it allocates ~1 M more, and each collection that reached the
+    oldest generation walked them all (GC was 30-40 % of the pass, docs/benchmarks.md). What the
+    pass leaves unreachable is collected as usual afterwards. Threads that pause it together
+    leave it as the first found it (it is never left off: only a pause that disabled it enables it)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _gateway_wide(backend) -> bool:

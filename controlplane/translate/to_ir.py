@@ -857,6 +857,13 @@ def _checked_slice(raw: Mapping[str, Any]) -> _SliceVerdict:
     """The EndpointSlice without the ports and endpoints Envoy would refuse. Kubernetes stores an
     EndpointSlice port of 0, -1 or 70000 (it checks a Service's ports, not a slice's): such a part
     is left out (and reported by `_slice_problems`), the rest of the slice still serves."""
+    plain = kube.plain_endpoint_slice(raw)
+    if plain is not None:
+        return plain, None
+    return _checked_slice_by_model(raw)
+
+
+def _checked_slice_by_model(raw: Mapping[str, Any]) -> _SliceVerdict:
     try:
         return _offered(kube.EndpointSlice.model_validate(raw)), None
     except ValidationError as error:
