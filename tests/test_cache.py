@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy_data_plane.envoy.config.cluster.v3 import Cluster as DataPlaneCluster
@@ -92,3 +95,14 @@ def test_listener_naming_a_missing_sds_secret_is_refused():
     assert refused.value.dangling == {SECRET: ["edge/ca"]}
     Snapshot(listeners=[listener], routes=routes, secrets=[b.certificate_secret("edge/cert", b"c", b"k"),
                                                            b.trusted_ca_secret("edge/ca", b"ca")])
+
+
+def test_the_same_content_has_the_same_version_in_another_process():
+    """A restarted or second replica gives unchanged content the version Envoys already hold
+    (the runtime layer is a map, which upb wrote in a different order in each process)."""
+    program = ("from controlplane.translate import builders as b; from controlplane.xds.resources import Resource, "
+               "RUNTIME; print(Resource.from_message(RUNTIME, b.runtime_layer({f'circuit_breakers.c{i}.default."
+               "max_connections': i for i in range(20)})).version)")
+    versions = {subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+                for _ in range(3)}
+    assert len(versions) == 1

@@ -29,6 +29,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
+from google.protobuf import message as protobuf_message
 
 _PREFIX = "type.googleapis.com/"
 CLUSTER = _PREFIX + "envoy.config.cluster.v3.Cluster"
@@ -74,9 +75,13 @@ def resource_name(type_url: str, message: AnyType) -> str:
 
 
 def serialize(message: AnyType) -> bytes:
-    """The wire bytes of a upb/protobuf message or an envoy-data-plane (betterproto2) message."""
-    to_bytes = getattr(message, "SerializeToString", None)
-    return to_bytes() if to_bytes is not None else bytes(message)
+    """The wire bytes of a upb/protobuf message or an envoy-data-plane (betterproto2) message.
+    Deterministic: upb writes a map (the runtime layer's Struct) in an order that differed from
+    one process to the next, so a restarted or second replica gave the same content another
+    version and every Envoy an update for nothing."""
+    if isinstance(message, protobuf_message.Message):
+        return message.SerializeToString(deterministic=True)
+    return bytes(message)  # betterproto2 writes its dict-backed maps in insertion order
 
 
 def content_version(pairs: Iterable[tuple[str, str]]) -> str:
