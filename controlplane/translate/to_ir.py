@@ -213,7 +213,8 @@ class Translator:
         return skipped
 
     def _cached(self, key: tuple, inputs: tuple, compute, *args):
-        """`compute(*args)`, or what it returned last time for the same `inputs`."""
+        """`compute(*args)`, or what it returned last time for the same `inputs` (arguments that
+        cost something to make are made inside `compute`: they are not needed on a hit)."""
         entry = self._memo.get(key)
         # Tuple equality tries identity first: unchanged objects compare in C, without a deep look.
         if entry is None or entry[0] != inputs:
@@ -626,8 +627,8 @@ class Translator:
         warnings: list[str] = []
         backend = self._backend(view, key, spec, attempt, warnings=warnings)
         slices = view.endpoint_slices(key.namespace, spec.service.name)
-        left_out = self._cached(("slice-problems", key), tuple(slices), _slice_problems, slices,
-                                self._slice_verdicts(slices))
+        left_out = self._cached(("slice-problems", key), tuple(slices),
+                                lambda: _slice_problems(slices, self._slice_verdicts(slices)))
         routes = self._cached(("routes", key, attempt.variant), (spec,), _routes, spec, backend)
         served, conflicts = _claim_routes(key, routes, targets, claimed)
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
@@ -640,8 +641,8 @@ class Translator:
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
         slices = view.endpoint_slices(key.namespace, spec.service.name)
         tls = self._upstream_tls(view, key, spec.tls, warnings) if spec.tls is not None else None
-        backend = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices), _build_backend, key,
-                               spec, service, self._slice_verdicts(slices), tls)
+        backend = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices),
+                               lambda: _build_backend(key, spec, service, self._slice_verdicts(slices), tls))
         if not backend.endpoints and attempt.endpoints:
             # The Service it last resolved is gone or renamed its port, and today's EndpointSlices follow
             # the new name: the endpoints it last had are better than none.
