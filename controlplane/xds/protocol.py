@@ -41,6 +41,7 @@ from controlplane.xds import resources as xr
 from controlplane.xds.cache import NackRecord, ResourceSet, Selection, TypeStatus
 
 _EMPTY: Mapping[str, xr.Resource] = {}
+_NO_NAMES: frozenset[str] = frozenset()  # one for every stream: each `frozenset()` is a new object of 216 bytes
 _SENT_WHOLE = (xr.CLUSTER, xr.LISTENER)  # SotW: a response holds all of them; what is left out is removed
 
 
@@ -97,13 +98,13 @@ class _TypeState:
     requested: bool = False
     wildcard: bool = False
     named_before: bool = False
-    subscribed: frozenset[str] = frozenset()
+    subscribed: frozenset[str] = _NO_NAMES
     in_flight: _InFlight | None = None
     sent: Selection | None = None
     acked: Selection | None = None
     settled_on: ResourceSet | None = None  # the resource set of the last pump that left nothing to send
-    resend: frozenset[str] = frozenset()  # names to send again although Envoy has them (endpoints of a new cluster)
-    suspects: frozenset[str] = frozenset()  # versions in a NACKed response whose culprit is unknown
+    resend: frozenset[str] = _NO_NAMES  # names to send again although Envoy has them (endpoints of a new cluster)
+    suspects: frozenset[str] = _NO_NAMES  # versions in a NACKed response whose culprit is unknown
     status: TypeStatus = field(default_factory=TypeStatus)
 
 
@@ -270,7 +271,8 @@ class StreamProtocol:
         desired = self._desired(type_url, state, resource_set)
         if desired is None:
             return True
-        resend, state.resend = state.resend & desired.names, frozenset()
+        resend = state.resend & desired.names if state.resend else _NO_NAMES
+        state.resend = _NO_NAMES
         if not resend and desired.same_content(state.sent):
             return True
         acked = state.acked
