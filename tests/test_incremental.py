@@ -135,26 +135,29 @@ def content(snapshot) -> dict[str, tuple[str, dict[str, str]]]:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(changes=st.lists(CHANGES, min_size=1, max_size=12))
+@given(batches=st.lists(st.lists(CHANGES, min_size=1, max_size=3), min_size=1, max_size=10))
 # A route freed by its holder goes to the Backend it was refused to.
-@example(changes=[("backend", "a", "other-route"), ("backend", "b", "other-route"), ("backend", "a", "plain")])
+@example(batches=[[("backend", "a", "other-route")], [("backend", "b", "other-route")], [("backend", "a", "plain")]])
 # A Secret another Backend uses: a NACK of it names the first Backend in claim order.
-@example(changes=[("backend", "a", "tls"), ("secret", "endpoints-ca", "rotate"), ("backend", "b", "plain")])
+@example(batches=[[("backend", "a", "tls")], [("secret", "endpoints-ca", "rotate")], [("backend", "b", "plain")]])
 # A listener's certificate rotated, then refused (the last valid one serves), then deleted.
-@example(changes=[("gateway", "tls-listener"), ("secret", "edge-cert", "rotate"), ("secret", "edge-cert", "garbage"),
-                  ("secret", "edge-cert", "delete"), ("secret", "edge-cert", "restore")])
+@example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate")], [("secret", "edge-cert", "garbage")],
+                  [("secret", "edge-cert", "delete")], [("secret", "edge-cert", "restore")]])
 # A Backend's routes change after a listener's certificate rotated: the listener keeps the new one.
-@example(changes=[("gateway", "tls-listener"), ("secret", "edge-cert", "rotate"), ("backend", "a", "other-route")])
-def test_incremental_translation_and_snapshots_equal_translating_everything(changes):
+@example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate")], [("backend", "a", "other-route")]])
+# A listener's certificate and a Backend's CA rotated in one batch: both reach the Envoys.
+@example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate"), ("secret", "endpoints-ca", "rotate")]])
+def test_incremental_translation_and_snapshots_equal_translating_everything(batches):
     objects = {ObjectKey.of(obj): obj for obj in initial_objects()}
     store = Store(objects.values())  # the long-lived store: its views say what changed
     incremental, reference = to_ir.Translator(), to_ir.Translator()
     builders: dict[str, to_xds.SnapshotBuilder] = {}
     incremental.translate(store.view())
     reference.translate(Store(objects.values()).view())
-    for step, change in enumerate(changes):
+    for step, change in enumerate(batches):  # a batch: the changes one translation sees together
         before = dict(objects)
-        apply(objects, change, step)
+        for one in change:
+            apply(objects, one, step)
         for key in before.keys() - objects.keys():
             store.delete(key)
         for key, obj in objects.items():
@@ -177,7 +180,6 @@ def test_incremental_translation_and_snapshots_equal_translating_everything(chan
             assert patched.version == fresh.version
         for gone in builders.keys() - fast.groups.keys():
             del builders[gone]
-
 
 
 def test_a_change_places_again_only_the_backends_that_name_what_changed(monkeypatch):

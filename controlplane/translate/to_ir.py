@@ -386,14 +386,14 @@ class Translator:
         return out
 
     def _listener_secrets_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
-        """Only Secrets changed, Gateways name some and no Backend names those (a listener's
-        certificate rotated): the Gateways (a handful) are accepted again and, if each kept its
+        """Only Secrets changed, Gateways name some, and no Backend names any of them or a Gateway's
+        (a listener's certificate rotated): the Gateways (a handful) are accepted again and, if each kept its
         spec and listeners, only the listeners whose TLS changed are rebuilt; their routes, the
         Backends and their conditions stay. None otherwise (a full pass then)."""
         _earlier, last = self._last
-        if any(key.kind != "Secret" for key in changed) or any(
-                ("Secret", namespace, name) in self._references for namespace, name in self._gateway_secrets):
-            return None
+        if any(key.kind != "Secret" or ("Secret", key.namespace, key.name) in self._references for key in changed) \
+                or any(("Secret", namespace, name) in self._references for namespace, name in self._gateway_secrets):
+            return None  # a Backend's Secret changed too (in the same batch), or a Backend shares a Gateway's
         self._expiry = dict(last.certificate_expiry)  # each Gateway still accepted says again when its expire
         scratch = Translation(groups={}, conditions={})
         gateways = self._accepted_gateways(view, scratch)
