@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from controlplane.sources import files
 from controlplane.sources.files import EVENTS, POLL, DirectorySource, ManifestError, parse_file
-from controlplane.sources.store import Store
+from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir
 from tests.harness import eventually
 from tests.objects import NS, service
@@ -297,3 +297,24 @@ async def test_a_directory_moved_into_place_is_the_one_watched(tmp_path, watched
     await eventually(lambda: published[-1] == _keys("web"), timeout=5, what="the new directory to be read")
     (directory / "db.yaml").write_text(_manifest("db"))
     await eventually(lambda: published[-1] == _keys("db", "web"), timeout=5, what="a change in the new directory")
+
+
+def test_a_file_edit_writes_only_what_it_changed_so_translation_costs_that(tmp_path):
+    """One Store for the source's life: a view says what a file edit changed (the translator's fast
+    paths need it; a new Store each time made every edit a full translation)."""
+    (tmp_path / "a.yaml").write_text("kind: Service\nmetadata: {name: api, namespace: shop}\nspec: {}\n---\n"
+                                     "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {}\n")
+    (tmp_path / "b.yaml").write_text("kind: Service\nmetadata: {name: db, namespace: shop}\nspec: {}\n")
+    source = DirectorySource(tmp_path)
+    source.load()
+    store = source.store()
+    before = store.view()
+    (tmp_path / "a.yaml").write_text("kind: Service\nmetadata: {name: api, namespace: shop}\nspec: {}\n---\n"
+                                     "kind: Service\nmetadata: {name: web, namespace: shop, labels: {a: b}}\nspec: {}\n")
+    (tmp_path / "b.yaml").unlink()
+    assert source.load() is True
+    assert source.store() is store
+    after = store.view()
+    assert after.changed_since(before) == {ObjectKey("Service", "shop", "web"), ObjectKey("Service", "shop", "db")}
+    assert sorted(str(key) for key in after) == ["Service shop/api", "Service shop/web"]
+    assert after.origins[ObjectKey("Service", "shop", "api")] == str(tmp_path / "a.yaml")

@@ -330,6 +330,7 @@ class DirectorySource:
         self._looks = 0
         self._gone = False
         self._announced: set[Path] = set()  # files said to be open for writing
+        self._store = Store()
         self.errors: dict[Path, ManifestError] = {}
 
     @property
@@ -451,9 +452,12 @@ class DirectorySource:
 
     def _serve(self, path: Path, objects: dict[ObjectKey, Mapping[str, Any]] | None) -> None:
         """Make `objects` (None: nothing) what `path` serves; the caller keeps keys in one file only."""
-        for key in self._by_file.pop(path, {}):
+        before = self._by_file.pop(path, {})
+        for key in before:
             del self._holders[key]
         if objects is not None:
+            # An object the file still defines as it was stays the same object: a file edit changes what it changed.
+            objects = {key: before[key] if before.get(key) == obj else obj for key, obj in objects.items()}
             self._by_file[path] = objects
             self._holders.update(dict.fromkeys(objects, path))
             self.errors.pop(path, None)
@@ -465,9 +469,12 @@ class DirectorySource:
         self.errors[error.path] = error
 
     def store(self) -> Store:
-        store = Store(obj for objects in self._by_file.values() for obj in objects.values())
-        store.origins = {key: str(path) for path, objects in self._by_file.items() for key in objects}
-        return store
+        """The objects served, in one Store kept for the source's life: each call writes only what
+        changed since the last, so translation sees what a file edit changed and costs that
+        (a new Store each time made every edit a full translation)."""
+        self._store.sync({key: obj for objects in self._by_file.values() for key, obj in objects.items()})
+        self._store.origins = {key: str(path) for path, objects in self._by_file.items() for key in objects}
+        return self._store
 
 
     async def watch(self, on_change: Callable[[Store], None]) -> None:

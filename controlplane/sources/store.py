@@ -211,6 +211,17 @@ class Store:
                 if self._objects.get(key) is not obj:
                     self._set(key, obj)
 
+    def sync(self, objects: Mapping[ObjectKey, Mapping[str, Any]]) -> None:
+        """Make the store exactly `objects`, in one step, writing only what differs: what a source
+        that re-reads everything (a directory) writes, so views still say what changed."""
+        with self._lock:
+            for key in [key for key in self._objects if key not in objects]:
+                self._set(key, None)
+            for key, obj in objects.items():
+                held = self._objects.get(key)
+                if held is not obj and held != obj:  # identity first: an unchanged file's objects are the same
+                    self._set(key, obj)
+
     def view(self) -> StoreView:
         with self._lock:
             self._owned = set()  # the view shares every index now: the next write to one copies it
