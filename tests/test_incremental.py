@@ -145,6 +145,11 @@ def content(snapshot) -> dict[str, tuple[str, dict[str, str]]]:
                   [("secret", "edge-cert", "delete")], [("secret", "edge-cert", "restore")]])
 # A Backend's routes change after a listener's certificate rotated: the listener keeps the new one.
 @example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate")], [("backend", "a", "other-route")]])
+# A fast path that gives way to a full pass leaves no trace: placed alone, b conflicts with c and
+# falls back to its last accepted version, whose CA rotation it judges; placed in order, b wins the
+# route and names no CA any more.
+@example(batches=[[("backend", "c", "other-route")], [("backend", "b", "other-route"),
+                                                     ("secret", "endpoints-ca", "rotate")]])
 # A listener's certificate and a Backend's CA rotated in one batch: both reach the Envoys.
 @example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate"), ("secret", "endpoints-ca", "rotate")]])
 def test_incremental_translation_and_snapshots_equal_translating_everything(batches):

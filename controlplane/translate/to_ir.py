@@ -25,7 +25,7 @@ import json
 import operator
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,6 +154,7 @@ class Translator:
         self._references_of: dict[ObjectKey, set[tuple[str, str, str]]] = {}
         self._gateway_secrets: set[tuple[str, str]] = set()  # (namespace, name) of the Secrets Gateways name
         self._contested = False  # a Backend is refused a route another holds: who gets it depends on everyone
+        self._journal: dict[tuple, tuple | None] | None = None  # memo entries a fast path replaced (`_checkpoint`)
         self._expiry: dict[tuple[str, str, str], float] = {}
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
         self._good: dict[ObjectKey, _Good] = {}
@@ -218,6 +219,8 @@ class Translator:
         entry = self._memo.get(key)
         # Tuple equality tries identity first: unchanged objects compare in C, without a deep look.
         if entry is None or entry[0] != inputs:
+            if self._journal is not None:
+                self._journal.setdefault(key, entry)
             try:
                 entry = (inputs, True, compute(*args))
             except _Rejected as rejected:
@@ -238,11 +241,14 @@ class Translator:
             changed = view.changed_since(self._last[0])
             if changed is not None and all(key.kind == "EndpointSlice" for key in changed):
                 translation = self._endpoints_changed(view, changed)
-            elif changed is not None and any(key.kind == "Secret" and (key.namespace, key.name) in self._gateway_secrets
-                                             for key in changed):
-                translation = self._listener_secrets_changed(view, changed)
             elif changed is not None:
-                translation = self._backends_changed(view, changed)
+                rollback = self._checkpoint()
+                translation = (self._listener_secrets_changed(view, changed) if any(
+                    key.kind == "Secret" and (key.namespace, key.name) in self._gateway_secrets for key in changed)
+                    else self._backends_changed(view, changed))
+                if translation is None:
+                    rollback()
+                self._journal = None
         if translation is None:
             translation = self._translate(view)
         self._last = (view, translation)
@@ -384,6 +390,27 @@ class Translator:
         out.groups, out.certificate_expiry = groups, self._expiry
         out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
         return out
+
+    def _checkpoint(self) -> Callable[[], None]:
+        """Before a fast path that may give way to a full pass midway: what undoes what it did to
+        the policy state (last accepted versions, last valid Secrets, rotations counted) and to
+        the memo (a rotation is recorded once per version and user, through it). A fast path
+        tries attempts a full pass may never try (placed in another order, a Backend wins the
+        route it conflicted with), so the full pass must start from the state before it."""
+        good, valid, valid_objects = dict(self._good), dict(self._last_valid), dict(self._last_valid_objects)
+        totals, rotations, changes = Counter(self._rotation_totals), len(self._rotations), self.remembered_changes
+        self._journal = journal = {}
+
+        def rollback() -> None:
+            for key, entry in journal.items():
+                if entry is None:
+                    self._memo.pop(key, None)
+                else:
+                    self._memo[key] = entry
+            self._good, self._last_valid, self._last_valid_objects = good, valid, valid_objects
+            self._rotation_totals, self.remembered_changes = totals, changes
+            del self._rotations[rotations:]
+        return rollback
 
     def _listener_secrets_changed(self, view: StoreView, changed: set[ObjectKey]) -> Translation | None:
         """Only Secrets changed, Gateways name some, and no Backend names any of them or a Gateway's
