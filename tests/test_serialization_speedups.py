@@ -166,3 +166,19 @@ class _Opaque:
 
     def __bytes__(self) -> bytes:
         return self._body
+
+
+def test_a_route_configuration_assembled_from_each_routes_bytes_is_the_one_built_whole():
+    listeners = [listener for group in GROUPS for listener in group.listeners]
+    assert any(route.websocket for listener in listeners for route in listener.routes)
+    empty = ir.Listener(name="shop/edge/empty", address="127.0.0.1", port=9, routes=(), max_connections=None, tls=None)
+    many = ir.Listener(name="shop/edge/many", address="127.0.0.1", port=9, max_connections=None, tls=None, routes=tuple(
+        ir.Route(backend=f"shop/b{index}", path_prefix=f"/b{index}") for index in range(3000)))  # 3-byte lengths
+    for listener in [*listeners, empty, many]:
+        whole = Resource.from_message(ROUTE, to_xds.route_configuration(listener))
+        held: dict = {}
+        first = to_xds._assembled_route_configuration(listener, {}, held)
+        again = to_xds._assembled_route_configuration(listener, held, {})  # every route's bytes reused
+        for assembled in (first, again):
+            assert (assembled.name, assembled.version, assembled.references) == (
+                whole.name, whole.version, whole.references)

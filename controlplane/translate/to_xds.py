@@ -23,6 +23,7 @@ from controlplane.ir import types as ir
 from controlplane.translate import builders as b
 from controlplane.translate import capacity
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot, SnapshotError
+from controlplane.xds.resources import serialize
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
@@ -51,6 +52,7 @@ class SnapshotBuilder:
         self._envoys = 1  # the group's Envoys, among which Gateway-wide limits are shared
         self._tls_positions: set[int] = set()  # where the Backends with upstream TLS are (their secrets)
         self._listeners: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        self._route_bytes: dict[str, dict[int, tuple[ir.Route, bytes]]] = {}  # listener -> each route's bytes
         self._secrets: dict[int, tuple[object, tuple[Resource, ...]]] = {}
         self._runtime: tuple[tuple[tuple[str, int], ...], Resource] | None = None
 
@@ -159,10 +161,15 @@ class SnapshotBuilder:
             for name in self._last.resources(type_url).resources:
                 patch[type_url].setdefault(name, None)
         fresh: dict[int, tuple[object, tuple[Resource, ...]]] = {}
+        route_bytes: dict[str, dict[int, tuple[ir.Route, bytes]]] = {}
         for listener in group.listeners:
-            for resource in self._built(listener, _listener_resources, self._listeners, fresh):
+            held, made = self._route_bytes.get(listener.name, {}), {}
+            known = self._listeners.get(id(listener))
+            build = functools.partial(_listener_resources, routes_held=held, routes_fresh=made)
+            for resource in self._built(listener, build, self._listeners, fresh):
                 patch[resource.type_url][resource.name] = resource
-        self._listeners = fresh
+            route_bytes[listener.name] = held if known is not None and known[0] is listener else made
+        self._listeners, self._route_bytes = fresh, route_bytes
         fresh = {}
         for secret in self._used_secrets(group):
             for resource in self._built(secret, _secret_resources, self._secrets, fresh):
@@ -238,7 +245,7 @@ def _secret_resources(secret: ir.Certificate | ir.TrustedCa) -> tuple[Resource, 
     return (Resource.from_message(SECRET, b.trusted_ca_secret(secret.name, secret.certificates)),)
 
 
-def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
+def _listener_resources(listener: ir.Listener, routes_held: dict, routes_fresh: dict) -> tuple[Resource, ...]:
     tls = None
     if listener.tls is not None:
         client_ca = listener.tls.client_ca
@@ -246,7 +253,8 @@ def _listener_resources(listener: ir.Listener) -> tuple[Resource, ...]:
     built = b.http_listener(listener.name, address=listener.address, port=listener.port,
                             route_config_name=listener.name, max_connections=listener.max_connections,
                             transport_socket=tls)
-    return (Resource.from_message(LISTENER, built), Resource.from_message(ROUTE, route_configuration(listener)))
+    return (Resource.from_message(LISTENER, built),
+            _assembled_route_configuration(listener, routes_held, routes_fresh))
 
 
 def cluster(backend: ir.Backend):
@@ -312,19 +320,59 @@ def endpoints(backend: ir.Backend):
 
 
 def route_configuration(listener: ir.Listener):
-    routes = []
+    return b.route_configuration(listener.name, [b.virtual_host(
+        _VIRTUAL_HOST, [message for route in listener.routes for message in _route_messages(route)])])
+
+
+_VIRTUAL_HOST = "all"
+
+
+def _route_messages(route: ir.Route) -> list:
+    """Its WebSocket twin first, if it has one (the same match, plus `upgrade: websocket`), then it."""
+    headers = [(h.name, h.value) for h in route.headers]
+    messages = []
+    if route.websocket is not None:
+        messages.append(b.websocket_route(route.websocket.cluster, prefix=route.path_prefix, path=route.path,
+                                          headers=headers, idle_timeout_s=route.websocket.idle_timeout_s,
+                                          max_duration_s=route.websocket.max_duration_s))
+    retries = route.retries
+    policy = None if retries is None else b.retry_policy(retries.attempts, retries.retry_on,
+                                                         per_try_timeout_ms=retries.per_try_timeout_ms)
+    messages.append(b.route(route.backend, prefix=route.path_prefix, path=route.path, headers=headers,
+                            high_priority=route.high_priority, retry_policy=policy))
+    return messages
+
+
+def _assembled_route_configuration(listener: ir.Listener, held: dict, fresh: dict) -> Resource:
+    """The resource `route_configuration(listener)` makes, assembled from each route's bytes, which
+    `held` (by the IR route's identity, from the last snapshot) keeps: a route configuration holds
+    every route of every Backend, and one Backend's routes changing must not build 10,000 again.
+    The wire format is the concatenation of each field (tag, length, bytes) in field-number order,
+    as upb writes it: RouteConfiguration {1: name, 2: virtual_hosts {1: name, 2: domains, 3: routes}};
+    tests/test_serialization_speedups.py holds it to the plain construction."""
+    parts, clusters = [], set()
     for route in listener.routes:
-        headers = [(h.name, h.value) for h in route.headers]
-        if route.websocket is not None:  # its upgrades first: the same match, plus `upgrade: websocket`
-            routes.append(b.websocket_route(route.websocket.cluster, prefix=route.path_prefix, path=route.path,
-                                            headers=headers, idle_timeout_s=route.websocket.idle_timeout_s,
-                                            max_duration_s=route.websocket.max_duration_s))
-        retries = route.retries
-        policy = None if retries is None else b.retry_policy(retries.attempts, retries.retry_on,
-                                                             per_try_timeout_ms=retries.per_try_timeout_ms)
-        routes.append(b.route(route.backend, prefix=route.path_prefix, path=route.path, headers=headers,
-                              high_priority=route.high_priority, retry_policy=policy))
-    return b.route_configuration(listener.name, [b.virtual_host("all", routes)])
+        entry = held.get(id(route))
+        if entry is None or entry[0] is not route:
+            entry = (route, b"".join(_field(3, serialize(message)) for message in _route_messages(route)))
+        fresh[id(route)] = entry
+        parts.append(entry[1])
+        clusters.add(route.backend)
+        if route.websocket is not None:
+            clusters.add(route.websocket.cluster)
+    host = _field(1, _VIRTUAL_HOST.encode()) + _field(2, b"*") + b"".join(parts)
+    return Resource.from_body(ROUTE, listener.name, _field(1, listener.name.encode()) + _field(2, host),
+                              ((CLUSTER, name) for name in clusters))
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
+    length, size = bytearray(), len(payload)
+    while size > 0x7F:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return bytes((number << 3 | 2,)) + bytes(length) + payload
 
 
 def _thresholds(priority: int, budget: ir.Budget):

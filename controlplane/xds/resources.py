@@ -116,9 +116,14 @@ class Resource:
         name = resource_name(type_url, parsed)
         if not name:
             raise ValueError(f"a {SHORT_NAMES[type_url][:-1]} without a name: every resource needs one")
-        version = hashlib.blake2b(body, digest_size=8).hexdigest()
-        references = _references(type_url, parsed)
-        return cls(type_url, name, version, body, frozenset(references) if references else _NO_REFERENCES)
+        return cls.from_body(type_url, name, body, _references(type_url, parsed))
+
+    @classmethod
+    def from_body(cls, type_url: str, name: str, body: bytes, references: Iterable[Reference]) -> Resource:
+        """A resource whose bytes, name and references its maker already has (no message to read)."""
+        references = frozenset(references)
+        return cls(type_url, name, hashlib.blake2b(body, digest_size=8).hexdigest(), body,
+                   references if references else _NO_REFERENCES)
 
     @cached_property
     def any_message(self) -> any_pb2.Any:
