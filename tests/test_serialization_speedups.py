@@ -67,22 +67,8 @@ BACKENDS = [backend for group in GROUPS for backend in group.backends]
 def _built_with_names(backend: ir.Backend, budgets: dict[int, ir.Budget], name: str,
                       endpoints_name: str | None = None) -> cluster_pb2.Cluster:
     """The cluster `eds_cluster` builds with its names given from the start, as to_xds once did."""
-    outlier, check, tls = backend.outlier_detection, backend.health_check, backend.tls
-    return b.eds_cluster(
-        name, endpoints_name=endpoints_name, connect_timeout_ms=backend.connect_timeout_ms,
-        budgets=[to_xds._thresholds(priority, budget) for priority, budget in budgets.items()],
-        per_host_budgets=[b.per_host_thresholds(priority, budget.per_host_max_connections)
-                          for priority, budget in budgets.items() if budget.per_host_max_connections is not None],
-        transport_socket=None if tls is None else b.upstream_tls(
-            tls.hostname, tls.ca.name, tls.client_certificate.name if tls.client_certificate else None),
-        outlier=None if outlier is None else b.outlier_detection(
-            consecutive_5xx=outlier.consecutive_5xx, consecutive_gateway_failures=outlier.consecutive_gateway_failures,
-            interval_s=outlier.interval_s, base_ejection_time_s=outlier.base_ejection_time_s,
-            max_ejection_percent=outlier.max_ejection_percent),
-        health_checks=[] if check is None else [b.http_health_check(
-            check.path, interval_s=check.interval_s, timeout_s=check.timeout_s,
-            unhealthy_threshold=check.unhealthy_threshold, healthy_threshold=check.healthy_threshold)],
-        max_requests_per_connection=backend.max_requests_per_connection)
+    return to_xds._cluster_built(name, tuple(budgets.items()), *to_xds._cluster_options(backend),
+                                 endpoints_name=endpoints_name)
 
 
 def test_the_shapes_cover_every_cluster_option():

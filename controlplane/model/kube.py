@@ -103,6 +103,16 @@ def _maybe_bool(value: Any) -> bool:
     return value is None or value is True or value is False  # 1 equals True, but is not a bool
 
 
+def draining(ready: bool | None, serving: bool | None, terminating: bool | None) -> bool | None:
+    """Whether an endpoint with these conditions is draining (it serves, but takes new traffic only
+    when nothing else is healthy); None if it does not serve. Unset ready means ready, unset
+    serving means as ready (discovery.k8s.io/v1)."""
+    ready = ready is not False
+    if not (serving if serving is not None else ready):
+        return None
+    return not ready or bool(terminating)
+
+
 def plain_endpoint_slice(raw: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
     """An IPv4 or IPv6 EndpointSlice of the usual shape read without pydantic: ((port name,
     number) of its ports, (address, whether draining) of the first address of each serving
@@ -137,9 +147,9 @@ def plain_endpoint_slice(raw: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
         for address in addresses:
             if checks.ip_problem(address, family) is not None:  # what is not a str too
                 return None
-        ready = ready is not False  # unset means ready (discovery.k8s.io/v1)
-        if (serving if serving is not None else ready) and addresses:
-            offered.append((addresses[0], not ready or bool(terminating)))
+        drains = draining(ready, serving, terminating)
+        if drains is not None and addresses:
+            offered.append((addresses[0], drains))
     return tuple(offered_ports), tuple(offered)
 
 
@@ -181,3 +191,8 @@ def problems(obj: Mapping[str, Any]) -> list[str]:
 
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+
+def slice_service(obj: Mapping[str, Any]) -> str | None:
+    """The Service an EndpointSlice belongs to (its kubernetes.io/service-name label), if any."""
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)

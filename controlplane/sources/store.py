@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
-from controlplane.model.kube import SERVICE_NAME_LABEL
+from controlplane.model.kube import slice_service
 
 KINDS = ("Gateway", "Backend", "Service", "EndpointSlice", "Secret")
 
@@ -129,10 +129,6 @@ class StoreView:
         return self._changes.between(earlier.version, self.version)
 
 
-def _service_of(obj: Mapping[str, Any]) -> str | None:
-    return ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL)
-
-
 class _ChangeLog:
     """Which keys were written at which store version; bounded (older questions get None)."""
 
@@ -174,11 +170,11 @@ class Store:
     def _set(self, key: ObjectKey, obj: Mapping[str, Any] | None) -> None:
         """Write (or, with None, delete) one object; the caller holds the lock."""
         old = self._objects.pop(key, None)
-        if old is not None and key.kind == "EndpointSlice" and (service := _service_of(old)):
+        if old is not None and key.kind == "EndpointSlice" and (service := slice_service(old)):
             self._slice_index(key.namespace, service).pop(key, None)
         if obj is not None:
             self._objects[key] = obj
-            if key.kind == "EndpointSlice" and (service := _service_of(obj)):
+            if key.kind == "EndpointSlice" and (service := slice_service(obj)):
                 self._slice_index(key.namespace, service)[key] = obj
         self._overlay[key] = obj
         self._version += 1
@@ -202,24 +198,21 @@ class Store:
 
     def replace_kind(self, kind: str, objects: Iterable[Mapping[str, Any]], namespace: str | None = None) -> None:
         """Make the objects of `kind` (in `namespace`, or all) exactly `objects`, in one step (a relist)."""
-        fresh = {ObjectKey.of(obj): obj for obj in objects}
+        self._replace({ObjectKey.of(obj): obj for obj in objects},
+                      lambda key: key.kind == kind and (namespace is None or key.namespace == namespace))
+
+    def sync(self, objects: Mapping[ObjectKey, Mapping[str, Any]]) -> None:
+        """Make the store exactly `objects`, in one step: what a source that re-reads everything (a
+        directory) writes, so views still say what changed (it keeps unchanged objects the same)."""
+        self._replace(objects, lambda key: True)
+
+    def _replace(self, fresh: Mapping[ObjectKey, Mapping[str, Any]], within: Callable[[ObjectKey], bool]) -> None:
+        """Make the objects whose keys are `within` exactly `fresh`, writing only what is not the same object."""
         with self._lock:
-            for key in [k for k in self._objects if k.kind == kind and (namespace is None or k.namespace == namespace)
-                        and k not in fresh]:
+            for key in [key for key in self._objects if within(key) and key not in fresh]:
                 self._set(key, None)
             for key, obj in fresh.items():
                 if self._objects.get(key) is not obj:
-                    self._set(key, obj)
-
-    def sync(self, objects: Mapping[ObjectKey, Mapping[str, Any]]) -> None:
-        """Make the store exactly `objects`, in one step, writing only what differs: what a source
-        that re-reads everything (a directory) writes, so views still say what changed."""
-        with self._lock:
-            for key in [key for key in self._objects if key not in objects]:
-                self._set(key, None)
-            for key, obj in objects.items():
-                held = self._objects.get(key)
-                if held is not obj and held != obj:  # identity first: an unchanged file's objects are the same
                     self._set(key, obj)
 
     def view(self) -> StoreView:

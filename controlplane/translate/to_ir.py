@@ -33,7 +33,7 @@ from pydantic import ValidationError
 
 from controlplane.ir import types as ir
 from controlplane.model import crds, kube, problems
-from controlplane.model.kube import SERVICE_NAME_LABEL
+from controlplane.model.kube import slice_service
 from controlplane.sources.store import ObjectKey, StoreView
 from controlplane.translate import capacity, names, secrets
 
@@ -263,7 +263,7 @@ class Translator:
             return self._translate(view)  # a slice's problems come or go: they are on its Backends' status
         services = {(key.namespace, service) for key in changed
                     for obj in (earlier.get(*key), view.get(*key)) if obj is not None
-                    and (service := ((obj.get("metadata") or {}).get("labels") or {}).get(SERVICE_NAME_LABEL))}
+                    and (service := slice_service(obj))}
         replaced: dict[str, ir.Backend] = {}
         for namespace, service in services:
             for key, attempt in self._service_users.get((namespace, service), {}).items():
@@ -312,9 +312,8 @@ class Translator:
                 affected.add(key)
             elif key.kind == "EndpointSlice":
                 for obj in (earlier.get(*key), view.get(*key)):
-                    service = obj is not None and ((obj.get("metadata") or {}).get("labels") or {}).get(
-                        SERVICE_NAME_LABEL)
-                    affected |= self._references.get(("Service", key.namespace, service), set()) if service else set()
+                    if obj is not None and (service := slice_service(obj)):
+                        affected |= self._references.get(("Service", key.namespace, service), set())
             elif key.kind == "Service" or (key.kind == "Secret"
                                            and (key.namespace, key.name) not in self._gateway_secrets):
                 affected |= self._references.get((key.kind, key.namespace, key.name), set())
@@ -372,14 +371,7 @@ class Translator:
                     bisect.insort(backends, backend, key=_BY_NAME)
                 moved.add(name)
             groups[name] = ir.NodeGroup(name, group.listeners, tuple(backends))
-        for target in targets:
-            gateway = self._gateways[(target[0].namespace, target[0].name)]
-            listener = next(listener for listener in gateway.listeners if listener.name == target[1])
-            built = self._built_listener(gateway, listener, tuple(self._listener_routes[target]))
-            group = groups[gateway.spec.node_cluster]
-            if not any(held is built for held in group.listeners):
-                groups[group.name] = ir.NodeGroup(group.name, tuple(built if held.name == built.name else held
-                                                                    for held in group.listeners), group.backends)
+        self._rebuild_listeners(groups, self._gateways, targets)
         self._served = (self._served - affected) | {key for key, _obj in present if key in out.node_groups}
         for name in moved:
             self._backend_positions.update((backend.name, (name, position))
@@ -429,14 +421,8 @@ class Translator:
                 for name, gateway in gateways.items()):
             return None
         groups = dict(last.groups)
-        for gateway in gateways.values():
-            for listener in gateway.listeners:
-                built = self._built_listener(gateway, listener,
-                                             tuple(self._listener_routes[(gateway.key, listener.name)]))
-                group = groups[gateway.spec.node_cluster]
-                if not any(held is built for held in group.listeners):
-                    groups[group.name] = ir.NodeGroup(group.name, tuple(
-                        built if held.name == built.name else held for held in group.listeners), group.backends)
+        self._rebuild_listeners(groups, gateways, {(gateway.key, listener.name) for gateway in gateways.values()
+                                                   for listener in gateway.listeners})
         self._gateways = gateways
         serving_last_accepted, failures = (
             {key: value for key, value in found.items() if key.kind != "Gateway"} | fresh
@@ -447,6 +433,19 @@ class Translator:
                            serving_last_accepted=serving_last_accepted, failures=failures,
                            secret_rotations=tuple(self._rotations),
                            secret_rotations_total=dict(self._rotation_totals))
+
+    def _rebuild_listeners(self, groups: dict[str, ir.NodeGroup], gateways: dict[tuple[str, str], _Gateway],
+                           targets: set[tuple[ObjectKey, str]]) -> None:
+        """Build each (Gateway, listener) of `targets` again from its routes held now, and put it in
+        its node group in `groups` where it is not the same listener (the memo keeps unchanged ones)."""
+        for gateway_key, listener_name in targets:
+            gateway = gateways[(gateway_key.namespace, gateway_key.name)]
+            listener = next(listener for listener in gateway.listeners if listener.name == listener_name)
+            built = self._built_listener(gateway, listener, tuple(self._listener_routes[(gateway_key, listener_name)]))
+            group = groups[gateway.spec.node_cluster]
+            if not any(held is built for held in group.listeners):
+                groups[group.name] = ir.NodeGroup(group.name, tuple(built if held.name == built.name else held
+                                                                    for held in group.listeners), group.backends)
 
     def _shares_secrets(self, backends: set[ObjectKey]) -> bool:
         """Whether one of these Backends names a Secret that another object names too."""
@@ -912,11 +911,9 @@ def _offered(endpoint_slice: kube.EndpointSlice):
     endpoints = []
     for endpoint in endpoint_slice.endpoints:
         conditions = endpoint.conditions
-        ready = conditions.ready is not False  # unset means ready (discovery.k8s.io/v1)
-        serving = conditions.serving if conditions.serving is not None else ready
-        if serving:
-            draining = not ready or bool(conditions.terminating)
-            endpoints.extend((address, draining) for address in endpoint.addresses[:1])
+        drains = kube.draining(conditions.ready, conditions.serving, conditions.terminating)
+        if drains is not None:
+            endpoints.extend((address, drains) for address in endpoint.addresses[:1])
     return tuple((p.name, p.port) for p in endpoint_slice.ports), tuple(endpoints)
 
 

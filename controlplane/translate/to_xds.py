@@ -259,19 +259,22 @@ def _listener_resources(listener: ir.Listener, routes_held: dict, routes_fresh: 
 
 def cluster(backend: ir.Backend):
     budgets = ((base_pb2.DEFAULT, backend.default_budget), (base_pb2.HIGH, backend.high_budget))
-    built = cluster_pb2.Cluster()
-    built.CopyFrom(_cluster_shape(budgets, *_cluster_options(backend)))
-    built.name = backend.name
-    return built
+    return _named_copy(_cluster_shape(budgets, *_cluster_options(backend)), backend.name)
 
 
 def websocket_cluster(backend: ir.Backend):
     """Over the Backend's endpoints (its ClusterLoadAssignment), with the WebSocket budget only."""
     websocket = backend.websocket
-    built = cluster_pb2.Cluster()
-    built.CopyFrom(_cluster_shape(((base_pb2.DEFAULT, websocket.budget),), *_cluster_options(backend)))
-    built.name = websocket.name
+    built = _named_copy(_cluster_shape(((base_pb2.DEFAULT, websocket.budget),), *_cluster_options(backend)),
+                        websocket.name)
     built.eds_cluster_config.service_name = backend.name
+    return built
+
+
+def _named_copy(shape: cluster_pb2.Cluster, name: str) -> cluster_pb2.Cluster:
+    built = cluster_pb2.Cluster()
+    built.CopyFrom(shape)
+    built.name = name
     return built
 
 
@@ -291,8 +294,14 @@ def _cluster_shape(budgets: tuple[tuple[int, ir.Budget], ...], connect_timeout_m
 
     upb serializes fields in field-number order, whenever they were set, so a named copy has the
     bytes that building the cluster with its names gives."""
+    return _cluster_built("", budgets, connect_timeout_ms, tls, outlier, check, max_requests_per_connection)
+
+
+def _cluster_built(name: str, budgets: tuple[tuple[int, ir.Budget], ...], connect_timeout_ms: int,
+                   tls: ir.UpstreamTls | None, outlier: ir.OutlierDetection | None, check: ir.HealthCheck | None,
+                   max_requests_per_connection: int | None, *, endpoints_name: str | None = None) -> cluster_pb2.Cluster:
     return b.eds_cluster(
-        "", connect_timeout_ms=connect_timeout_ms,
+        name, endpoints_name=endpoints_name, connect_timeout_ms=connect_timeout_ms,
         budgets=[_thresholds(priority, budget) for priority, budget in budgets],
         per_host_budgets=[b.per_host_thresholds(priority, budget.per_host_max_connections)
                           for priority, budget in budgets if budget.per_host_max_connections is not None],
