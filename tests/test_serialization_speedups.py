@@ -103,16 +103,35 @@ def test_the_shared_shape_is_never_modified():
 def test_endpoints_added_in_place_are_the_message_constructors_endpoints():
     endpoints = (ir.Endpoint("10.0.0.2", 8080), ir.Endpoint("10.0.0.1", 8080, draining=True),
                  ir.Endpoint("10.0.0.3", 9090))
-    expected = endpoint_pb2.ClusterLoadAssignment(cluster_name="shop/api", endpoints=[components.LocalityLbEndpoints(
+    pairs = [(host, port) for host, port, _draining in endpoints]
+    assert (b.load_assignment("shop/api", pairs, draining={("10.0.0.1", 8080)}).SerializeToString()
+            == _constructed("shop/api", endpoints).SerializeToString())
+
+
+def _constructed(name: str, endpoints) -> endpoint_pb2.ClusterLoadAssignment:
+    return endpoint_pb2.ClusterLoadAssignment(cluster_name=name, endpoints=[components.LocalityLbEndpoints(
         lb_endpoints=[components.LbEndpoint(endpoint=components.Endpoint(address=b.socket_address(host, port)),
                                             health_status=health_check_pb2.DRAINING if draining
                                             else health_check_pb2.HEALTHY)
                       for host, port, draining in endpoints])])
-    backend = ir.Backend("shop/api", endpoints)
-    assert to_xds.endpoints(backend).SerializeToString() == expected.SerializeToString()
-    pairs = [(host, port) for host, port, _draining in endpoints]
-    assert (b.load_assignment("shop/api", pairs, draining={("10.0.0.1", 8080)}).SerializeToString()
-            == expected.SerializeToString())
+
+
+_ADDRESSES = ["10.0.0.1", "255.255.255.255", "::1", "fd00:10:244::1f",
+              "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff", "2001:db8::ffff:255.255.255.255"]  # the longest: 45
+
+
+@pytest.mark.parametrize("name", ["shop/api", "n/" + "x" * 300])  # a name whose length takes two bytes
+def test_endpoints_written_as_bytes_are_the_ones_upb_serializes(name):
+    cases = [(), *((ir.Endpoint(address, port, draining),) for address in _ADDRESSES
+                   for port in (1, 127, 128, 16383, 16384, 65535) for draining in (False, True)),
+             tuple(ir.Endpoint(f"10.0.{i // 250}.{i % 250}", 8080 + i % 3, i % 7 == 0) for i in range(300))]
+    for endpoints in cases:
+        written = to_xds._endpoints_resource(ir.Backend(name, endpoints))
+        built = Resource.from_message(ENDPOINT, _constructed(name, endpoints))
+        assert (written.name, written.body, written.version, written.references) == (
+            built.name, built.body, built.version, built.references)
+    with pytest.raises(ValueError, match="not an IP address"):
+        to_xds._endpoints_resource(ir.Backend(name, (ir.Endpoint("a" * 65 + ".example", 80),)))
 
 
 @pytest.mark.parametrize("path, prefix", [(None, "/api"), ("/login", None), (None, None), (None, "")])

@@ -169,6 +169,8 @@ def problem(kind: str, sentence: str, *, at: str = "") -> PydanticCustomError:
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 """Dotted decimal as inet_pton reads it: four numbers 0-255, no leading zeros, ASCII digits only."""
+dotted_ipv4 = _IPV4.fullmatch
+"""A match if a str is an IPv4 address as inet_pton reads it (None: ask `ip_problem`)."""
 
 
 def ip_literal(value: Any, family: Literal["IPv4", "IPv6"] | None = None, *, why: str = "") -> str:

@@ -14,6 +14,8 @@ gateway from 2 to 4 Envoys never doubles what the backend is offered.
 
 from __future__ import annotations
 
+import functools
+
 from controlplane.ir import types as ir
 from controlplane.model import crds
 
@@ -39,14 +41,24 @@ def counted_endpoints(endpoints: tuple[ir.Endpoint, ...]) -> int:
 
 def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> ir.Budget:
     """One priority's budget for these endpoints: fixed limits as written, per-endpoint ones computed."""
-    limits = {"max_connections": thresholds.max_connections,
-              "max_pending_requests": thresholds.max_pending_requests,
-              "max_requests": thresholds.max_requests}
+    per_endpoint = thresholds.per_endpoint
+    return _budget(thresholds.max_connections, thresholds.max_pending_requests, thresholds.max_requests,
+                   thresholds.max_retries, thresholds.retry_budget, thresholds.scope is crds.Scope.GATEWAY,
+                   per_endpoint, counted_endpoints(endpoints) if per_endpoint is not None else 0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _budget(max_connections: int | None, max_pending_requests: int | None, max_requests: int | None,
+            max_retries: int | None, retry_budget: crds.RetryBudget | None, gateway_wide: bool,
+            per_endpoint: crds.PerEndpoint | None, count: int) -> ir.Budget:
+    """One object for every equal budget: thousands of Backends share a few (their thresholds as
+    written, and for a per-endpoint one the number of endpoints counted), and making each again was
+    a twentieth of a full translation at 10,000 Backends."""
+    limits = {"max_connections": max_connections, "max_pending_requests": max_pending_requests,
+              "max_requests": max_requests}
     per_host = None
     follows: list[tuple[str, int]] = []
-    per_endpoint = thresholds.per_endpoint
     if per_endpoint is not None:
-        count = counted_endpoints(endpoints)
         for field in limits:
             each = getattr(per_endpoint, field)
             if each is None:
@@ -62,16 +74,14 @@ def budget(thresholds: crds.Thresholds, endpoints: tuple[ir.Endpoint, ...]) -> i
             # the computed one. An Envoy without our runtime layer falls back to it: the maximum.
             follows.append((field, min(high if high is not None else CEILING, CEILING)))
         per_host = per_endpoint.max_connections
-    gateway_wide = thresholds.scope is crds.Scope.GATEWAY
     if gateway_wide:  # a fixed limit moves too: with the number of Envoys sharing it
         computed = {field for field, _fixed in follows}
         follows.extend((field, value) for field, value in limits.items() if value is not None and field not in computed)
-    retry_budget = None
-    if thresholds.retry_budget is not None:
-        retry_budget = ir.RetryBudget(thresholds.retry_budget.percent, thresholds.retry_budget.min_concurrency)
-    elif thresholds.max_retries is None:
+    if retry_budget is not None:
+        retry_budget = ir.RetryBudget(retry_budget.percent, retry_budget.min_concurrency)
+    elif max_retries is None:
         retry_budget = DEFAULT_RETRY_BUDGET
-    return ir.Budget(**limits, max_retries=thresholds.max_retries, retry_budget=retry_budget,
+    return ir.Budget(**limits, max_retries=max_retries, retry_budget=retry_budget,
                      per_host_max_connections=per_host, runtime_limits=tuple(follows),
                      gateway_wide=gateway_wide)
 
@@ -93,14 +103,18 @@ def backend_fields(spec: crds.BackendSpec, endpoints: tuple[ir.Endpoint, ...], *
     return {
         "default_budget": budget(breakers.default, endpoints), "high_budget": budget(breakers.high, endpoints),
         "websocket": websocket,
-        "outlier_detection": ir.OutlierDetection(outlier.consecutive_5xx, outlier.consecutive_gateway_failures,
-                                                 outlier.interval_seconds, outlier.base_ejection_time_seconds,
-                                                 outlier.max_ejection_percent),
-        "health_check": None if check is None else ir.HealthCheck(check.path, check.interval_seconds,
-                                                                  check.timeout_seconds, check.unhealthy_threshold,
-                                                                  check.healthy_threshold),
+        "outlier_detection": _outlier_detection(outlier.consecutive_5xx, outlier.consecutive_gateway_failures,
+                                                outlier.interval_seconds, outlier.base_ejection_time_seconds,
+                                                outlier.max_ejection_percent),
+        "health_check": None if check is None else _health_check(check.path, check.interval_seconds,
+                                                                 check.timeout_seconds, check.unhealthy_threshold,
+                                                                 check.healthy_threshold),
         "max_requests_per_connection": spec.max_requests_per_connection,
     }
+
+
+_outlier_detection = functools.lru_cache(maxsize=1024)(ir.OutlierDetection)  # one object for equal values, as budgets
+_health_check = functools.lru_cache(maxsize=1024)(ir.HealthCheck)
 
 
 def retries(spec: crds.Retries | None) -> ir.Retries | None:
