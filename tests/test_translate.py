@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controlplane.ir import types as ir
 from controlplane.model import kube
 from controlplane.sources.store import ObjectKey, Store
 from controlplane.translate import to_ir, to_xds
@@ -319,6 +320,28 @@ def test_an_endpoint_slice_read_without_the_model_reads_as_the_model_reads_it(ra
     plain = kube.plain_endpoint_slice(raw)
     if plain is not None:
         assert to_ir._checked_slice_by_model(raw) == (plain, None)
+
+
+_OFFER = st.tuples(st.lists(st.tuples(st.sampled_from(["http", "", "metrics"]), st.sampled_from([None, 80, 8080]))),
+                   st.lists(st.tuples(st.sampled_from(["10.0.0.2", "10.0.0.10", "10.0.0.1", "fd00::1"]), st.booleans()),
+                            max_size=6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(offers=st.lists(st.none() | _OFFER, max_size=4), port_name=st.sampled_from(["http", ""]))
+def test_a_backends_endpoints_are_its_slices_endpoints_once_each_by_address_and_port(offers, port_name):
+    """Each (address, port) once, the last slice's word on whether it drains, sorted: also when two
+    slices give the port different numbers or repeat an address."""
+    verdicts = [(None if offer is None else (tuple(offer[0]), tuple(a for a, _ in offer[1]),
+                                             tuple(d for _, d in offer[1])), None) for offer in offers]
+    expected: dict[tuple[str, int], bool] = {}
+    for offer in offers:
+        number = next((n for name, n in (offer[0] if offer else ()) if name == port_name and n), None)
+        if number is not None:
+            expected.update({(address, number): drains for address, drains in offer[1]})
+    endpoints = to_ir._endpoints(verdicts, kube.ServicePort(name=port_name, port=1))
+    assert endpoints == tuple(sorted((a, n, d) for (a, n), d in expected.items()))
+    assert all(type(endpoint) is ir.Endpoint for endpoint in endpoints)
 
 
 def test_the_usual_endpoint_slice_is_read_without_the_model():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-import itertools
 import json
 import operator
 import traceback
@@ -861,7 +860,7 @@ def _build_backend(key: ObjectKey, spec: crds.BackendSpec, service_obj: Mapping[
 
 def _endpoints(slices: list[_SliceVerdict], port: kube.ServicePort) -> tuple[ir.Endpoint, ...]:
     """Ready endpoints, and terminating-but-serving ones as draining; never not-serving ones."""
-    found: dict[tuple[str, int], bool] = {}
+    found: dict[int, dict[str, bool]] = {}  # port number -> address -> draining
     for usable, _problem in slices:
         if usable is None:
             continue
@@ -869,10 +868,17 @@ def _endpoints(slices: list[_SliceVerdict], port: kube.ServicePort) -> tuple[ir.
         number = next((number for name, number in ports if name == port.name and number), None)
         if number is None:
             continue
-        found.update(zip(zip(addresses, itertools.repeat(number)), drains))
+        by_address = found.get(number)
+        if by_address is None:
+            found[number] = by_address = {}
+        by_address.update(zip(addresses, drains))
     # By address and port: each pair is there once. Made by tuple.__new__, in C: a namedtuple's own
     # __new__ is a Python function, a tenth of this function's time.
-    return tuple([_new_tuple(ir.Endpoint, (address, port, drains)) for (address, port), drains in sorted(found.items())])
+    made = [_new_tuple(ir.Endpoint, (address, number, drains)) for number, by_address in found.items()
+            for address, drains in sorted(by_address.items())]
+    if len(found) > 1:  # slices that give the port different numbers
+        made.sort()
+    return tuple(made)
 
 
 _new_tuple = tuple.__new__
