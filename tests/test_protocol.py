@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import pytest
 from envoy.service.discovery.v3 import discovery_pb2 as d
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controlplane.translate import builders as b
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from controlplane.xds import protocol
 from controlplane.xds.cache import GroupState
 from controlplane.xds.protocol import StreamProtocol
 from controlplane.xds.resources import parse, resource_name
@@ -399,3 +402,34 @@ def test_node_group_nobody_publishes_is_forgotten_when_its_last_stream_leaves():
     cache.set_snapshot("real", snapshot({"a": 1}))
     cache.watch("real", lambda: None)()
     assert cache.snapshot("real") is not None  # a published group stays
+
+
+_NAME = st.sampled_from(["*", "api", "web", "b/c", "", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(_NAME, max_size=6), node=st.booleans(), nonce=st.text(max_size=3),
+       version=st.text(max_size=3), error=st.text(max_size=3))
+def test_sotw_names_read_from_the_wire_are_the_plain_reading(names, node, nonce, version, error):
+    """The names a SotW request's wire bytes find (every ACK repeats them) are those it holds, "*"
+    aside, whatever else the request carries and however often the same names came before."""
+    req = request(ENDPOINT, names, nonce=nonce, version=version, error=error)
+    if node:
+        req.node.id = "envoy-1"
+    for _ in range(2):  # the second finds the first's
+        read, star = protocol._sotw_names(req)
+        assert (read, star) == (frozenset(names) - {"*"}, "*" in names)
+        assert read is protocol._shared(frozenset(names) - {"*"})
+
+
+def test_names_kept_for_sharing_stay_within_their_budget(monkeypatch):
+    """What clients name is kept to share it with other streams; a client sending many distinct,
+    long name lists fills the budget and no more."""
+    monkeypatch.setattr(protocol, "_SOTW_NAMES_BY_WIRE", protocol._Bounded(budget=100_000))
+    monkeypatch.setattr(protocol, "_SHARED_SUBSCRIPTIONS", protocol._Bounded(budget=100_000))
+    for number in range(200):
+        names = [f"{number}-{index}-{'x' * 100}" for index in range(10)]
+        assert protocol._sotw_names(request(ENDPOINT, names, nonce="1")) == (frozenset(names), False)
+    wires, subscriptions = protocol._SOTW_NAMES_BY_WIRE, protocol._SHARED_SUBSCRIPTIONS
+    assert 0 < len(wires) < 200 and sum(len(wire) for wire in wires) <= 100_000
+    assert 0 < len(subscriptions) < 200 and sum(len(name) for names in subscriptions for name in names) <= 100_000

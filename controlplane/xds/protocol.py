@@ -171,9 +171,8 @@ class StreamProtocol:
     # -- subscriptions ---------------------------------------------------------------------------
 
     def _take_sotw_subscription(self, state: _TypeState, request: discovery_pb2.DiscoveryRequest) -> None:
-        names = set(request.resource_names)
-        if "*" in names:
-            names.discard("*")
+        names, star = _sotw_names(request)
+        if star:
             state.wildcard = True
         elif names:
             state.wildcard = False
@@ -182,8 +181,8 @@ class StreamProtocol:
             # given, an empty list means "none".
             state.wildcard = not state.named_before
         state.named_before = state.named_before or bool(names)
-        if names != state.subscribed:
-            state.subscribed = _shared(frozenset(names))
+        if names is not state.subscribed and names != state.subscribed:
+            state.subscribed = names
 
     def _take_delta_subscription(self, state: _TypeState, request: discovery_pb2.DeltaDiscoveryRequest) -> None:
         subscribe, unsubscribe = set(request.resource_names_subscribe), set(request.resource_names_unsubscribe)
@@ -400,7 +399,21 @@ def _names(message: str, name: str) -> bool:
     return re.search(rf"(?<![\w./:-]){re.escape(name)}(?![\w./-])", message) is not None
 
 
-_SHARED_SUBSCRIPTIONS: dict[frozenset[str], frozenset[str]] = {}
+class _Bounded(dict):
+    """A dict that takes new entries until they cost `budget` in all (what does not fit is not kept):
+    its keys come from clients, and a client may send 16 MiB of names per request."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.left = budget
+
+    def keep(self, key, value, cost: int) -> None:
+        if cost <= self.left:
+            self[key] = value
+            self.left -= cost
+
+
+_SHARED_SUBSCRIPTIONS: _Bounded = _Bounded(budget=32 << 20)  # characters of names
 
 
 def _shared(names: frozenset[str]) -> frozenset[str]:
@@ -412,9 +425,38 @@ def _shared(names: frozenset[str]) -> frozenset[str]:
     shared = _SHARED_SUBSCRIPTIONS.get(names)
     if shared is None:
         shared = names
-        if len(_SHARED_SUBSCRIPTIONS) < 4096:
-            _SHARED_SUBSCRIPTIONS[names] = names
+        _SHARED_SUBSCRIPTIONS.keep(names, names, sum(map(len, names)) + 64)
     return shared
+
+
+_SOTW_NAMES_BY_WIRE: _Bounded = _Bounded(budget=32 << 20)  # bytes of names on the wire
+_OTHER_FIELDS = tuple(f.name for f in discovery_pb2.DiscoveryRequest.DESCRIPTOR.fields if f.name != "resource_names")
+
+
+def _sotw_names(request) -> tuple[frozenset[str], bool]:
+    """A State-of-the-World request's names (shared, without "*"), and whether it names "*".
+
+    Every SotW ACK repeats every name its Envoy subscribes to: making 100 Python strings and a set
+    of them was 6.4 us of each stream's work per push. The names' wire bytes (the request copied
+    in C, every other field cleared) find what the same names gave before: 2.9 us. A first request
+    (its node is ~60 KB, and comes once) and anything but a upb message are read plainly."""
+    wire = None
+    if type(request) is discovery_pb2.DiscoveryRequest and not request.HasField("node"):
+        names_only = discovery_pb2.DiscoveryRequest()
+        names_only.CopyFrom(request)
+        for other in _OTHER_FIELDS:
+            names_only.ClearField(other)
+        wire = names_only.SerializeToString()
+        known = _SOTW_NAMES_BY_WIRE.get(wire)
+        if known is not None:
+            return known
+    names = set(request.resource_names)
+    star = "*" in names
+    names.discard("*")
+    read = (_shared(frozenset(names)), star)
+    if wire is not None:
+        _SOTW_NAMES_BY_WIRE.keep(wire, read, len(wire) + 64)
+    return read
 
 
 def _known_resource(type_url: str, name: str, version: str, ours: xr.Resource | None) -> xr.Resource:
