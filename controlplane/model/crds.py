@@ -281,10 +281,9 @@ class Thresholds(Spec):
 
     @model_validator(mode="after")
     def _one_way_per_limit(self) -> Thresholds:
-        for limit in _CAPACITY:
+        for limit in _CAPACITY if self.per_endpoint is not None else ():
             field = _FIELD[limit]
-            if self.per_endpoint is not None and getattr(self.per_endpoint, field) is not None \
-                    and getattr(self, field) is not None:
+            if getattr(self.per_endpoint, field) is not None and getattr(self, field) is not None:
                 raise problems.problem("exclusive", f"set {limit} or perEndpoint.{limit}, not both: a fixed "
                                        f"limit, or one that follows the ready endpoints (bound it with "
                                        f"perEndpoint.min/max)", at=f".{limit}")

@@ -217,9 +217,12 @@ def port_number(value: Any) -> int:
     raise problem("port", f"{shown(value)} is not a port number (1-65535)")
 
 
+_DNS_LABEL = re.compile(DNS_LABEL)  # compiled once: every Backend's service port is checked
+
+
 def port_or_name(value: Any) -> int | str:
     """A Service port by number (1-65535) or by name (a DNS label, as Kubernetes names Service ports)."""
-    if isinstance(value, str) and re.fullmatch(DNS_LABEL, value) and len(value) <= 63:
+    if isinstance(value, str) and _DNS_LABEL.fullmatch(value) and len(value) <= 63:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
