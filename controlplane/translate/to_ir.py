@@ -268,7 +268,7 @@ class Translator:
             for key, attempt in self._service_users.get((namespace, service), {}).items():
                 spec = self._memo[("spec", key, attempt.variant)][2]
                 # Secrets unchanged: so are the warnings
-                backend = self._backend(view, key, spec, attempt, warnings=[])
+                backend, _left_out = self._backend(view, key, spec, attempt, warnings=[])
                 replaced[backend.name] = backend
                 good = self._good.get(key)
                 if attempt.variant == "now" and good is not None and good.endpoints != backend.endpoints:
@@ -478,7 +478,7 @@ class Translator:
         for variant in ("now", "last-accepted", "last-resolved"):
             for part in ("spec", "backend", "routes"):
                 self._memo.pop((part, key, variant), None)
-        for part in ("backend-kept", "slice-problems", "upstream-tls"):
+        for part in ("backend-kept", "upstream-tls"):
             self._memo.pop((part, key), None)
 
     def _refer(self, key: ObjectKey, spec: crds.BackendSpec) -> None:
@@ -650,30 +650,33 @@ class Translator:
                             unresolved=True)
         targets = _target_listeners(gateway, spec)
         warnings: list[str] = []
-        backend = self._backend(view, key, spec, attempt, warnings=warnings)
-        slices = view.endpoint_slices(key.namespace, spec.service.name)
-        left_out = self._cached(("slice-problems", key), tuple(slices),
-                                lambda: _slice_problems(slices, self._slice_verdicts(slices)))
+        backend, left_out = self._backend(view, key, spec, attempt, warnings=warnings)
         routes = self._cached(("routes", key, attempt.variant), (spec,), _routes, spec, backend)
         served, conflicts = _claim_routes(key, routes, targets, claimed)
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
         return (gateway, spec, backend, served, (warnings, left_out), conflicts), (service, backend.endpoints)
 
     def _backend(self, view: StoreView, key: ObjectKey, spec: crds.BackendSpec, attempt: _Attempt, *,
-                 warnings: list[str]) -> ir.Backend:
-        """A Backend's cluster and endpoints, rebuilt only when its spec, Service, slices or TLS changed.
-        The Service is today's, or the one its last accepted version resolved (`attempt.service`)."""
+                 warnings: list[str]) -> tuple[ir.Backend, tuple[str, ...]]:
+        """A Backend's cluster and endpoints, and what was left out of its EndpointSlices (for its
+        status), rebuilt only when its spec, Service, slices or TLS changed. The Service is
+        today's, or the one its last accepted version resolved (`attempt.service`)."""
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
         slices = view.endpoint_slices(key.namespace, spec.service.name)
         tls = self._upstream_tls(view, key, spec.tls, warnings) if spec.tls is not None else None
-        backend = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices),
-                               lambda: _build_backend(key, spec, service, self._slice_verdicts(slices), tls))
+        backend, left_out = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices),
+                                         self._build_backend, key, spec, service, slices, tls)
         if not backend.endpoints and attempt.endpoints:
             # The Service it last resolved is gone or renamed its port, and today's EndpointSlices follow
             # the new name: the endpoints it last had are better than none.
             backend = self._cached(("backend-kept", key), (backend, attempt.endpoints), _with_endpoints, backend,
                                    attempt.endpoints, spec)
-        return backend
+        return backend, left_out
+
+    def _build_backend(self, key: ObjectKey, spec: crds.BackendSpec, service: Mapping[str, Any] | None,
+                       slices: list[Mapping[str, Any]], tls: ir.UpstreamTls | None) -> tuple[ir.Backend, tuple[str, ...]]:
+        verdicts = self._slice_verdicts(slices)
+        return _build_backend(key, spec, service, verdicts, tls), _slice_problems(slices, verdicts)
 
     def _slice_verdicts(self, slices: list[Mapping[str, Any]]) -> list[_SliceVerdict]:
         return [self._slice_verdict(ObjectKey.of(raw), raw) for raw in slices]
