@@ -45,7 +45,6 @@ class SnapshotBuilder:
 
     def __init__(self):
         self._last = Snapshot()  # so the first snapshot, like every other, is a patch of what changed
-        self._by_name: dict[tuple[str, str], Resource] = {}  # what the last snapshot holds, by (type, name)
         self._backends: tuple[ir.Backend, ...] = ()
         self._backend_built: list[tuple[Resource, ...]] = []  # each Backend's resources, in the same order
         self._overrides: list[list[tuple[str, int, bool]]] = []  # each Backend's budget_overrides, in the same order
@@ -59,7 +58,7 @@ class SnapshotBuilder:
     def _same_as_before(self, resource: Resource) -> Resource:
         """A rebuilt value often serializes some resources to the same bytes (a Backend whose
         endpoints moved keeps its cluster): the Resource already held, so nothing is patched."""
-        before = self._by_name.get((resource.type_url, resource.name))
+        before = self._last.resources(resource.type_url).resources.get(resource.name)
         return before if before is not None and before.version == resource.version else resource
 
     def _runtime_resource(self) -> Resource:
@@ -138,9 +137,8 @@ class SnapshotBuilder:
         self._overrides = [budget_overrides(backend) for backend in group.backends]
         self._tls_positions = {position for position, backend in enumerate(group.backends) if backend.tls is not None}
         patch = {type_url: {} for type_url in _TYPES}
-        for resource in self._by_name.values():
-            if resource.type_url in (CLUSTER, ENDPOINT):
-                patch[resource.type_url][resource.name] = None
+        for type_url in (CLUSTER, ENDPOINT):
+            patch[type_url] = dict.fromkeys(self._last.resources(type_url).resources)
         duplicates = set()
         for built in built_list:
             for resource in built:
@@ -196,23 +194,15 @@ class SnapshotBuilder:
     def _publish(self, patch: dict[str, dict[str, Resource | None]]) -> Snapshot:
         """The last snapshot with what really changed: an entry equal to what it holds is dropped,
         so a type with nothing new keeps its ResourceSet (and the streams' memoised responses)."""
-        held = self._by_name
         changes = {}
         for type_url, entries in patch.items():
+            held = self._last.resources(type_url).resources
             real = {name: resource for name, resource in entries.items()
-                    if (resource is None and (type_url, name) in held) or
-                    (resource is not None and held.get((type_url, name)) is not resource)}
+                    if (resource is None and name in held) or (resource is not None and held.get(name) is not resource)}
             if real:
                 changes[type_url] = real
-        built = self._last.patch(changes)
-        for type_url, real in changes.items():
-            for name, resource in real.items():
-                if resource is None:
-                    del held[(type_url, name)]
-                else:
-                    held[(type_url, name)] = resource
-        self._last = built
-        return built
+        self._last = self._last.patch(changes)
+        return self._last
 
 
 _TYPES = (CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, RUNTIME)
