@@ -333,7 +333,8 @@ class StreamProtocol:
         for name, resource in self._still_needed(type_url, state, selection).items():
             chosen = dict(selection.resources) if chosen is None else chosen
             chosen[name] = resource
-        suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects)
+        suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects) \
+            if state.suspects else ()
         for name in suspects[1:]:  # one suspect per response: its ACK or NACK is then its own
             chosen = dict(selection.resources) if chosen is None else chosen
             had = state.acked.resources.get(name) if state.acked is not None else None
