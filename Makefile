@@ -34,6 +34,7 @@ image:
 bench: $(STAMP)
 	$(BIN)/python bench/xds_fanout.py
 	$(BIN)/python bench/grpc_floor.py
+	$(BIN)/python bench/xds_protocol.py
 	$(BIN)/python bench/translate.py
 	$(BIN)/python bench/websocket_surge.py
 	$(BIN)/python bench/kube_propagation.py
