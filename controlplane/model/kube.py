@@ -152,10 +152,10 @@ def plain_endpoint_slice(raw: Mapping[str, Any]) -> OfferedEndpoints | None:
             if (dotted is None or type(address) is not str or dotted(address) is None) \
                     and checks.ip_problem(address, family) is not None:  # what is not a str too
                 return None
-        drains_ = draining(ready, serving, terminating)
-        if drains_ is not None and found:
+        it_drains = draining(ready, serving, terminating)
+        if it_drains is not None and found:
             addresses.append(found[0])
-            drains.append(drains_)
+            drains.append(it_drains)
     return tuple(offered_ports), tuple(addresses), tuple(drains)
 
 

@@ -665,7 +665,7 @@ class Translator:
         slices = view.endpoint_slices(key.namespace, spec.service.name)
         tls = self._upstream_tls(view, key, spec.tls, warnings) if spec.tls is not None else None
         backend, left_out = self._cached(("backend", key, attempt.variant), (spec, service, tls, *slices),
-                                         self._build_backend, key, spec, service, slices, tls)
+                                         self._backend_and_problems, key, spec, service, slices, tls)
         if not backend.endpoints and attempt.endpoints:
             # The Service it last resolved is gone or renamed its port, and today's EndpointSlices follow
             # the new name: the endpoints it last had are better than none.
@@ -673,8 +673,9 @@ class Translator:
                                    attempt.endpoints, spec)
         return backend, left_out
 
-    def _build_backend(self, key: ObjectKey, spec: crds.BackendSpec, service: Mapping[str, Any] | None,
-                       slices: list[Mapping[str, Any]], tls: ir.UpstreamTls | None) -> tuple[ir.Backend, tuple[str, ...]]:
+    def _backend_and_problems(self, key: ObjectKey, spec: crds.BackendSpec, service: Mapping[str, Any] | None,
+                              slices: list[Mapping[str, Any]], tls: ir.UpstreamTls | None
+                              ) -> tuple[ir.Backend, tuple[str, ...]]:
         verdicts = self._slice_verdicts(slices)
         return _build_backend(key, spec, service, verdicts, tls), _slice_problems(slices, verdicts)
 
@@ -925,10 +926,10 @@ def _offered(endpoint_slice: kube.EndpointSlice):
     addresses, drains = [], []
     for endpoint in endpoint_slice.endpoints:
         conditions = endpoint.conditions
-        drains_ = kube.draining(conditions.ready, conditions.serving, conditions.terminating)
-        if drains_ is not None and endpoint.addresses:
+        it_drains = kube.draining(conditions.ready, conditions.serving, conditions.terminating)
+        if it_drains is not None and endpoint.addresses:
             addresses.append(endpoint.addresses[0])
-            drains.append(drains_)
+            drains.append(it_drains)
     return tuple((p.name, p.port) for p in endpoint_slice.ports), tuple(addresses), tuple(drains)
 
 
