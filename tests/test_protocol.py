@@ -422,14 +422,19 @@ def test_sotw_names_read_from_the_wire_are_the_plain_reading(names, node, nonce,
         assert read is protocol._shared(frozenset(names) - {"*"})
 
 
-def test_names_kept_for_sharing_stay_within_their_budget(monkeypatch):
-    """What clients name is kept to share it with other streams; a client sending many distinct,
-    long name lists fills the budget and no more."""
-    monkeypatch.setattr(protocol, "_SOTW_NAMES_BY_WIRE", protocol._Bounded(budget=100_000))
-    monkeypatch.setattr(protocol, "_SHARED_SUBSCRIPTIONS", protocol._Bounded(budget=100_000))
+def test_names_kept_for_sharing_stay_within_their_budget_the_oldest_given_up(monkeypatch):
+    """What clients name is kept to share it with other streams: many distinct, long name lists (a
+    hostile client, or months of subscriptions coming and going) keep it within its budget, giving
+    up the least recently used, and what streams use now is still shared."""
+    monkeypatch.setattr(protocol, "_SOTW_NAMES_BY_WIRE", protocol._Kept(budget=100_000))
+    monkeypatch.setattr(protocol, "_SHARED_SUBSCRIPTIONS", protocol._Kept(budget=100_000))
+    in_use = request(ENDPOINT, ["api", "web"], nonce="1")
+    shared, _star = protocol._sotw_names(in_use)
     for number in range(200):
         names = [f"{number}-{index}-{'x' * 100}" for index in range(10)]
         assert protocol._sotw_names(request(ENDPOINT, names, nonce="1")) == (frozenset(names), False)
-    wires, subscriptions = protocol._SOTW_NAMES_BY_WIRE, protocol._SHARED_SUBSCRIPTIONS
-    assert 0 < len(wires) < 200 and sum(len(wire) for wire in wires) <= 100_000
-    assert 0 < len(subscriptions) < 200 and sum(len(name) for names in subscriptions for name in names) <= 100_000
+        assert protocol._sotw_names(in_use)[0] is shared  # an ACK of what streams use now
+    for kept in (protocol._SOTW_NAMES_BY_WIRE, protocol._SHARED_SUBSCRIPTIONS):
+        assert 0 < len(kept) < 200 and kept.cost <= 100_000
+    newcomer = request(ENDPOINT, ["new"], nonce="2")
+    assert protocol._sotw_names(newcomer)[0] is protocol._sotw_names(request(ENDPOINT, ["new"], nonce="3"))[0]
