@@ -9,10 +9,14 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from controlplane.runtime.memory import FileMemory, MemoryWriter, SecretMemory
 from controlplane.sources.kube_api import KubeApi
 from controlplane.sources.store import ObjectKey, Store
-from controlplane.translate import to_ir
+from controlplane.ir import types as ir
+from controlplane.translate import to_ir, to_xds
+from controlplane.xds import ENDPOINT
 from tests.certs import issue, tls_secret
 from tests.harness import eventually, free_port, write
 from tests.objects import NS, app, backend, endpoint_slice, gateway, ready, service
@@ -53,6 +57,28 @@ def test_a_restart_during_a_bad_edit_and_a_bad_rotation_serves_what_was_served(t
 
     fresh = to_ir.Translator()  # what a restart without the memory would do: the Gateway and Backend gone
     assert "edge" not in fresh.translate(Store(during).view()).groups
+
+
+@pytest.mark.parametrize("damaged", [["x" * 70, 8080, False], ["10.0.0.1", 0, False], ["10.0.0.1", "8080", False],
+                                     ["10.0.0.1", 8080, "yes"], ["10.0.0.1"], "10.0.0.1:8080"])
+def test_damaged_remembered_endpoints_are_not_restored_and_the_rest_is(damaged):
+    """A saved state is a file or a Secret anyone with access may edit: an endpoint in it that is
+    not an IP address and a port would be refused by Envoy with the node group's other endpoints.
+    That object's last version is not taken (one line says why); the others' are."""
+    api, web = app("api", "10.0.0.1"), app("web", "10.0.0.2")
+    translator = to_ir.Translator()
+    translator.translate(Store([gateway(), *api, *web]).view())
+    state = translator.remembered()
+    for item in state["objects"]:
+        item["endpoints"] = [damaged] if item["name"] == "api" else item["endpoints"]
+
+    restarted = to_ir.Translator()
+    skipped = restarted.restore(state)
+    assert len(skipped) == 1 and skipped[0].startswith(f"Backend {NS}/api: its remembered endpoints: ")
+    without_services = [gateway(), api[0], web[0]]  # both Services gone: only what was remembered serves
+    group = restarted.translate(Store(without_services).view()).groups["edge"]
+    assert [(b.name, b.endpoints) for b in group.backends] == [(f"{NS}/web", (ir.Endpoint("10.0.0.2", 8080),))]
+    assert to_xds.SnapshotBuilder().snapshot(group).resources(ENDPOINT).resources.keys() == {f"{NS}/web"}
 
 
 def test_a_damaged_state_file_is_ignored_with_a_warning(tmp_path, caplog):

@@ -194,8 +194,11 @@ class Translator:
         skipped = []
         for item in remembered.get("objects", ()):
             key = ObjectKey(item["kind"], item["namespace"], item["name"])
-            endpoints = tuple(ir.Endpoint(address, int(port), bool(draining))
-                              for address, port, draining in item.get("endpoints") or ())
+            try:
+                endpoints = tuple(_remembered_endpoint(entry) for entry in item.get("endpoints") or ())
+            except (TypeError, ValueError) as problem:  # damaged: this object's last version is not taken
+                skipped.append(f"{key.kind} {key.namespace}/{key.name}: its remembered endpoints: {problem}")
+                continue
             self._good[key] = _Good(item["object"], item.get("service"), endpoints)
         self._served = frozenset(self._good)
         for item in remembered.get("secrets", ()):
@@ -1043,6 +1046,20 @@ def _parse(model: type, obj: Mapping[str, Any]):
         return model.model_validate(obj.get("spec") or {})
     except ValidationError as error:
         raise _Rejected("Invalid", "; ".join(problems.explain(error, "spec"))) from None
+
+
+def _remembered_endpoint(entry: Any) -> ir.Endpoint:
+    """An endpoint of a saved state, checked as translation checks a slice's: what a damaged or
+    edited state file holds must not reach Envoy (it would refuse the node group's endpoints)."""
+    address, port, draining = entry
+    wrong = problems.ip_problem(address)
+    if wrong is not None:
+        raise ValueError(wrong)
+    if type(port) is not int or not 1 <= port <= 65535:
+        raise ValueError(f"{problems.shown(port)} is not a port number (1-65535)")
+    if type(draining) is not bool:
+        raise ValueError(f"{problems.shown(draining)} is not true or false (whether it drains)")
+    return ir.Endpoint(address, port, draining)
 
 
 def _generation(obj: Mapping[str, Any]) -> int:
