@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -334,9 +335,11 @@ class StreamProtocol:
         for name, resource in self._still_needed(type_url, state, selection).items():
             chosen = dict(selection.resources) if chosen is None else chosen
             chosen[name] = resource
-        suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects) \
+        # Suspects the group rejected already (another Envoy named them) are handled above: left out,
+        # or their last good version. The others go one per response: its ACK or NACK is then its own.
+        suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects - rejected) \
             if state.suspects else ()
-        for name in suspects[1:]:  # one suspect per response: its ACK or NACK is then its own
+        for name in suspects[1:]:
             chosen = dict(selection.resources) if chosen is None else chosen
             had = state.acked.resources.get(name) if state.acked is not None else None
             if had is None:
@@ -431,7 +434,13 @@ class _Kept:
             self.cost -= given_up
 
 
-_SHARED_SUBSCRIPTIONS = _Kept(budget=32 << 20)  # cost: characters of names
+_SHARED_SUBSCRIPTIONS = _Kept(budget=32 << 20)  # cost: bytes of memory (`_names_size`)
+
+
+def _names_size(names: frozenset[str]) -> int:
+    """The memory a set of names holds: the set and each string (a short name is ~60 bytes, an
+    astral character takes 4: counting characters undercounted a client's names 20-40 times)."""
+    return sys.getsizeof(names) + sum(map(sys.getsizeof, names))
 
 
 def _shared(names: frozenset[str]) -> frozenset[str]:
@@ -443,11 +452,11 @@ def _shared(names: frozenset[str]) -> frozenset[str]:
     shared = _SHARED_SUBSCRIPTIONS.get(names)
     if shared is None:
         shared = names
-        _SHARED_SUBSCRIPTIONS.keep(names, names, sum(map(len, names)) + 64)
+        _SHARED_SUBSCRIPTIONS.keep(names, names, _names_size(names))
     return shared
 
 
-_SOTW_NAMES_BY_WIRE = _Kept(budget=32 << 20)  # cost: bytes of names on the wire
+_SOTW_NAMES_BY_WIRE = _Kept(budget=32 << 20)  # cost: bytes of memory, the wire bytes and the names they find
 _OTHER_FIELDS = tuple(f.name for f in discovery_pb2.DiscoveryRequest.DESCRIPTOR.fields if f.name != "resource_names")
 
 
@@ -473,7 +482,7 @@ def _sotw_names(request) -> tuple[frozenset[str], bool]:
     names.discard("*")
     read = (_shared(frozenset(names)), star)
     if wire is not None:
-        _SOTW_NAMES_BY_WIRE.keep(wire, read, len(wire) + 64)
+        _SOTW_NAMES_BY_WIRE.keep(wire, read, sys.getsizeof(wire) + _names_size(read[0]))
     return read
 
 

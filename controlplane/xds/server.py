@@ -361,7 +361,9 @@ class XdsServer:
                     # Not held while waiting for the next one: Envoy's first request carries its node, whose
                     # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
                     request = None
-                why = "it closed its side of the stream (an Envoy never does: a client bug?); ended it"
+                # gRPC reads a client that stopped (killed, or its connection lost) as one that closed its
+                # side: Envoy itself never closes its side of a stream it keeps.
+                why = "its stream ended (the Envoy stopped, or closed its side of the stream)"
             except asyncio.CancelledError:
                 if not self._stopping:
                     raise  # the client went away: gRPC cancels the call
