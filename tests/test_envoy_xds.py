@@ -163,3 +163,28 @@ async def test_control_plane_restart_under_traffic(envoys, backends, delta):
     failures = [o for o in outcomes if o not in ("first", "second")]
     assert failures == [], f"{len(failures)} failed requests of {len(outcomes)}: {failures[:5]}"
     assert outcomes.count("first") > 10 and outcomes[-1] == "second"
+
+
+async def test_a_cluster_removed_before_envoy_asked_for_its_endpoints_holds_nothing_back(xds, envoys, delta):
+    """A cluster added, then removed a millisecond later (two publishes): Envoy asks for endpoints the
+    snapshot no longer has, and held its ACK of the clusters, so every later change, for 15 s (its
+    initial fetch timeout), until it got an empty endpoint set for it (found by an outside test)."""
+    cache, server = xds
+
+    def clusters(*names: str) -> Snapshot:
+        return Snapshot(clusters=[b.eds_cluster(name) for name in names],
+                        endpoints=[b.load_assignment(name, [("127.0.0.1", 9)]) for name in names])
+
+    cache.set_snapshot(GROUP, clusters("a"))
+    envoy = envoys(server.port, node_cluster=GROUP, delta=delta)
+    await eventually(lambda: _clusters_are(envoy, {"a"}), what="the first clusters")
+    for attempt, pause in enumerate((0.0005, 0.001, 0.002)):
+        cache.set_snapshot(GROUP, clusters("a", f"added-{attempt}"))
+        await asyncio.sleep(pause)
+        cache.set_snapshot(GROUP, clusters("a", f"next-{attempt}"))
+        await eventually(lambda: _clusters_are(envoy, {"a", f"next-{attempt}"}), timeout=5,
+                         what=f"the clusters published {pause * 1000:g} ms after one that came and went")
+
+
+async def _clusters_are(envoy, names: set[str]) -> bool:
+    return await envoy.dynamic_names("clusters") == names

@@ -29,6 +29,7 @@ Invariants this class keeps, per stream and per resource type:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import sys
@@ -37,6 +38,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.xds import resources as xr
@@ -335,6 +337,10 @@ class StreamProtocol:
         for name, resource in self._still_needed(type_url, state, selection).items():
             chosen = dict(selection.resources) if chosen is None else chosen
             chosen[name] = resource
+        if type_url == xr.ENDPOINT and not state.wildcard and len(selection.resources) != len(state.subscribed):
+            for name, resource in self._warming_without_endpoints(state, selection).items():
+                chosen = dict(selection.resources) if chosen is None else chosen
+                chosen[name] = resource
         # Suspects the group rejected already (another Envoy named them) are handled above: left out,
         # or their last good version. The others go one per response: its ACK or NACK is then its own.
         suspects = sorted(selection.name_of[version] for version in selection.versions & state.suspects - rejected) \
@@ -373,6 +379,24 @@ class StreamProtocol:
             # endpoint set never becomes an empty one.
             gone = state.subscribed.intersection(gone)
         return {name: state.acked.resources[name] for name in gone}
+
+    def _warming_without_endpoints(self, state: _TypeState, selection: Selection) -> Mapping[str, xr.Resource]:
+        """Endpoint sets Envoy asks for that the snapshot no longer has, of clusters this stream sent
+        it and Envoy never got endpoints for: an empty one each. Envoy keeps such a cluster warming,
+        and holds its ACK of the clusters, until it has its endpoints (15 s, its initial fetch
+        timeout), while this stream holds the next clusters until that ACK: a cluster added and
+        removed before Envoy asked for its endpoints held every later change for 15 s. Bounded by
+        the clusters sent (a name only Envoy knows, such as a bootstrap cluster's, waits as before).
+        Called only when a name asked for is not in the snapshot: the usual case costs nothing."""
+        clusters = self._types.get(xr.CLUSTER)
+        if clusters is None:
+            return _EMPTY
+        had = state.acked.resources if state.acked is not None else _EMPTY
+        asked = {name for name in state.subscribed if name not in selection.resources and name not in had}
+        sent = [clusters.acked] + ([clusters.in_flight.selection] if clusters.in_flight is not None else [])
+        warming = {name for selected in sent if selected is not None for cluster in selected.resources.values()
+                   for name in cluster.referenced(xr.ENDPOINT) if name in asked}
+        return {name: _no_endpoints(name) for name in sorted(warming)}
 
     def _accepted(self, type_url: str) -> Mapping[str, xr.Resource]:
         acked = self._types[type_url].acked
@@ -484,6 +508,12 @@ def _sotw_names(request) -> tuple[frozenset[str], bool]:
     if wire is not None:
         _SOTW_NAMES_BY_WIRE.keep(wire, read, sys.getsizeof(wire) + _names_size(read[0]))
     return read
+
+
+@functools.lru_cache(maxsize=1024)
+def _no_endpoints(name: str) -> xr.Resource:
+    """An empty ClusterLoadAssignment (names are of clusters this control plane sent)."""
+    return xr.Resource.from_message(xr.ENDPOINT, endpoint_pb2.ClusterLoadAssignment(cluster_name=name))
 
 
 def _known_resource(type_url: str, name: str, version: str, ours: xr.Resource | None) -> xr.Resource:
