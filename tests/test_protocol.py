@@ -492,12 +492,13 @@ def test_endpoints_of_a_cluster_gone_before_envoy_asked_for_them_are_answered_em
     assert with_b.type_url == CLUSTER
     group.new_snapshot(snapshot({"a": 1, "c": 3}))  # b gone before Envoy asked for its endpoints
     assert protocol.refresh().responses == []  # the clusters wait for Envoy's ACK of the last ones
-    asked = ask(["a", "b"], subscribe=["b"]).responses
+    # "elsewhere": a name this stream never sent a cluster for (a bootstrap cluster's): it waits, as before
+    asked = ask(["a", "b", "elsewhere"], subscribe=["b", "elsewhere"]).responses
     assert [r.type_url for r in asked] == [ENDPOINT]
     message = (d.DeltaDiscoveryResponse if is_delta else d.DiscoveryResponse).FromString(asked[0].payload)
     resources = [r.resource for r in message.resources] if is_delta else list(message.resources)
     assert [parse(ENDPOINT, r.value) for r in resources] == [endpoint_pb2.ClusterLoadAssignment(cluster_name="b")]
-    ask(["a", "b"], nonce=asked[0].nonce)  # b warms: Envoy ACKs the clusters
+    ask(["a", "b", "elsewhere"], nonce=asked[0].nonce)  # b warms: Envoy ACKs the clusters
     acked = protocol.receive(delta_request(CLUSTER, nonce=with_b.nonce) if is_delta
                              else request(CLUSTER, nonce=with_b.nonce, version=with_b.version))
     (next_clusters,) = acked.responses

@@ -55,6 +55,11 @@ class Selection:
         return frozenset(self.resources)
 
     @cached_property
+    def endpoint_names(self) -> frozenset[str]:
+        """The endpoint sets its resources name (a cluster selection's EDS names)."""
+        return frozenset(name for resource in self.resources.values() for name in resource.referenced(xr.ENDPOINT))
+
+    @cached_property
     def name_of(self) -> dict[str, str]:
         return {resource.version: name for name, resource in self.resources.items()}
 

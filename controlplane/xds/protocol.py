@@ -391,11 +391,13 @@ class StreamProtocol:
         clusters = self._types.get(xr.CLUSTER)
         if clusters is None:
             return _EMPTY
-        had = state.acked.resources if state.acked is not None else _EMPTY
-        asked = {name for name in state.subscribed if name not in selection.resources and name not in had}
-        sent = [clusters.acked] + ([clusters.in_flight.selection] if clusters.in_flight is not None else [])
-        warming = {name for selected in sent if selected is not None for cluster in selected.resources.values()
-                   for name in cluster.referenced(xr.ENDPOINT) if name in asked}
+        missing = state.subscribed.difference(selection.resources)
+        if state.acked is not None:
+            missing = missing.difference(state.acked.resources)
+        warming: set[str] = set()
+        for sent in (clusters.acked, clusters.in_flight.selection if clusters.in_flight is not None else None):
+            if sent is not None:
+                warming.update(missing & sent.endpoint_names)
         return {name: _no_endpoints(name) for name in sorted(warming)}
 
     def _accepted(self, type_url: str) -> Mapping[str, xr.Resource]:
