@@ -19,7 +19,10 @@ Invariants this class keeps, per stream and per resource type:
   `PUSH_ORDER`; a listener or route that names a cluster of the snapshot is held until Envoy has
   ACKed that cluster and, for EDS clusters, its endpoints; a cluster that an accepted route or
   listener still names is kept until Envoy has accepted the routes that drop it.
-- A subscribed name that does not exist yet is remembered and sent when a snapshot has it.
+- A subscribed name that does not exist yet is remembered and sent when a snapshot has it; but
+  the endpoints of a cluster this stream sent, which the snapshot dropped before Envoy asked for
+  them, are an empty set at once: Envoy holds its ACK of the clusters until each new one has its
+  endpoints, and the next clusters wait for that ACK.
 - Only what changed is sent: Delta by design; State-of-the-World too for the types Envoy
   subscribes to by name (endpoints, routes, secrets), as the xDS protocol allows ("Grouping
   Resources into Responses"): resources left out of such a response are kept, not removed. Only
