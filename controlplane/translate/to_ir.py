@@ -1052,11 +1052,8 @@ def _remembered_endpoint(entry: Any) -> ir.Endpoint:
     """An endpoint of a saved state, checked as translation checks a slice's: what a damaged or
     edited state file holds must not reach Envoy (it would refuse the node group's endpoints)."""
     address, port, draining = entry
-    wrong = problems.ip_problem(address)
-    if wrong is not None:
-        raise ValueError(wrong)
-    if type(port) is not int or not 1 <= port <= 65535:
-        raise ValueError(f"{problems.shown(port)} is not a port number (1-65535)")
+    problems.ip_literal(address)  # each raises a ValueError that says what is wrong
+    problems.port_number(port)
     if type(draining) is not bool:
         raise ValueError(f"{problems.shown(draining)} is not true or false (whether it drains)")
     return ir.Endpoint(address, port, draining)

@@ -341,14 +341,7 @@ _HEALTHY, _DRAINING = health_check_pb2.HEALTHY, health_check_pb2.DRAINING
 @functools.lru_cache(maxsize=4096)
 def _port_field(port: int) -> bytes:
     """SocketAddress.port_value (field 3, a varint); none for 0, as proto3 writes no default."""
-    if not port:
-        return b""
-    varint = bytearray()
-    while port > 0x7F:
-        varint.append(port & 0x7F | 0x80)
-        port >>= 7
-    varint.append(port)
-    return b"\x18" + bytes(varint)
+    return b"\x18" + _varint(port) if port else b""
 
 
 def route_configuration(listener: ir.Listener):
@@ -399,12 +392,17 @@ def _assembled_route_configuration(listener: ir.Listener, held: dict, fresh: dic
 
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
-    length, size = bytearray(), len(payload)
-    while size > 0x7F:
-        length.append(size & 0x7F | 0x80)
-        size >>= 7
-    length.append(size)
-    return bytes((number << 3 | 2,)) + bytes(length) + payload
+    return bytes((number << 3 | 2,)) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer as protobuf writes it: seven bits a byte, the lowest first."""
+    encoded = bytearray()
+    while value > 0x7F:
+        encoded.append(value & 0x7F | 0x80)
+        value >>= 7
+    encoded.append(value)
+    return bytes(encoded)
 
 
 def _thresholds(priority: int, budget: ir.Budget):

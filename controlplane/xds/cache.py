@@ -57,7 +57,7 @@ class Selection:
     @cached_property
     def endpoint_names(self) -> frozenset[str]:
         """The endpoint sets its resources name (a cluster selection's EDS names)."""
-        return frozenset(name for resource in self.resources.values() for name in resource.referenced(xr.ENDPOINT))
+        return _referenced(self.resources.values(), xr.ENDPOINT)
 
     @cached_property
     def name_of(self) -> dict[str, str]:
@@ -112,6 +112,11 @@ class Selection:
         return header.SerializeToString() + b"".join(self.resources[name].sotw_fragment for name in names)
 
 
+def _referenced(resources: Iterable[xr.Resource], type_url: str) -> frozenset[str]:
+    """Every name of `type_url` these resources refer to."""
+    return frozenset(name for resource in resources for name in resource.referenced(type_url))
+
+
 class ResourceSet:
     """All resources of one type in one snapshot, with memoised selections by subscription."""
 
@@ -159,8 +164,7 @@ class ResourceSet:
         """Every name of `type_url` these resources refer to (computed once per set)."""
         found = self._referenced.get(type_url)
         if found is None:
-            found = self._referenced[type_url] = frozenset(
-                name for resource in self.resources.values() for name in resource.referenced(type_url))
+            found = self._referenced[type_url] = _referenced(self.resources.values(), type_url)
         return found
 
     def __contains__(self, name: str) -> bool:

@@ -476,7 +476,7 @@ def _shared(names: frozenset[str]) -> frozenset[str]:
     """One copy of each distinct subscription, whatever the number of Envoys that hold it.
 
     A fleet subscribes to the same names; sharing them saves ~10 KiB per stream for 100 names,
-    and lets `ResourceSet.select` find its memo by identity. Bounded: odd ones are not kept.
+    and lets `ResourceSet.select` find its memo by identity. Bounded by memory (`_Kept`).
     """
     shared = _SHARED_SUBSCRIPTIONS.get(names)
     if shared is None:
