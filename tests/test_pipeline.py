@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import weakref
 
 import pytest
 
-from controlplane.runtime.pipeline import Coalescer, Pipeline
+from controlplane.runtime.pipeline import LARGE_PASS, Coalescer, Pipeline, collector_paused
 from controlplane.sources.store import Store
 from controlplane.xds import SnapshotCache
 
@@ -105,6 +106,52 @@ def test_serve_s_minimum_certificate_lifetime_reaches_translation():
     default = Pipeline(SnapshotCache()).publish(store.view())
     assert relaxed.conditions[key][0].status == "True"
     assert default.conditions[key][0].status == "False" and "(check ExpiresSoon)" in default.conditions[key][0].message
+
+
+@pytest.fixture
+def nothing_left_frozen():
+    yield
+    with collector_paused():  # a pause gives back what the test's passes froze
+        pass
+    assert gc.get_freeze_count() == 0
+
+
+def _large_pass(kept: list) -> None:
+    with collector_paused():
+        kept.extend([index] for index in range(LARGE_PASS))
+
+
+class _Cycle:
+    def __init__(self):
+        self.itself = self
+
+
+def test_what_a_large_pass_leaves_is_frozen_until_the_next_pause(nothing_left_frozen):
+    gc.collect()
+    kept: list = []
+    _large_pass(kept)
+    assert gc.get_freeze_count() >= LARGE_PASS  # no young collection walks them
+    with collector_paused():
+        assert gc.get_freeze_count() == 0
+        kept.append([0])
+    assert gc.get_freeze_count() == 0  # a small pass is left to the collector
+
+
+def test_garbage_never_stays_frozen_through_a_full_collection(nothing_left_frozen):
+    gc.collect()
+    cycle = _Cycle()
+    gone = weakref.ref(cycle)
+    _large_pass([])
+    del cycle
+    gc.collect()
+    assert gone() is not None  # frozen garbage: a full collection does not see it
+    _large_pass([])  # unfrozen, and not frozen again: no full collection has run since
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert gone() is None
+    kept: list = []
+    _large_pass(kept)  # one has run now
+    assert gc.get_freeze_count() >= LARGE_PASS
 
 
 def test_the_collector_is_paused_while_publishing_and_on_again_after_even_when_translation_fails():
