@@ -144,15 +144,19 @@ def plain_endpoint_slice(raw: Mapping[str, Any]) -> OfferedEndpoints | None:
         found, conditions = endpoint.get("addresses", []), endpoint.get("conditions", {})
         if type(found) is not list or type(conditions) is not dict:
             return None
-        ready, serving, terminating = conditions.get("ready"), conditions.get("serving"), conditions.get("terminating")
-        if not ((ready is None or ready is True or ready is False) and (serving is None or serving is True
-                or serving is False) and (terminating is None or terminating is True or terminating is False)):
-            return None  # 1 equals True, but is not a bool
+        ready = conditions.get("ready")
+        if ready is True and len(conditions) == 1:  # most endpoints: ready, nothing else said
+            it_drains = False
+        else:
+            serving, terminating = conditions.get("serving"), conditions.get("terminating")
+            if not ((ready is None or ready is True or ready is False) and (serving is None or serving is True
+                    or serving is False) and (terminating is None or terminating is True or terminating is False)):
+                return None  # 1 equals True, but is not a bool
+            it_drains = draining(ready, serving, terminating)
         for address in found:
             if (dotted is None or type(address) is not str or dotted(address) is None) \
                     and checks.ip_problem(address, family) is not None:  # what is not a str too
                 return None
-        it_drains = draining(ready, serving, terminating)
         if it_drains is not None and found:
             addresses.append(found[0])
             drains.append(it_drains)

@@ -323,13 +323,10 @@ def _endpoints_resource(backend: ir.Backend) -> Resource:
     parts = []
     for address, port, draining in backend.endpoints:
         host = address.encode()
-        if len(host) > _LONGEST_ADDRESS:
+        around = _around_address(len(host), port, draining)
+        if around is None:
             raise ValueError(f"endpoint address {address!r} of {backend.name} is not an IP address")
-        port_field = _port_field(port)
-        socket = len(host) + 2 + len(port_field)
-        parts.append(b"\x12%c\x0a%c\x0a%c\x0a%c\x12%c%b%b\x10%c" % (
-            socket + 8, socket + 4, socket + 2, socket, len(host), host, port_field,
-            _DRAINING if draining else _HEALTHY))
+        parts += (around[0], host, around[1])
     name = backend.name.encode()
     return Resource.from_body(ENDPOINT, backend.name, _field(1, name) + _field(2, b"".join(parts)), ())
 
@@ -339,9 +336,15 @@ _HEALTHY, _DRAINING = health_check_pb2.HEALTHY, health_check_pb2.DRAINING
 
 
 @functools.lru_cache(maxsize=4096)
-def _port_field(port: int) -> bytes:
-    """SocketAddress.port_value (field 3, a varint); none for 0, as proto3 writes no default."""
-    return b"\x18" + _varint(port) if port else b""
+def _around_address(length: int, port: int, draining: bool) -> tuple[bytes, bytes] | None:
+    """An LbEndpoint's bytes before and after its address of `length` bytes (None if that is too
+    long to be an IP literal): the same for every endpoint of a Backend but for the address."""
+    if length > _LONGEST_ADDRESS:
+        return None
+    port_field = b"\x18" + _varint(port) if port else b""  # SocketAddress.port_value; proto3 writes no 0
+    socket = length + 2 + len(port_field)
+    return (bytes((0x12, socket + 8, 0x0A, socket + 4, 0x0A, socket + 2, 0x0A, socket, 0x12, length)),
+            port_field + bytes((0x10, _DRAINING if draining else _HEALTHY)))
 
 
 def route_configuration(listener: ir.Listener):
