@@ -256,6 +256,27 @@ async def test_stop_ends_open_streams_with_unavailable_in_one_log_line(caplog):
         "stopping: 3 Envoys connected; ending their streams (they keep their configuration and reconnect)"]
 
 
+async def test_stop_takes_at_most_its_grace_period_when_a_client_reads_nothing():
+    """The stuck stream's flush took all of `grace`, then gRPC's own stop waited `grace` again."""
+    cache = SnapshotCache()
+    big = [b.eds_cluster(f"cluster-{number}-" + "x" * 100) for number in range(3000)]  # ~400 KB a response
+    cache.set_snapshot("gateway", Snapshot(clusters=big))
+    server = XdsServer(cache, address="127.0.0.1:0")
+    await server.start()
+    # No flow-control window growth: the responses fill the 16 KB this client takes, then writes block.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 16384)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", options=options) as channel:
+        call = _ads(channel)
+        await call.write(d.DiscoveryRequest(node=NODE, type_url=CLUSTER))  # and never reads
+        await eventually(lambda: cache.status() != [], what="the stream to connect")
+        cache.set_snapshot("gateway", Snapshot(clusters=big[::-1][:2000]))  # a second response, queued
+        await asyncio.sleep(0.2)
+        started = time.monotonic()
+        await server.stop(1.0)
+        assert time.monotonic() - started < 1.5
+        call.cancel()
+
+
 async def test_a_half_closed_stream_whose_client_reads_nothing_is_dropped_after_the_flush_timeout(xds, caplog):
     """Its status cannot be sent while a write is stuck (it would collide with it): the call ends
     without one, and gRPC resets the stream. Driven directly: a real client's buffers take megabytes

@@ -241,6 +241,7 @@ class XdsServer:
         to another replica behind the same Service, or to this one when it is back."""
         if self._server is None:
             return
+        started = time.monotonic()
         self._stopping = True
         self._flush_timeout = grace
         reading = list(self._reading)
@@ -250,7 +251,9 @@ class XdsServer:
             task.cancel()
         if reading:
             await asyncio.wait(reading)
-        await self._server.stop(grace)
+        # What is left of `grace`: a stream whose client reads nothing took all of it to flush, and
+        # gRPC would wait as long again for that stuck call.
+        await self._server.stop(max(0.0, grace - (time.monotonic() - started)))
         self._server = None
 
     async def wait_for_termination(self) -> None:
