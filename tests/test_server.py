@@ -302,6 +302,41 @@ async def test_a_half_closed_stream_whose_client_reads_nothing_is_dropped_after_
     assert "disconnected: it read nothing for 0.2s while its stream was ending; dropped it" in caplog.text
 
 
+@pytest.mark.parametrize("method, expected", [("StreamAggregatedResources", "DiscoveryRequest"),
+                                              ("DeltaAggregatedResources", "DeltaDiscoveryRequest")])
+async def test_a_request_that_is_not_a_discovery_request_ends_its_stream_with_one_line(xds, caplog, method, expected):
+    """gRPC's parsing error used to escape the handler: its traceback in the log, UNKNOWN to the client."""
+    caplog.set_level(logging.INFO, logger="controlplane")
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    garbage = b"\xff\xff\xff\x0f not protobuf"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        raw = channel.stream_stream(f"/{xds_server.ADS_SERVICE}/{method}")
+        for first in (garbage, garbage):  # the second from the same address is logged at DEBUG
+            call = raw()
+            await call.write(first)
+            assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (await call.details()).startswith(f"not a {expected}: Error parsing message")
+        connected = _ads(channel) if method.startswith("Stream") else \
+            ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).DeltaAggregatedResources()
+        request = d.DiscoveryRequest if method.startswith("Stream") else d.DeltaDiscoveryRequest
+        await connected.write(request(node=NODE, type_url=CLUSTER))
+        assert len((await connected.read()).resources) == 2  # the others are served as before
+        after = raw()
+        await after.write(request(node=NODE, type_url=CLUSTER).SerializeToString())
+        await after.read()
+        await after.write(garbage)  # a connected Envoy sending garbage: its disconnect line says why
+        assert await after.code() == grpc.StatusCode.INVALID_ARGUMENT
+        connected.cancel()
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("a client at ipv4:127.0.0.1:") and \
+        f"was refused before it named its node: it sent a request that is not a {expected} (" in warnings[0]
+    assert warnings[1].startswith("Envoy client-1 (node group 'gateway') disconnected: it sent a request that is not "
+                                  f"a {expected} (")
+
+
 async def test_a_taken_port_is_one_error_naming_the_address(capfd):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf.message import DecodeError
 
 from controlplane.xds import resources as xr
 from controlplane.xds import identity
@@ -196,6 +197,7 @@ class XdsServer:
         self._describe = describe
         self._refusals_logged: set[tuple[str, str]] = set()
         self._left_out_logged: dict[str, object] = {}
+        self._undecodable_logged: set[str] = set()
         self._services = services
         self._address = address
         self._options = options
@@ -320,6 +322,16 @@ class XdsServer:
             log.debug("refused %s of Envoy %r from %s: %s", what, node.id, context.peer(), message)
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, message)  # raises: the call ends here
 
+    def _log_undecodable(self, peer: str, why: str) -> None:
+        """Once per client address (its port varies per connection), as refusals are: a client that
+        repeats itself is not a log flood."""
+        host = peer.rpartition(":")[0] or peer
+        if host not in self._undecodable_logged and len(self._undecodable_logged) < LOGGED_REFUSALS:
+            self._undecodable_logged.add(host)
+            log.warning("a client at %s was refused before it named its node: %s", peer, why)
+        else:
+            log.debug("a client at %s was refused before it named its node: %s", peer, why)
+
     def _log_left_out(self, view: KeylessGroup) -> None:
         """Say once per node group and content what its Envoys do not get, and why."""
         keyless = view.keyless()
@@ -340,7 +352,7 @@ class XdsServer:
             return
         stream: _Stream | None = None
         stop_watching = disconnect = None
-        why = "it went away"
+        why, level = "it went away", logging.INFO
         task = asyncio.current_task()
         try:
             # Invariant: a task in _reading is suspended in `context.read()` (nothing else in the loop
@@ -373,6 +385,13 @@ class XdsServer:
                 why = "the control plane is stopping"
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(STOPPING)
+            except DecodeError as error:  # raised by context.read(): gRPC parses each request
+                expected = "DeltaDiscoveryRequest" if delta else "DiscoveryRequest"
+                why, level = f"it sent a request that is not a {expected} ({error}); its stream was ended", logging.WARNING
+                context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(f"not a {expected}: {error}")
+                if stream is None:
+                    self._log_undecodable(context.peer(), why)
             finally:
                 self._reading.discard(task)
             if stream is not None and not await stream.flush(self._flush_timeout):
@@ -387,7 +406,7 @@ class XdsServer:
                 disconnect()
             if stream is not None:
                 stream.close()
-                log.log(logging.DEBUG if self._stopping else logging.INFO, "Envoy %s (node group %r) disconnected: %s",
+                log.log(logging.DEBUG if self._stopping else level, "Envoy %s (node group %r) disconnected: %s",
                         stream.node_id, stream.group, why, extra={"node": stream.node_id, "group": stream.group})
 
 
