@@ -1,6 +1,7 @@
 """The shortcuts IR -> Envoy resources takes must give the bytes the plain way gives.
 
-Clusters are copies of a shared shape given their names afterwards (to_xds._cluster_shape),
+Clusters are copies of a shared shape given their names afterwards (to_xds._cluster_shape), and
+a Backend's own cluster is its name's bytes followed by its shape's (to_xds._cluster_resource);
 endpoints are added in place, routes built from dicts, and `Resource.from_message` reads a upb
 message as it is instead of parsing its bytes back. Each is compared here with building the same
 message with its names from the start, with message constructors, and with reading the bytes.
@@ -84,9 +85,13 @@ def test_a_named_copy_of_a_shape_is_the_cluster_built_with_its_names(cold):
     for backend in BACKENDS:
         if cold:
             to_xds._cluster_shape.cache_clear()
+            to_xds._shape_bytes.cache_clear()
         budgets = {base_pb2.DEFAULT: backend.default_budget, base_pb2.HIGH: backend.high_budget}
         expected = _built_with_names(backend, budgets, backend.name)
         assert to_xds.cluster(backend).SerializeToString() == expected.SerializeToString()
+        written, built = to_xds._cluster_resource(backend), Resource.from_message(CLUSTER, expected)
+        assert (written.name, written.body, written.version, written.references) == (
+            built.name, built.body, built.version, built.references)
         if backend.websocket is not None:
             expected = _built_with_names(backend, {base_pb2.DEFAULT: backend.websocket.budget},
                                          backend.websocket.name, endpoints_name=backend.name)
