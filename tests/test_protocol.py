@@ -407,7 +407,8 @@ def test_node_group_nobody_publishes_is_forgotten_when_its_last_stream_leaves():
     assert cache.snapshot("real") is not None  # a published group stays
 
 
-_NAME = st.sampled_from(["*", "api", "web", "b/c", "", "é"])
+_TYPE_URL_INSIDE = '"' + chr(len(ENDPOINT)) + ENDPOINT  # a name whose bytes hold the type_url field's
+_NAME = st.sampled_from(["*", "api", "web", "b/c", "", "é", _TYPE_URL_INSIDE])
 
 
 @settings(max_examples=300, deadline=None)
@@ -419,10 +420,28 @@ def test_sotw_names_read_from_the_wire_are_the_plain_reading(names, node, nonce,
     req = request(ENDPOINT, names, nonce=nonce, version=version, error=error)
     if node:
         req.node.id = "envoy-1"
-    for _ in range(2):  # the second finds the first's
-        read, star = protocol._sotw_names(req)
+    for wire in (None, req.SerializeToString(), None):  # the later ones find the first's
+        read, star = protocol._sotw_names(req, wire)
         assert (read, star) == (frozenset(names) - {"*"}, "*" in names)
         assert read is protocol._shared(frozenset(names) - {"*"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(names=st.lists(_NAME, max_size=6), split=st.integers(0, 6), version=st.text(max_size=130),
+       order=st.permutations(["version", "names", "type", "nonce", "more names", "version again"]))
+def test_sotw_names_from_bytes_in_another_order_are_never_read_wrongly(names, split, version, order):
+    """A client may write a request's fields in any order (names on both sides of type_url, a
+    version after them, a version of 128 bytes or more): the names are those it holds, also after
+    the same name bytes came in the usual order."""
+    fields = {"version": request("", version=version), "names": request("", names[:split]),
+              "type": request(ENDPOINT), "nonce": request("", nonce="7"), "more names": request("", names[split:]),
+              "version again": request("", version="1")}
+    wire = b"".join(fields[part].SerializeToString() for part in order)
+    req = d.DiscoveryRequest.FromString(wire)
+    protocol._sotw_names(request(ENDPOINT, names[:split], version="1"))  # the usual order, seen before
+    protocol._sotw_names(request(ENDPOINT, names, version="1"))
+    read, star = protocol._sotw_names(req, wire)
+    assert (read, star) == (frozenset(req.resource_names) - {"*"}, "*" in req.resource_names)
 
 
 def test_names_kept_for_sharing_stay_within_their_budget_the_oldest_given_up(monkeypatch):
@@ -440,7 +459,7 @@ def test_names_kept_for_sharing_stay_within_their_budget_the_oldest_given_up(mon
     wires, subscriptions = protocol._SOTW_NAMES_BY_WIRE, protocol._SHARED_SUBSCRIPTIONS
     assert 0 < len(wires) < 200 and 0 < len(subscriptions) < 200
     # What they hold, in memory, within the budget:
-    assert sum(sys.getsizeof(wire) + _in_memory(names) for wire, ((names, _), _) in wires._entries.items()) <= 100_000
+    assert sum(sys.getsizeof(wire) + _in_memory(names) for wire, ((names, _star, _count), _cost) in wires._entries.items()) <= 100_000
     assert sum(_in_memory(names) for names in subscriptions._entries) <= 100_000
     newcomer = request(ENDPOINT, ["new"], nonce="2")
     assert protocol._sotw_names(newcomer)[0] is protocol._sotw_names(request(ENDPOINT, ["new"], nonce="3"))[0]

@@ -95,6 +95,11 @@ class _Request:
     error_detail: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(code=0, message=""))
 
 
+def _as_read(request: _Request) -> _Request:
+    """What `_serve` parses, for requests that come to it already made (not as bytes)."""
+    return request
+
+
 class _FakeStream:
     """`XdsServer._serve` driven directly: requests in through a queue, written payloads out."""
 
@@ -105,7 +110,7 @@ class _FakeStream:
         async def write(payload: bytes) -> None:
             self.written.append(d.DiscoveryResponse.FromString(payload))
 
-        self.task = asyncio.create_task(server._serve(SimpleNamespace(read=self.incoming.get, write=write),
+        self.task = asyncio.create_task(server._serve(SimpleNamespace(read=self.incoming.get, write=write), _as_read,
                                                       types=(type_url,), delta=False, transport="clusters"))
 
     async def responses(self, count: int) -> list[d.DiscoveryResponse]:
@@ -294,7 +299,7 @@ async def test_a_half_closed_stream_whose_client_reads_nothing_is_dropped_after_
     async def write_nothing(payload: bytes) -> None:
         await asyncio.Event().wait()
 
-    handler = asyncio.create_task(server._serve(SimpleNamespace(read=one_request, write=write_nothing),
+    handler = asyncio.create_task(server._serve(SimpleNamespace(read=one_request, write=write_nothing), _as_read,
                                                 types=(CLUSTER,), delta=False, transport="clusters"))
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(handler, timeout=5)

@@ -131,11 +131,12 @@ class _Stream:
                         extra={"node": self.node_id, "group": self.group, "type": xr.SHORT_NAMES[record.type_url],
                                "version": record.version})
         if step.responses:
-            self._unwritten.extend(response.payload for response in step.responses)
+            self._unwritten += [response.payload for response in step.responses]
             if self._writer is None:
                 self._writer = self._loop.create_task(self._write_unwritten())
-        self._group_state.telemetry.handled(self.group, self.snapshot_changed, step,
-                                            settled=not self._refresh_scheduled and self.protocol.settled())
+        # A step that responds leaves its response in flight: not settled, whatever else is.
+        self._group_state.telemetry.handled(self.group, self.snapshot_changed, step, settled=not step.responses and
+                                            not self._refresh_scheduled and self.protocol.settled())
 
     def snapshot_changed(self) -> None:
         """The cache's watcher, from any thread: one refresh per burst of snapshots."""
@@ -267,8 +268,9 @@ class XdsServer:
 
         def stream(types: tuple[str, ...], is_delta: bool, transport: str):
             async def handle(_requests, context):  # read with context.read() (see _serve)
-                await self._serve(context, types=types, delta=is_delta, transport=transport)
-            return grpc.stream_stream_rpc_method_handler(handle, request_deserializer=delta if is_delta else sotw)
+                await self._serve(context, delta if is_delta else sotw, types=types, delta=is_delta,
+                                  transport=transport)
+            return grpc.stream_stream_rpc_method_handler(handle)  # requests come as bytes: _serve parses them
 
         handlers = [grpc.method_handlers_generic_handler(ADS_SERVICE, {
             "StreamAggregatedResources": stream(xr.PUSH_ORDER, False, "ads"),
@@ -344,7 +346,7 @@ class XdsServer:
             log.warning("node group %r: not served over xDS without mutual TLS, because their private keys would "
                         "travel to whoever asks: %s. Serve xDS over mutual TLS to serve them", view.name, parts)
 
-    async def _serve(self, context, *, types: tuple[str, ...], delta: bool,
+    async def _serve(self, context, parse: Callable[[bytes], object], *, types: tuple[str, ...], delta: bool,
                      transport: str) -> None:
         if self._stopping:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
@@ -363,7 +365,8 @@ class XdsServer:
                 # async generator whose frame holds the last request while it waits for the next, and
                 # a State-of-the-World ACK repeats every subscribed name (100 names: ~9 KiB of upb
                 # arena per stream, docs/benchmarks.md). Read this way, nothing holds it between requests.
-                while (request := await context.read()) is not grpc.aio.EOF:
+                while (wire := await context.read()) is not grpc.aio.EOF:
+                    request = parse(wire)  # here, not by gRPC: the protocol reads SotW names from the bytes
                     if stream is None:
                         group = await self._authorized_group(request.node, context, transport)
                         stream = _Stream(request.node, group, transport,
@@ -372,10 +375,10 @@ class XdsServer:
                         stop_watching = self._cache.watch(group.name, stream.snapshot_changed)
                         log.info("Envoy %s (node group %r) connected over %s", stream.node_id, group.name, transport,
                                  extra={"node": stream.node_id, "group": group.name})
-                    stream.handle(stream.protocol.receive(request, now=time.time()))
+                    stream.handle(stream.protocol.receive(request, now=time.time(), wire=wire))
                     # Not held while waiting for the next one: Envoy's first request carries its node, whose
                     # list of extensions makes it ~60 KB; kept, it would be most of a stream's memory.
-                    request = None
+                    request = wire = None
                 # gRPC reads a client that stopped (killed, or its connection lost) as one that closed its
                 # side: Envoy itself never closes its side of a stream it keeps.
                 why = "its stream ended (the Envoy stopped, or closed its side of the stream)"
@@ -385,7 +388,7 @@ class XdsServer:
                 why = "the control plane is stopping"
                 context.set_code(grpc.StatusCode.UNAVAILABLE)
                 context.set_details(STOPPING)
-            except DecodeError as error:  # raised by context.read(): gRPC parses each request
+            except DecodeError as error:
                 expected = "DeltaDiscoveryRequest" if delta else "DiscoveryRequest"
                 why, level = f"it sent a request that is not a {expected} ({error}); its stream was ended", logging.WARNING
                 context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
