@@ -226,11 +226,14 @@ class Translator:
             try:
                 entry = (inputs, True, compute(*args))
             except _Rejected as rejected:
-                entry = (inputs, False, rejected)
+                entry = (inputs, False, (rejected.reason, rejected.message, rejected.unresolved))
             self._memo[key] = entry
         self._used.add(key)
         if not entry[1]:
-            raise entry[2]
+            # A new exception each time, and only its words kept: raising a kept one again added each
+            # pass's frames to its traceback, and with them that pass's translation (a leak per pass).
+            reason, message, unresolved = entry[2]
+            raise _Rejected(reason, message, unresolved=unresolved)
         return entry[2]
 
     def translate(self, view: StoreView, *, now: float | None = None) -> Translation:
@@ -981,7 +984,7 @@ def _parsed_secret(parse, obj, where: str, name: str) -> secrets.Checked | secre
     try:
         return parse(obj, where=where, name=name)
     except secrets.SecretProblem as problem:
-        return problem
+        return problem.with_traceback(None)  # kept in the memo: without the frames it was raised through
 
 
 def _lasting_failures(checked: secrets.Checked, use: secrets.Use, previous: secrets.Checked | None,
