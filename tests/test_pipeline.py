@@ -137,7 +137,7 @@ def test_what_a_large_pass_leaves_is_frozen_until_the_next_pause(nothing_left_fr
     assert gc.get_freeze_count() == 0  # a small pass is left to the collector
 
 
-def test_garbage_never_stays_frozen_through_a_full_collection(nothing_left_frozen):
+def test_frozen_garbage_meets_a_full_collection_before_it_can_be_frozen_again(nothing_left_frozen):
     gc.collect()
     cycle = _Cycle()
     gone = weakref.ref(cycle)

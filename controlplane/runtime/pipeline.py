@@ -175,10 +175,11 @@ def _freeze_if_large() -> None:
     objects again. They are the snapshots and what translation remembers, alive until a change
     replaces them; what is not in a reference cycle is freed when it is replaced, frozen or not.
 
-    Garbage in a cycle is collected only once unfrozen, so nothing stays frozen through a full
-    collection: the next pause unfreezes (in `serve`, the periodic re-publish pauses at least once a
-    minute), and this freezes again only once a full collection has run since then. A run of full
-    passes (a contested route makes every pass one) freezes every other one at most."""
+    Garbage in a cycle is collected only once unfrozen: the next pause unfreezes (in `serve`, the
+    periodic re-publish pauses at least once a minute), and this freezes again only once a full
+    collection has run since then, so what was frozen is looked at by a full collection before it
+    can be frozen again. A run of full passes (a contested route makes every pass one) freezes
+    every other one at most."""
     global _frozen
     if gc.get_count()[0] < LARGE_PASS or _full_collections() == _full_collections_at_unfreeze:
         return
