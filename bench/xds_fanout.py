@@ -124,16 +124,17 @@ async def _one_stream(channel, node, delta: bool, names: list[str], received: li
         await call.write(d.DiscoveryRequest(node=node, type_url=CLUSTER).SerializeToString())
         # A SotW ACK repeats every subscribed name. Envoy encodes that in C++; here the names are
         # encoded once and the message assembled from bytes, so that 1,000 simulated Envoys cost
-        # the cores they share with the control plane as little as they can.
+        # the cores they share with the control plane as little as they can. In field-number order,
+        # as Envoy writes it: version_info (1), resource_names (3), type_url (4), response_nonce (5).
         names_part = d.DiscoveryRequest(resource_names=names).SerializeToString()
     subscribed = False
     async for response in call:
         if delta:
             await call.write(d.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce))
         else:
-            ack = d.DiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce,
-                                     version_info=response.version_info)
-            await call.write(ack.SerializeToString() + (names_part if response.type_url == ENDPOINT else b""))
+            version = d.DiscoveryRequest(version_info=response.version_info).SerializeToString()
+            rest = d.DiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce).SerializeToString()
+            await call.write(version + (names_part if response.type_url == ENDPOINT else b"") + rest)
         if response.type_url == CLUSTER and not subscribed:
             subscribed = True
             if delta:

@@ -39,7 +39,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import discovery_pb2
@@ -65,8 +65,9 @@ class ConfigSource(Protocol):
         """Envoy rejected these resource versions: every stream of the group leaves them out."""
 
 
-@dataclass(frozen=True)
-class Response:
+# NamedTuples, and a Step with slots: every stream makes a Step and a Response per push, and a Step
+# and an Ack per ACK; a frozen dataclass sets each field through object.__setattr__.
+class Response(NamedTuple):
     """A serialized DiscoveryResponse or DeltaDiscoveryResponse, ready for the wire."""
 
     type_url: str
@@ -75,26 +76,27 @@ class Response:
     payload: bytes
 
 
-@dataclass(frozen=True)
-class Ack:
+class Ack(NamedTuple):
     selection: Selection
 
 
-@dataclass(frozen=True)
-class Nack:
+class Nack(NamedTuple):
     record: NackRecord
     rejected: frozenset[str]
 
 
-@dataclass
 class Step:
-    responses: list[Response] = field(default_factory=list)
-    acks: list[Ack] = field(default_factory=list)
-    nacks: list[Nack] = field(default_factory=list)
+    """What one request or one refresh gives: responses to write, ACKs and NACKs to record."""
+
+    __slots__ = ("responses", "acks", "nacks")
+
+    def __init__(self) -> None:
+        self.responses: list[Response] = []
+        self.acks: list[Ack] = []
+        self.nacks: list[Nack] = []
 
 
-@dataclass(slots=True)
-class _InFlight:
+class _InFlight(NamedTuple):
     nonce: str
     selection: Selection
     changed: tuple[str, ...]
@@ -526,8 +528,8 @@ def _names_region(wire: bytes, type_url: str) -> bytes | None:
         if wire[1] > 0x7F:  # a version of 128 bytes or more: not ours, nor an echo of ours
             return None
         start = 2 + wire[1]
-    field = _type_url_field(type_url)
-    end = wire.find(field, start) if field is not None else -1
+    marker = _type_url_field(type_url)
+    end = wire.find(marker, start) if marker is not None else -1
     return wire[start:end] if end >= 0 else None
 
 
