@@ -523,3 +523,54 @@ def test_endpoints_of_a_cluster_gone_before_envoy_asked_for_them_are_answered_em
     (next_clusters,) = acked.responses
     assert next_clusters.type_url == CLUSTER and next_clusters.version == group.snapshot.resources(CLUSTER).select(
         None).version
+
+
+class _CheckingEverySubsetProtocol(StreamProtocol):
+    """The protocol as it was: never told which subscription an in-flight selection was chosen within,
+    so every SotW request checks whether the subscription dropped names Envoy has."""
+
+    def _respond(self, *args, **kwargs):
+        response = super()._respond(*args, **kwargs)
+        state = self._types[response.type_url]
+        state.in_flight = state.in_flight._replace(within=None)
+        return response
+
+
+_SNAPSHOTS = [snapshot({"a": 1, "b": 2, "c": 3}), snapshot({"a": 4, "b": 2, "c": 3}), snapshot({"a": 4, "c": 5}),
+              snapshot({"b": 6}, routes={"/b": "b"})]
+_ACTION = st.one_of(st.tuples(st.just("subscribe"), st.frozensets(st.sampled_from(["a", "b", "c", "d"]))),
+                    st.tuples(st.sampled_from(["ack", "nack", "ack-with-old-names"]),
+                              st.sampled_from([CLUSTER, ENDPOINT, LISTENER, ROUTE])),
+                    st.tuples(st.just("publish"), st.integers(0, len(_SNAPSHOTS) - 1)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(actions=st.lists(_ACTION, max_size=25))
+def test_knowing_the_subscription_an_ack_was_chosen_within_changes_nothing_a_stream_does(actions):
+    """A SotW ACK of endpoints chosen within the current subscription skips the check for names the
+    subscription dropped; any sequence of subscriptions, ACKs, NACKs and snapshots gives the same
+    responses and ACKs as checking every time."""
+    runs = []
+    for kind in (StreamProtocol, _CheckingEverySubsetProtocol):
+        group = group_with(_SNAPSHOTS[0])
+        protocol, subscribed, previous, seen = kind(group, delta=False), [], {}, []
+        steps = [protocol.receive(request(type_url)) for type_url in (CLUSTER, LISTENER)]
+        for action, value in actions:
+            in_flight = {type_url: state.in_flight for type_url, state in protocol._types.items() if state.in_flight}
+            if action == "publish":
+                group.new_snapshot(_SNAPSHOTS[value])
+                steps.append(protocol.refresh())
+            elif action == "subscribe":
+                previous[ENDPOINT], subscribed = subscribed, sorted(value)
+                steps.append(protocol.receive(request(ENDPOINT, subscribed)))
+            elif value in in_flight:
+                names = previous.get(value, subscribed) if action == "ack-with-old-names" else subscribed
+                sent = in_flight[value]
+                steps.append(protocol.receive(request(value, names if value == ENDPOINT else ["r"] if value == ROUTE
+                                                      else [], nonce=sent.nonce, version=sent.selection.version,
+                                                      error="bad" if action == "nack" else "")))
+            seen.extend((r.type_url, r.version, r.payload) for step in steps for r in step.responses)
+            seen.extend(a.selection.version for step in steps for a in step.acks)
+            steps = []
+        runs.append(seen)
+    assert runs[0] == runs[1]

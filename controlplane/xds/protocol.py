@@ -100,6 +100,9 @@ class _InFlight(NamedTuple):
     nonce: str
     selection: Selection
     changed: tuple[str, ...]
+    within: frozenset[str] | None
+    """The subscription the selection was chosen within (its names are all in it); None where it
+    may hold more: a wildcard's, or a cluster selection (clusters still named by routes stay)."""
 
 
 @dataclass(slots=True)
@@ -111,6 +114,7 @@ class _TypeState:
     in_flight: _InFlight | None = None
     sent: Selection | None = None
     acked: Selection | None = None
+    acked_within: frozenset[str] | None = None  # the subscription `acked` was chosen within, if known
     settled_on: ResourceSet | None = None  # the resource set of the last pump that left nothing to send
     resend: frozenset[str] = _NO_NAMES  # names to send again although Envoy has them (endpoints of a new cluster)
     suspects: frozenset[str] = _NO_NAMES  # versions in a NACKed response whose culprit is unknown
@@ -155,7 +159,7 @@ class StreamProtocol:
                 self._source.record_nack(request.type_url, nack.rejected)  # before pumping: the rest goes on
                 step.nacks.append(nack)
             else:
-                state.acked = in_flight.selection
+                state.acked, state.acked_within = in_flight.selection, in_flight.within
                 state.status.version_acked = in_flight.selection.version
                 if state.suspects:
                     state.suspects = state.suspects - {in_flight.selection.resources[n].version
@@ -164,7 +168,7 @@ class StreamProtocol:
         elif not request.response_nonce and not state.requested:
             self._resume(request, state)
         if not self._delta and self._sends_changes_only(request.type_url, state) and state.acked is not None \
-                and not state.acked.names <= state.subscribed:
+                and state.acked_within is not state.subscribed and not state.acked.names <= state.subscribed:
             # A SotW request's names replace the subscription: what it dropped is forgotten (after
             # taking the ACK, which may bring names the new subscription no longer has).
             self._forget(state, state.acked.names - state.subscribed)
@@ -210,7 +214,7 @@ class StreamProtocol:
     def _forget(state: _TypeState, names: set[str] | frozenset[str]) -> None:
         """Envoy forgets what it unsubscribes from: a later subscribe must send it again."""
         kept = {n: r for n, r in state.acked.resources.items() if n not in names}
-        state.acked = Selection(state.acked.type_url, kept)
+        state.acked, state.acked_within = Selection(state.acked.type_url, kept), None
         state.sent = None
 
     def _resume(self, request, state: _TypeState) -> None:
@@ -221,12 +225,13 @@ class StreamProtocol:
                 ours = ours.resources if ours is not None else _EMPTY
                 known = {name: _known_resource(request.type_url, name, version, ours.get(name))
                          for name, version in request.initial_resource_versions.items()}
-                state.acked = Selection(request.type_url, known)
+                state.acked, state.acked_within = Selection(request.type_url, known), None
             return
         if request.version_info:
             desired = self._desired(request.type_url, state, self._source.resources(request.type_url))
             if desired is not None and desired.version == request.version_info:
                 state.acked = state.sent = desired
+                state.acked_within = None
                 state.status.version_acked = state.status.version_sent = desired.version
 
     def _resend_endpoints_of(self, clusters: Selection, changed: Iterable[str]) -> None:
@@ -318,7 +323,8 @@ class StreamProtocol:
             whole = body_names is None or len(body_names) == len(desired.resources)
             body = desired.sotw_body if whole else desired.sotw_body_of(body_names)
             payload = body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
-        state.in_flight = _InFlight(nonce, desired, changed)
+        within = state.subscribed if not state.wildcard and type_url != xr.CLUSTER else None
+        state.in_flight = _InFlight(nonce, desired, changed, within)
         state.sent = desired
         if type_url == xr.CLUSTER:
             self._resend_endpoints_of(desired, changed)
