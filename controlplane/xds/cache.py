@@ -68,7 +68,9 @@ class Selection:
         return xr.content_version([(name, r.version) for name, r in self.resources.items()])  # names are unique
 
     def same_content(self, other: Selection | None) -> bool:
-        return other is not None and (other is self or other.versions == self.versions)
+        # Versions that differ are content that differs (a version is a function of the content):
+        # one string comparison instead of a walk over every resource's version, on every push.
+        return other is not None and (other is self or other.version == self.version and other.versions == self.versions)
 
     @cached_property
     def sotw_body(self) -> bytes:
@@ -106,6 +108,21 @@ class Selection:
             if len(self._partial_bodies) < 64:  # bounded: streams lagging behind in odd ways are few
                 self._partial_bodies[names] = body
         return body
+
+    def delta_header(self, removed: tuple[str, ...]) -> bytes:
+        """A DeltaDiscoveryResponse's version, type and removed names, without its nonce and
+        resources; memoised like `sotw_body_of` (a fleet's streams remove the same names)."""
+        header = self._delta_headers.get(removed)
+        if header is None:
+            header = discovery_pb2.DeltaDiscoveryResponse(system_version_info=self.version, type_url=self.type_url,
+                                                          removed_resources=removed).SerializeToString()
+            if len(self._delta_headers) < 64:
+                self._delta_headers[removed] = header
+        return header
+
+    @cached_property
+    def _delta_headers(self) -> dict[tuple[str, ...], bytes]:
+        return {}
 
     def _sotw_body(self, names: tuple[str, ...]) -> bytes:
         header = discovery_pb2.DiscoveryResponse(version_info=self.version, type_url=self.type_url)

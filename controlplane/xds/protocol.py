@@ -316,13 +316,11 @@ class StreamProtocol:
         """`body_names`: the resources a SotW response carries (None: all of them)."""
         nonce = str(next(self._nonces))
         if self._delta:
-            header = discovery_pb2.DeltaDiscoveryResponse(
-                system_version_info=desired.version, type_url=type_url, nonce=nonce, removed_resources=removed)
-            payload = header.SerializeToString() + b"".join(desired.resources[n].delta_fragment for n in changed)
+            payload = desired.delta_header(removed) + b"".join(desired.resources[n].delta_fragment for n in changed)
         else:
             whole = body_names is None or len(body_names) == len(desired.resources)
-            body = desired.sotw_body if whole else desired.sotw_body_of(body_names)
-            payload = body + discovery_pb2.DiscoveryResponse(nonce=nonce).SerializeToString()
+            payload = desired.sotw_body if whole else desired.sotw_body_of(body_names)
+        payload += _nonce_field(nonce)
         within = state.subscribed if not state.wildcard and type_url != xr.CLUSTER else None
         state.in_flight = _InFlight(nonce, desired, changed, within)
         state.sent = desired
@@ -543,6 +541,13 @@ def _names_region(wire: bytes, type_url: str) -> bytes | None:
 def _type_url_field(type_url: str) -> bytes | None:
     encoded = type_url.encode()
     return b"\x22" + bytes((len(encoded),)) + encoded if len(encoded) < 0x80 else None
+
+
+def _nonce_field(nonce: str) -> bytes:
+    """A response's nonce, field 5 of both DiscoveryResponse and DeltaDiscoveryResponse, written after
+    its other fields (protobuf merges them). Our nonces are counters: one length byte."""
+    encoded = nonce.encode()
+    return b"\x2a" + bytes((len(encoded),)) + encoded
 
 
 @functools.lru_cache(maxsize=1024)
