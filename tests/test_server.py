@@ -342,6 +342,25 @@ async def test_a_request_that_is_not_a_discovery_request_ends_its_stream_with_on
                                   f"a {expected} (")
 
 
+async def test_a_fetch_that_is_not_a_discovery_request_is_refused_with_one_line(xds, caplog):
+    """gRPC parsed Fetch requests itself: a traceback and UNKNOWN on every call (found by an outside test)."""
+    caplog.set_level(logging.INFO, logger="controlplane")
+    cache, server = xds
+    cache.set_snapshot("gateway", two_services())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        fetch = channel.unary_unary("/envoy.service.endpoint.v3.EndpointDiscoveryService/FetchEndpoints")
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await fetch(b"\xff")
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert refused.value.details().startswith("not a DiscoveryRequest: Error parsing message")
+        fetched = d.DiscoveryResponse.FromString(await fetch(d.DiscoveryRequest(node=NODE).SerializeToString()))
+        assert len(fetched.resources) == 2  # a good one is answered as before
+    assert "Traceback" not in caplog.text and not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "it fetched with a request that is not a DiscoveryRequest (" in warnings[0]
+
+
 async def test_a_taken_port_is_one_error_naming_the_address(capfd):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

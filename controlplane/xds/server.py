@@ -281,12 +281,18 @@ class XdsServer:
                 f"Stream{service.suffix}": stream((service.type_url,), False, service.suffix.lower()),
                 f"Delta{service.suffix}": stream((service.type_url,), True, service.suffix.lower() + "-delta"),
                 f"Fetch{service.suffix}": grpc.unary_unary_rpc_method_handler(
-                    self._fetch_handler(service.type_url), request_deserializer=sotw),
+                    self._fetch_handler(service.type_url, sotw)),  # bytes: the handler parses them
             }))
         return handlers
 
-    def _fetch_handler(self, type_url: str):
-        async def fetch(request: discovery_pb2.DiscoveryRequest, context) -> bytes:
+    def _fetch_handler(self, type_url: str, parse: Callable[[bytes], discovery_pb2.DiscoveryRequest]):
+        async def fetch(wire: bytes, context) -> bytes:
+            try:
+                request = parse(wire)
+            except DecodeError as error:
+                self._log_undecodable(context.peer(), f"it fetched with a request that is not a DiscoveryRequest "
+                                                      f"({error})")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"not a DiscoveryRequest: {error}")
             try:
                 group = await self._authorized_group(request.node, context, "fetch")
                 resource_set = group.resources(type_url)
