@@ -12,7 +12,8 @@ after each full pass. Then changes that are not EndpointSlices, three of each pe
 budget edited, a Backend's routes edited, a Service's port edited, a Backend added (with its
 Service and EndpointSlice), that Backend deleted. The garbage collector is tuned as `controlplane serve` tunes it
 (runtime.serve.tune_gc) and paused during each publish as the pipeline pauses it
-(runtime.pipeline.collector_paused).
+(runtime.pipeline.collector_paused, which also freezes what a large pass leaves, unless no full
+collection has run since the last freeze was undone: then that pass pays the young collection).
 """
 
 from __future__ import annotations
