@@ -261,8 +261,11 @@ async def test_stop_ends_open_streams_with_unavailable_in_one_log_line(caplog):
         "stopping: 3 Envoys connected; ending their streams (they keep their configuration and reconnect)"]
 
 
-async def test_stop_takes_at_most_its_grace_period_when_a_client_reads_nothing():
-    """The stuck stream's flush took all of `grace`, then gRPC's own stop waited `grace` again."""
+@pytest.mark.parametrize("half_closed", [False, True])
+async def test_stop_takes_at_most_its_grace_period_when_a_client_reads_nothing(caplog, half_closed):
+    """The stuck stream's flush took all of `grace`, then gRPC's own stop waited `grace` again. A
+    half-closed one is still connected while it flushes: the stop line counted only readers, 0."""
+    caplog.set_level(logging.INFO, logger="controlplane")
     cache = SnapshotCache()
     big = [b.eds_cluster(f"cluster-{number}-" + "x" * 100) for number in range(3000)]  # ~400 KB a response
     cache.set_snapshot("gateway", Snapshot(clusters=big))
@@ -275,11 +278,14 @@ async def test_stop_takes_at_most_its_grace_period_when_a_client_reads_nothing()
         await call.write(d.DiscoveryRequest(node=NODE, type_url=CLUSTER))  # and never reads
         await eventually(lambda: cache.status() != [], what="the stream to connect")
         cache.set_snapshot("gateway", Snapshot(clusters=big[::-1][:2000]))  # a second response, queued
+        if half_closed:
+            await call.done_writing()
         await asyncio.sleep(0.2)
         started = time.monotonic()
         await server.stop(1.0)
         assert time.monotonic() - started < 1.5
         call.cancel()
+    assert "stopping: 1 Envoy connected; ending their streams" in caplog.text
 
 
 async def test_a_half_closed_stream_whose_client_reads_nothing_is_dropped_after_the_flush_timeout(xds, caplog):

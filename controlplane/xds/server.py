@@ -205,6 +205,7 @@ class XdsServer:
         self._tls = tls
         self._server: grpc.aio.Server | None = None
         self._reading: set[asyncio.Task] = set()  # streams waiting for their next request
+        self._open: set[asyncio.Task] = set()  # every stream, reading or writing what is left (half-closed)
         self._stopping = False
         self._flush_timeout = FLUSH_TIMEOUT
         self.port: int | None = None
@@ -249,7 +250,7 @@ class XdsServer:
         self._flush_timeout = grace
         reading = list(self._reading)
         log.info("stopping: %d Envoy%s connected; ending their streams (they keep their configuration and "
-                 "reconnect)", len(reading), "" if len(reading) == 1 else "s")
+                 "reconnect)", len(self._open), "" if len(self._open) == 1 else "s")
         for task in reading:
             task.cancel()
         if reading:
@@ -362,6 +363,7 @@ class XdsServer:
         stop_watching = disconnect = None
         why, level = "it went away", logging.INFO
         task = asyncio.current_task()
+        self._open.add(task)
         try:
             # Invariant: a task in _reading is suspended in `context.read()` (nothing else in the loop
             # awaits), so stop()'s cancellation lands there and nowhere else.
@@ -409,6 +411,7 @@ class XdsServer:
         except grpc.aio.AioRpcError:
             pass  # the connection broke: Envoy reconnects, and this stream ends like a closed one
         finally:
+            self._open.discard(task)
             if stop_watching is not None:
                 stop_watching()
             if disconnect is not None:
