@@ -23,7 +23,7 @@ from controlplane.ir import types as ir
 from controlplane.translate import builders as b
 from controlplane.translate import capacity
 from controlplane.xds import CLUSTER, ENDPOINT, LISTENER, ROUTE, RUNTIME, SECRET, Resource, Snapshot, SnapshotError
-from controlplane.xds.resources import serialize
+from controlplane.xds.resources import delimited, serialize, varint
 
 
 def snapshot(group: ir.NodeGroup) -> Snapshot:
@@ -262,7 +262,7 @@ def _cluster_resource(backend: ir.Backend) -> Resource:
     and reading its references back; tests/test_serialization_speedups.py holds it to that."""
     body, secrets = _shape_bytes(_budgets(backend), *_cluster_options(backend))
     name = backend.name
-    return Resource.from_body(CLUSTER, name, _field(1, name.encode()) + body, ((ENDPOINT, name), *secrets))
+    return Resource.from_body(CLUSTER, name, delimited(1, name.encode()) + body, ((ENDPOINT, name), *secrets))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -352,7 +352,7 @@ def _endpoints_resource(backend: ir.Backend) -> Resource:
             raise ValueError(f"endpoint address {address!r} of {backend.name} is not an IP address")
         parts += (around[0], host, around[1])
     name = backend.name.encode()
-    return Resource.from_body(ENDPOINT, backend.name, _field(1, name) + _field(2, b"".join(parts)), ())
+    return Resource.from_body(ENDPOINT, backend.name, delimited(1, name) + delimited(2, b"".join(parts)), ())
 
 
 _LONGEST_ADDRESS = 64  # IPv6 with an embedded IPv4 is 45; every nested length stays below 128
@@ -365,7 +365,7 @@ def _around_address(length: int, port: int, draining: bool) -> tuple[bytes, byte
     long to be an IP literal): the same for every endpoint of a Backend but for the address."""
     if length > _LONGEST_ADDRESS:
         return None
-    port_field = b"\x18" + _varint(port) if port else b""  # SocketAddress.port_value; proto3 writes no 0
+    port_field = b"\x18" + varint(port) if port else b""  # SocketAddress.port_value; proto3 writes no 0
     socket = length + 2 + len(port_field)
     return (bytes((0x12, socket + 8, 0x0A, socket + 4, 0x0A, socket + 2, 0x0A, socket, 0x12, length)),
             port_field + bytes((0x10, _DRAINING if draining else _HEALTHY)))
@@ -412,8 +412,8 @@ def _assembled_route_configuration(listener: ir.Listener, held: dict, fresh: dic
         clusters.add(route.backend)
         if route.websocket is not None:
             clusters.add(route.websocket.cluster)
-    host = _field(1, _VIRTUAL_HOST.encode()) + _field(2, b"*") + b"".join(parts)
-    return Resource.from_body(ROUTE, listener.name, _field(1, listener.name.encode()) + _field(2, host),
+    host = delimited(1, _VIRTUAL_HOST.encode()) + delimited(2, b"*") + b"".join(parts)
+    return Resource.from_body(ROUTE, listener.name, delimited(1, listener.name.encode()) + delimited(2, host),
                               ((CLUSTER, name) for name in clusters))
 
 
@@ -423,30 +423,13 @@ def _route_bytes(route: ir.Route) -> bytes:
     Route {1: RouteMatch {1: prefix | 2: path}, 2: RouteAction {1: cluster, 11: priority}}, with
     priority DEFAULT (0) left out as proto3 leaves it."""
     if route.websocket is not None or route.retries is not None or route.headers:
-        return b"".join(_field(3, serialize(message)) for message in _route_messages(route))
-    match = _field(1, route.path_prefix.encode()) if route.path is None else _field(2, route.path.encode())
-    action = _field(1, route.backend.encode()) + (_HIGH_PRIORITY if route.high_priority else b"")
-    return _field(3, _field(1, match) + _field(2, action))
+        return b"".join(delimited(3, serialize(message)) for message in _route_messages(route))
+    match = delimited(1, route.path_prefix.encode()) if route.path is None else delimited(2, route.path.encode())
+    action = delimited(1, route.backend.encode()) + (_HIGH_PRIORITY if route.high_priority else b"")
+    return delimited(3, delimited(1, match) + delimited(2, action))
 
 
 _HIGH_PRIORITY = bytes((11 << 3, base_pb2.HIGH))  # RouteAction.priority, a varint
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field: its tag, its length as a varint, its bytes."""
-    if len(payload) < 0x80:  # most: the length is one byte
-        return bytes((number << 3 | 2, len(payload))) + payload
-    return bytes((number << 3 | 2,)) + _varint(len(payload)) + payload
-
-
-def _varint(value: int) -> bytes:
-    """A non-negative integer as protobuf writes it: seven bits a byte, the lowest first."""
-    encoded = bytearray()
-    while value > 0x7F:
-        encoded.append(value & 0x7F | 0x80)
-        value >>= 7
-    encoded.append(value)
-    return bytes(encoded)
 
 
 def _thresholds(priority: int, budget: ir.Budget):

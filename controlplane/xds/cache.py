@@ -70,7 +70,8 @@ class Selection:
     def same_content(self, other: Selection | None) -> bool:
         # Versions that differ are content that differs (a version is a function of the content):
         # one string comparison instead of a walk over every resource's version, on every push.
-        return other is not None and (other is self or other.version == self.version and other.versions == self.versions)
+        return other is not None and (other is self or
+                                      other.version == self.version and other.versions == self.versions)
 
     @cached_property
     def sotw_body(self) -> bytes:

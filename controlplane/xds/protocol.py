@@ -320,7 +320,7 @@ class StreamProtocol:
         else:
             whole = body_names is None or len(body_names) == len(desired.resources)
             payload = desired.sotw_body if whole else desired.sotw_body_of(body_names)
-        payload += _nonce_field(nonce)
+        payload += xr.delimited(5, nonce.encode())  # field 5 of both response types, after the rest: fields merge
         within = state.subscribed if not state.wildcard and type_url != xr.CLUSTER else None
         state.in_flight = _InFlight(nonce, desired, changed, within)
         state.sent = desired
@@ -532,22 +532,13 @@ def _names_region(wire: bytes, type_url: str) -> bytes | None:
         if wire[1] > 0x7F:  # a version of 128 bytes or more: not ours, nor an echo of ours
             return None
         start = 2 + wire[1]
-    marker = _type_url_field(type_url)
-    end = wire.find(marker, start) if marker is not None else -1
+    end = wire.find(_type_url_field(type_url), start)
     return wire[start:end] if end >= 0 else None
 
 
 @functools.lru_cache(maxsize=64)  # the types served: the caller answers no other
-def _type_url_field(type_url: str) -> bytes | None:
-    encoded = type_url.encode()
-    return b"\x22" + bytes((len(encoded),)) + encoded if len(encoded) < 0x80 else None
-
-
-def _nonce_field(nonce: str) -> bytes:
-    """A response's nonce, field 5 of both DiscoveryResponse and DeltaDiscoveryResponse, written after
-    its other fields (protobuf merges them). Our nonces are counters: one length byte."""
-    encoded = nonce.encode()
-    return b"\x2a" + bytes((len(encoded),)) + encoded
+def _type_url_field(type_url: str) -> bytes:
+    return xr.delimited(4, type_url.encode())
 
 
 @functools.lru_cache(maxsize=1024)

@@ -398,7 +398,8 @@ class XdsServer:
                 context.set_details(STOPPING)
             except DecodeError as error:
                 expected = "DeltaDiscoveryRequest" if delta else "DiscoveryRequest"
-                why, level = f"it sent a request that is not a {expected} ({error}); its stream was ended", logging.WARNING
+                why = f"it sent a request that is not a {expected} ({error}); its stream was ended"
+                level = logging.WARNING
                 context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
                 context.set_details(f"not a {expected}: {error}")
                 if stream is None:
