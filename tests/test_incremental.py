@@ -152,6 +152,10 @@ def content(snapshot) -> dict[str, tuple[str, dict[str, str]]]:
 # route and names no CA any more.
 @example(batches=[[("backend", "c", "other-route")], [("backend", "b", "other-route"),
                                                      ("secret", "endpoints-ca", "rotate")]])
+# d falls back to its last accepted version (its Service renamed the port), which is refused the
+# route c took first; c moves away: d's fallback gets the route (found by this test, 2026-12-07).
+@example(batches=[[("backend", "d", "other-route")], [("backend", "c", "other-route"), ("service", "d", "port-renamed")],
+                  [("backend", "c", "plain")]])
 # A listener's certificate and a Backend's CA rotated in one batch: both reach the Envoys.
 @example(batches=[[("gateway", "tls-listener")], [("secret", "edge-cert", "rotate"), ("secret", "endpoints-ca", "rotate")]])
 def test_incremental_translation_and_snapshots_equal_translating_everything(batches):

@@ -152,7 +152,10 @@ class Translator:
         self._references: dict[tuple[str, str, str], set[ObjectKey]] = {}
         self._references_of: dict[ObjectKey, set[tuple[str, str, str]]] = {}
         self._gateway_secrets: set[tuple[str, str]] = set()  # (namespace, name) of the Secrets Gateways name
-        self._contested = False  # a Backend is refused a route another holds: who gets it depends on everyone
+        # A Backend was refused a route another holds, in any attempt (a fallback to its last accepted
+        # version too, even one refused for another reason): who gets the route depends on everyone.
+        self._contested = False
+        self._met_conflict = False  # the same, in the pass under way
         self._journal: dict[tuple, tuple | None] | None = None  # memo entries a fast path replaced (`_checkpoint`)
         self._expiry: dict[tuple[str, str, str], float] = {}
         # Policy, like `_last_valid`: each object's last accepted version, and what was served.
@@ -304,8 +307,9 @@ class Translator:
         taking back what it held. None when the change reaches further (a full pass then;
         tests/test_incremental.py proves both equal):
         - a Gateway changed (its listeners, ports and TLS shape every Backend of it);
-        - a route is contested (refused to one Backend because another holds it), before or after:
-          who gets it depends on the order of everyone;
+        - a route is contested (refused to one Backend because another holds it, in any attempt:
+          a fallback to a last accepted version too), before or after: who gets it depends on the
+          order of everyone;
         - a Backend of these shares a Secret with another object (which one a NACK names depends
           on the order of everyone)."""
         earlier, last = self._last
@@ -350,6 +354,7 @@ class Translator:
             self._forget_references(key)
         added: dict[str, dict[str, ir.Backend]] = {}
         present = [(key, obj) for key in affected if (obj := view.get(*key)) is not None]
+        self._met_conflict = False
         for key, obj in sorted(present, key=self._claim_order):
             placed = self._translate_object(key, obj, out, lambda attempt: self._place_backend(
                 view, key, attempt, self._gateways, self._claimed))
@@ -360,7 +365,7 @@ class Translator:
                     targets.add(target)
                     for route in routes:
                         bisect.insort(self._listener_routes[target], route, key=_specificity)
-        if any(out.conditions[key][0].reason in _PARTIAL for key, _obj in present) or self._shares_secrets(affected):
+        if self._met_conflict or self._shares_secrets(affected):
             return None
         groups = dict(last.groups)
         moved = set()  # node groups whose Backends came or went
@@ -506,6 +511,7 @@ class Translator:
 
     def _translate(self, view: StoreView) -> Translation:
         self._used = set()
+        self._met_conflict = False
         self._next_validity_change = float("inf")
         self._service_users, self._placed, self._references, self._references_of = {}, {}, {}, {}
         self._gateway_secrets = set()
@@ -550,8 +556,7 @@ class Translator:
         # the holder of the ones it was refused.
         self._served = frozenset(key for key in out.node_groups if out.conditions[key][0].reason not in _PARTIAL)
         self._partly_served = frozenset(out.node_groups) - self._served
-        self._contested = any(key.kind == "Backend" and conditions[0].reason in _PARTIAL
-                              for key, conditions in out.conditions.items())
+        self._contested = self._met_conflict
         out.certificate_expiry = self._expiry
         out.secret_rotations, out.secret_rotations_total = tuple(self._rotations), dict(self._rotation_totals)
         return out
@@ -658,7 +663,12 @@ class Translator:
         warnings: list[str] = []
         backend, left_out = self._backend(view, key, spec, attempt, warnings=warnings)
         routes = self._cached(("routes", key, attempt.variant), (spec,), _routes, spec, backend)
-        served, conflicts = _claim_routes(key, routes, targets, claimed)
+        try:
+            served, conflicts = _claim_routes(key, routes, targets, claimed)
+        except _Rejected as rejected:
+            self._met_conflict = self._met_conflict or rejected.reason == "RouteConflict"
+            raise
+        self._met_conflict = self._met_conflict or bool(conflicts)
         service = attempt.service or view.get("Service", key.namespace, spec.service.name)
         return (gateway, spec, backend, served, (warnings, left_out), conflicts), (service, backend.endpoints)
 
